@@ -1,0 +1,59 @@
+"""Null-space engine: pure torch, no Lightning; usable from any training loop."""
+
+from unsc_lightning.nullspace.basis import (
+    RELATIVE_TOLERANCE,
+    BasisInfo,
+    class_threshold_schedule,
+    eigh_descending,
+    energy_rank,
+    per_class_basis,
+    pooled_basis,
+)
+from unsc_lightning.nullspace.covariance import (
+    ActivationRecorder,
+    CovarianceAccumulator,
+    accumulate_covariances,
+    layer_dims,
+    recording,
+)
+from unsc_lightning.nullspace.projection import (
+    NullSpaceProjector,
+    null_space_complement,
+    project_to_null_space,
+)
+from unsc_lightning.nullspace.representation import (
+    REPRESENTATIONS,
+    conv1d_rows,
+    conv2d_rows,
+    is_supported,
+    layer_rows,
+    linear_rows,
+    representation_dim,
+    weight_as_matrix,
+)
+
+__all__ = [
+    "REPRESENTATIONS",
+    "RELATIVE_TOLERANCE",
+    "ActivationRecorder",
+    "BasisInfo",
+    "CovarianceAccumulator",
+    "NullSpaceProjector",
+    "accumulate_covariances",
+    "class_threshold_schedule",
+    "conv1d_rows",
+    "conv2d_rows",
+    "eigh_descending",
+    "energy_rank",
+    "is_supported",
+    "layer_dims",
+    "layer_rows",
+    "linear_rows",
+    "null_space_complement",
+    "per_class_basis",
+    "pooled_basis",
+    "project_to_null_space",
+    "recording",
+    "representation_dim",
+    "weight_as_matrix",
+]

@@ -1,0 +1,148 @@
+"""Remaining-subspace bases from covariances: eigendecomposition and the energy rule.
+
+For a covariance ``C = R Rᵀ`` of representation rows, the eigenvectors are the left singular
+vectors of ``R`` and the eigenvalues are ``σ²``; keeping the top ``r`` eigenvectors whose
+eigenvalues reach a fraction ``ε`` of ``trace(C)`` is the SVD energy rule of GPM (Saha et al.,
+ICLR 2021) used by UNSC (Chen et al., IJCAI 2024, Algorithm 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Eigenvalues below ``RELATIVE_TOLERANCE * trace`` are numerically zero: ``threshold=1.0`` keeps
+#: every direction above it, not all ``d``. Float32 rows accumulated in float64 leave spurious
+#: eigenvalues near ``1e-14 * trace``; genuine directions of real data sit far above ``1e-10``.
+RELATIVE_TOLERANCE = 1e-10
+
+Threshold = float | Callable[[int], float]
+
+
+@dataclass(frozen=True)
+class BasisInfo:
+    """What a basis keeps: row dimension, rank and the fraction of remaining energy captured."""
+
+    dim: int
+    rank: int
+    energy: float
+
+
+def _symmetric(cov: Tensor) -> Tensor:
+    cov = cov.detach().to(dtype=torch.float64)
+    return (cov + cov.T) / 2
+
+
+def eigh_descending(cov: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix.
+
+    Works in float64 on a trace-normalised copy. ``torch.linalg.eigh`` can fail to converge on
+    covariances with many exactly-zero eigenvalues (dead ReLU channels); the SVD of a symmetric
+    PSD matrix gives the same decomposition, so it is the fallback.
+    """
+    cov = _symmetric(cov)
+    # For PSD ``cov`` the trace bounds every entry, so this is the trace; a residual covariance
+    # that is pure rounding noise can have trace <= 0, and dividing by ``tiny`` would overflow.
+    scale = torch.maximum(torch.trace(cov), cov.abs().max())
+    scale = scale.clamp_min(torch.finfo(torch.float64).tiny)
+    normalised = cov / scale
+    try:
+        values, vectors = torch.linalg.eigh(normalised)
+        values, vectors = values.flip(0), vectors.flip(1)
+    except (torch.linalg.LinAlgError, RuntimeError):
+        vectors, values, _ = torch.linalg.svd(normalised)
+    return values.clamp_min(0) * scale, vectors
+
+
+def energy_rank(values: Tensor, threshold: float, total: float, captured: float = 0.0) -> int:
+    """Smallest ``r`` with ``captured + Σ_{i<r} values[i] >= threshold * total``.
+
+    Only numerically non-zero values (above ``RELATIVE_TOLERANCE * total``) count, so
+    ``threshold=1.0`` keeps every non-zero direction.
+
+    Args:
+        values: eigenvalues in descending order.
+        threshold: energy fraction in ``(0, 1]``.
+        total: the energy the fraction refers to.
+        captured: energy already captured by an existing basis.
+    """
+    if total <= 0:
+        return 0
+    significant = int((values > RELATIVE_TOLERANCE * total).sum())
+    needed = threshold * total - captured
+    if needed <= RELATIVE_TOLERANCE * total:
+        return 0
+    cumulative = torch.cumsum(values[:significant], 0)
+    reached = torch.nonzero(cumulative >= needed * (1 - 1e-12))
+    return int(reached[0]) + 1 if reached.numel() else significant
+
+
+def pooled_basis(cov: Tensor, threshold: float) -> tuple[Tensor, BasisInfo]:
+    """Top eigenvectors of one covariance reaching ``threshold`` of its energy.
+
+    Returns:
+        ``(U, info)`` with ``U`` float64 ``d x r`` orthonormal.
+    """
+    values, vectors = eigh_descending(cov)
+    total = float(values.sum())
+    rank = energy_rank(values, threshold, total)
+    energy = float(values[:rank].sum() / total) if total > 0 else 1.0
+    return vectors[:, :rank].contiguous(), BasisInfo(dim=cov.shape[0], rank=rank, energy=energy)
+
+
+def _orthonormal_extension(basis: Tensor, new: Tensor) -> Tensor:
+    # Residual eigenvectors are orthogonal to ``basis`` up to rounding; re-orthogonalise so the
+    # projector stays exact after many classes.
+    if basis.shape[1]:
+        new = new - basis @ (basis.T @ new)
+    new, _ = torch.linalg.qr(new)
+    return torch.cat([basis, new], dim=1)
+
+
+def per_class_basis(
+    class_covariances: Mapping[int, Tensor], threshold: Threshold
+) -> tuple[Tensor, BasisInfo]:
+    """The paper's Algorithm 1: grow one basis class by class, in ascending class id.
+
+    For each class ``k`` the basis ``U`` is extended with the top eigenvectors of the residual
+    ``(I - UUᵀ) C_k (I - UUᵀ)`` until the energy of class ``k`` captured by ``U`` reaches
+    ``threshold(k)`` (a float applies to every class; the authors use ``0.97 + 0.003 k``).
+
+    Returns:
+        ``(U, info)`` where ``info.energy`` is the captured fraction of the summed energy.
+    """
+    classes = sorted(class_covariances)
+    if not classes:
+        raise ValueError("`class_covariances` is empty: there is no remaining class to build a basis from.")
+    dim = class_covariances[classes[0]].shape[0]
+    basis = torch.zeros(dim, 0, dtype=torch.float64, device=class_covariances[classes[0]].device)
+    identity = torch.eye(dim, dtype=torch.float64, device=basis.device)
+    for k in classes:
+        cov = _symmetric(class_covariances[k].to(basis.device))
+        total = float(torch.trace(cov))
+        captured = float(torch.trace(basis.T @ cov @ basis)) if basis.shape[1] else 0.0
+        eps = threshold(k) if callable(threshold) else threshold
+        residual_projector = identity - basis @ basis.T
+        values, vectors = eigh_descending(residual_projector @ cov @ residual_projector)
+        rank = energy_rank(values, min(eps, 1.0), total, captured)
+        rank = min(rank, dim - basis.shape[1])
+        if rank:
+            basis = _orthonormal_extension(basis, vectors[:, :rank])
+    summed = sum(_symmetric(class_covariances[k]).to(basis.device) for k in classes)
+    assert isinstance(summed, Tensor)
+    total_energy = float(torch.trace(summed))
+    kept = float(torch.trace(basis.T @ summed @ basis)) if basis.shape[1] else 0.0
+    energy = kept / total_energy if total_energy > 0 else 1.0
+    return basis, BasisInfo(dim=dim, rank=basis.shape[1], energy=energy)
+
+
+def class_threshold_schedule(threshold: float, step: float) -> Callable[[int], float]:
+    """``k -> min(threshold + step * k, 1.0)``; the authors use ``threshold=0.97, step=0.003``."""
+
+    def schedule(k: int) -> float:
+        return min(threshold + step * k, 1.0)
+
+    return schedule

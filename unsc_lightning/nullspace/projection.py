@@ -1,0 +1,78 @@
+"""Null-space projection of weight gradients or updates, in low-rank form.
+
+With ``U`` (``d x r``) an orthonormal basis of the remaining subspace, the projected matrix
+``G' = G (I - U Uᵀ)`` satisfies ``G' x = 0`` for every remaining row ``x`` (the paper's
+Theorem 1). It is computed as ``G - (G U) Uᵀ`` when ``r <= d/2`` and as ``(G Q) Qᵀ`` with ``Q``
+the orthonormal complement otherwise — ``2·out·d·min(r, d-r)`` flops, and never a dense
+``d x d`` projector.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def null_space_complement(basis: Tensor) -> Tensor:
+    """Orthonormal basis ``Q`` (``d x (d - r)``) of the complement of ``basis``'s span."""
+    dim, rank = basis.shape
+    if rank == 0:
+        return torch.eye(dim, dtype=basis.dtype, device=basis.device)
+    full, _ = torch.linalg.qr(basis.to(torch.float64), mode="complete")
+    return full[:, rank:].to(basis.dtype).contiguous()
+
+
+def project_to_null_space(matrix: Tensor, basis: Tensor) -> Tensor:
+    """``matrix (I - U Uᵀ)`` for ``matrix`` of shape ``(out, d)`` (functional reference form)."""
+    basis = basis.to(dtype=matrix.dtype, device=matrix.device)
+    return matrix - (matrix @ basis) @ basis.T
+
+
+class NullSpaceProjector:
+    """Projects ``out x d`` matrices (or weight-shaped tensors) onto one layer's null space.
+
+    Args:
+        basis: orthonormal ``U`` of the remaining subspace, ``d x r``.
+        device: where the projection runs (the weight's device).
+        dtype: dtype of the stored factor (float32 by default).
+
+    Example:
+        >>> import torch
+        >>> U, _ = torch.linalg.qr(torch.randn(6, 2))
+        >>> projector = NullSpaceProjector(U)
+        >>> G = torch.randn(3, 6)
+        >>> torch.allclose(projector.project(G) @ U, torch.zeros(3, 2), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        basis: Tensor,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.dim, self.rank = basis.shape
+        self.use_complement = self.rank > self.dim / 2
+        factor = null_space_complement(basis.to(torch.float64)) if self.use_complement else basis
+        self.factor = factor.to(device=device, dtype=dtype).contiguous()
+
+    def project(self, matrix: Tensor) -> Tensor:
+        """Return the projection of an ``out x d`` matrix (new tensor)."""
+        factor = self.factor.to(device=matrix.device, dtype=matrix.dtype)
+        if self.use_complement:
+            return (matrix @ factor) @ factor.T
+        if self.rank == 0:
+            return matrix.clone()
+        return matrix - (matrix @ factor) @ factor.T
+
+    @torch.no_grad()
+    def project_(self, tensor: Tensor) -> Tensor:
+        """Project a weight-shaped tensor (gradient or update) in place and return it."""
+        matrix = tensor.reshape(tensor.shape[0], -1)
+        tensor.copy_(self.project(matrix).reshape_as(tensor))
+        return tensor
+
+    @property
+    def flops_per_row(self) -> int:
+        """Multiply-adds per output row: ``2 d min(r, d - r)``."""
+        return 2 * self.dim * min(self.rank, self.dim - self.rank)
