@@ -1,0 +1,215 @@
+"""Experiment pipeline shared by the `demo` and `bench` commands: train, cache, unlearn, evaluate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from unsc_lightning.callback import NullSpaceCalibration
+from unsc_lightning.data import ForgetSpec, UnlearningDataModule
+from unsc_lightning.metrics import ClassSubsetAccuracy
+from unsc_lightning.models import DigitsConvNet, MNIST1DConvNet
+from unsc_lightning.module import ClassifierModule, UnlearningModule
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class TrainRecipe:
+    """Original / retrain recipe (the authors' schedule, scaled to the embedded data)."""
+
+    epochs: int = 40
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    milestones: list[int] = field(default_factory=lambda: [20, 30])
+    gamma: float = 0.2
+    batch_size: int = 128
+
+
+@dataclass
+class UnlearnRecipe:
+    """UNSC forget-stage settings (plain SGD on forget data, null-space projection)."""
+
+    epochs: int = 10
+    lr: float = 0.05
+    batch_size: int = 128
+    threshold: float = 0.97
+    class_threshold_step: float = 0.003
+    rule: str = "per_class"
+
+
+EMBEDDED: dict[str, dict[str, Any]] = {
+    "mnist1d": {
+        "model": lambda num_classes: MNIST1DConvNet(num_classes=num_classes),
+        "train": TrainRecipe(),
+        "unlearn": UnlearnRecipe(),
+    },
+    "digits": {
+        "model": lambda num_classes: DigitsConvNet(num_classes=num_classes),
+        "train": TrainRecipe(epochs=30, lr=0.05, milestones=[15, 25], batch_size=64),
+        "unlearn": UnlearnRecipe(epochs=10, lr=0.02, batch_size=64),
+    },
+}
+
+
+class EpochProgress(Callback):
+    """Calls ``progress(epoch_done, max_epochs)`` after every training epoch."""
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self.progress = progress
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.progress is not None:
+            self.progress(trainer.current_epoch + 1, trainer.max_epochs or 1)
+
+
+def make_trainer(max_epochs: int, callbacks: list[Callback] | None = None, **kwargs: Any) -> L.Trainer:
+    """A quiet CPU trainer: no logger, checkpoints, progress bar or model summary."""
+    options: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "deterministic": True,
+    }
+    options.update(kwargs)
+    return L.Trainer(callbacks=callbacks or [], **options)
+
+
+def make_datamodule(dataset: str, forget: ForgetSpec, seed: int, train_on: str, batch_size: int) -> UnlearningDataModule:
+    """The embedded data module for one stage."""
+    return UnlearningDataModule.from_name(
+        dataset, forget=forget, train_on=train_on, seed=seed, batch_size=batch_size
+    )
+
+
+def _cache_key(dataset: str, forget: ForgetSpec, seed: int, train_on: str, recipe: TrainRecipe) -> str:
+    payload = {"dataset": dataset, "seed": seed, "train_on": train_on, "recipe": asdict(recipe)}
+    if train_on == "retain":
+        payload["forget"] = asdict(forget)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_classifier(
+    dataset: str,
+    forget: ForgetSpec,
+    seed: int,
+    train_on: str,
+    cache_dir: Path | None = None,
+    recipe: TrainRecipe | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[nn.Module, float, bool]:
+    """Train (or load from cache) the original (``train_on="all"``) or retrained model.
+
+    Returns:
+        ``(model, seconds, cached)``; for a cached model ``seconds`` is the training time
+        recorded when it was trained.
+    """
+    spec = EMBEDDED[dataset]
+    recipe = recipe or spec["train"]
+    key = _cache_key(dataset, forget, seed, train_on, recipe)
+    path = None if cache_dir is None else Path(cache_dir) / f"{dataset}_{train_on}_{key}.pt"
+    dm = make_datamodule(dataset, forget, seed, train_on, recipe.batch_size)
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = spec["model"](dm.num_classes)
+    if path is not None and path.exists():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(stored["state_dict"])
+        if progress is not None:
+            progress(1, 1)
+        return model, float(stored["seconds"]), True
+    module = ClassifierModule(
+        model,
+        num_classes=dm.num_classes,
+        forget_classes=forget.forgotten_classes or None,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        warmup_epochs=recipe.warmup_epochs,
+        milestones=recipe.milestones,
+        gamma=recipe.gamma,
+    )
+    trainer = make_trainer(recipe.epochs, [EpochProgress(progress)])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    model.eval()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state_dict": model.state_dict(), "seconds": seconds}, tmp)
+        tmp.replace(path)
+    return model, seconds, False
+
+
+def run_unsc(
+    model: nn.Module,
+    dataset: str,
+    forget: ForgetSpec,
+    seed: int,
+    recipe: UnlearnRecipe | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[nn.Module, float, NullSpaceCalibration]:
+    """Unlearn ``forget`` from a copy of ``model`` with UNSC; returns (model, seconds, callback)."""
+    import copy
+
+    recipe = recipe or EMBEDDED[dataset]["unlearn"]
+    dm = make_datamodule(dataset, forget, seed, "forget", recipe.batch_size)
+    L.seed_everything(seed, workers=True, verbose=False)
+    unlearned = copy.deepcopy(model)
+    module = UnlearningModule(
+        unlearned, num_classes=dm.num_classes, forget_classes=forget.forgotten_classes or None, lr=recipe.lr
+    )
+    callback = NullSpaceCalibration(
+        threshold=recipe.threshold,
+        class_threshold_step=recipe.class_threshold_step,
+        rule=recipe.rule,  # type: ignore[arg-type]
+    )
+    trainer = make_trainer(recipe.epochs, [callback, EpochProgress(progress)])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    unlearned.eval()
+    return unlearned, seconds, callback
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dm: UnlearningDataModule) -> dict[str, Any]:
+    """Test-set accuracy in percent: ``acc_r`` / ``acc_f`` (macro over classes) and per class."""
+    num_classes = dm.num_classes
+    forget = dm.forget_classes
+    remaining = [k for k in range(num_classes) if k not in forget]
+    retain_acc = ClassSubsetAccuracy(num_classes, classes=remaining)
+    forget_acc = ClassSubsetAccuracy(num_classes, classes=forget or None)
+    per_class = ClassSubsetAccuracy(num_classes)
+    model.eval()
+    retain_loader, forget_loader = dm.test_dataloader()
+    for metric_set, loader in ((retain_acc, retain_loader), (forget_acc, forget_loader)):
+        for inputs, targets in loader:
+            logits = model(inputs)
+            metric_set.update(logits, targets)
+            if metric_set is retain_acc or forget:
+                per_class.update(logits, targets)
+    values = per_class.per_class()
+    return {
+        "acc_r": 100 * float(retain_acc.compute()),
+        "acc_f": 100 * float(forget_acc.compute()),
+        "per_class": [None if torch.isnan(v) else 100 * float(v) for v in values],
+    }
