@@ -1,10 +1,149 @@
-"""Command line entry point `unsc-lightning`."""
+"""Command line entry point `unsc-lightning`.
+
+``unsc-lightning fit|validate|test|predict --config configs/<experiment>.yaml`` runs
+:class:`UnlearningCLI`, a :class:`~lightning.pytorch.cli.LightningCLI` in subclass mode: the
+model, the data module, the network inside the model and every callback are chosen by
+``class_path`` in YAML (short names such as ``UnlearningModule`` or ``MNIST1DDataModule`` work
+for the package's classes). ``unsc-lightning demo`` and ``unsc-lightning bench`` run the offline
+demo and the benchmarks.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
-COMMANDS = ("demo",)
+import lightning.pytorch as L
+import yaml
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
+
+# Imported so that jsonargparse resolves the package's classes by their short names.
+import unsc_lightning.callback
+import unsc_lightning.checkpoint
+import unsc_lightning.data
+import unsc_lightning.data.torchvision_data
+import unsc_lightning.models
+import unsc_lightning.models.paper
+import unsc_lightning.module  # noqa: F401
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+COMMANDS = (*LIGHTNING_COMMANDS, "demo", "bench")
+
+USAGE = f"usage: unsc-lightning {{{','.join(COMMANDS)}}} [options]\n"
+HELP = (
+    USAGE
+    + """
+Machine unlearning with UNSC (Machine Unlearning via Null Space Calibration, IJCAI 2024).
+
+commands:
+  fit, validate, test, predict   LightningCLI subcommands; e.g.
+                                   unsc-lightning fit --config configs/mnist1d_original.yaml
+                                   unsc-lightning fit --config configs/mnist1d_unsc.yaml
+                                 `unsc-lightning fit --help` lists every option.
+  demo                           original vs retrain vs UNSC on an embedded data set, offline
+  bench                          speed and memory benchmarks
+"""
+)
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Save the resolved config as ``config.yaml`` in the run directory, and log it to W&B.
+
+    The run directory is ``trainer.log_dir`` (the first logger's directory, so keep a
+    CSV/TensorBoard logger first when adding a W&B one), or ``trainer.default_root_dir`` when the
+    first logger keeps no local directory. As in Lightning, an existing ``config.yaml`` is never
+    overwritten (the run fails in ``setup`` instead): give a new run a new logger ``version``.
+    Nothing is saved under ``fast_dev_run``, which suppresses logging and checkpointing. Every
+    :class:`~lightning.pytorch.loggers.WandbLogger` also receives the resolved config as the
+    ``cli_config`` hyperparameter.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved or trainer.fast_dev_run:
+            return
+        if self.save_to_log_dir:
+            directory = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: all ranks
+            config_path = os.path.join(directory, self.config_filename)
+            fs = get_filesystem(directory)
+            exists = fs.isfile(config_path) if trainer.is_global_zero else False
+            if trainer.strategy.broadcast(exists) and not self.overwrite:
+                raise RuntimeError(
+                    f"{config_path} exists: a previous run was saved in {directory}. Give this run its "
+                    "own directory (e.g. `--trainer.logger.init_args.version=NAME`) or delete the old one."
+                )
+            if trainer.is_global_zero:
+                fs.makedirs(directory, exist_ok=True)
+                self.parser.save(
+                    self.config, config_path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile
+                )
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not wandb_loggers:
+            return
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in wandb_loggers:
+            logger.log_hyperparams({"cli_config": config})
+
+
+class UnlearningCLI(LightningCLI):
+    """LightningCLI for unlearning experiments: original, retrain and UNSC runs from one YAML each.
+
+    Model and data are given in subclass mode (``model: {class_path: ..., init_args: ...}``), so
+    :class:`~unsc_lightning.ClassifierModule`, :class:`~unsc_lightning.UnlearningModule`, any
+    other LightningModule, and every data module of the package (or yours) can be used; the
+    callback :class:`~unsc_lightning.NullSpaceCalibration` is configured like any Lightning
+    callback under ``trainer.callbacks``. The resolved config is saved next to each run by
+    :class:`RunConfigSaver`.
+
+    Example:
+        >>> cli = UnlearningCLI(args=["--config", "configs/mnist1d_unsc.yaml"], run=False)  # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", L.LightningModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("datamodule_class", L.LightningDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("prog", "unsc-lightning")
+        kwargs["parser_kwargs"] = parser_kwargs
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After `fit`, test the checkpoint kept by ModelCheckpoint (its best, or its last "
+            "when it has no monitor) in the same run, logging test/* metrics next to the training "
+            "curves. Ignored by the other subcommands.",
+        )
+
+    def after_fit(self) -> None:
+        if not self._get(self.config, "test_after_fit", False):
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        has_kept = checkpoint is not None and bool(getattr(checkpoint, "best_model_path", ""))
+        ckpt_path = "best" if has_kept and not self.trainer.fast_dev_run else None
+        if ckpt_path is None:
+            rank_zero_info("test_after_fit: no checkpoint was kept; testing the weights in memory.")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def run_lightning(args: list[str]) -> UnlearningCLI:
+    """Run a LightningCLI subcommand in-process (``args`` starts with the subcommand)."""
+    return UnlearningCLI(args=args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         from unsc_lightning.demo import main as demo_main
 
         return demo_main(argv[1:])
-    sys.stderr.write(f"usage: unsc-lightning {{{','.join(COMMANDS)}}} [options]\n")
+    if argv and argv[0] == "bench":
+        from unsc_lightning.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        run_lightning(argv)
+        return 0
+    if argv and argv[0] in ("-h", "--help"):
+        sys.stdout.write(HELP)
+        return 0
+    sys.stderr.write(USAGE)
     return 2
 
 

@@ -22,6 +22,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--no-cache", action="store_true", help="retrain the original and retrained models")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these small nets)")
     return parser
 
 
@@ -105,5 +106,8 @@ def run_demo(dataset: str, forget_classes: list[int], seed: int, out: Path, use_
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     run_demo(args.dataset, args.forget_classes, args.seed, args.out, use_cache=not args.no_cache)
     return 0
