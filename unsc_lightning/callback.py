@@ -13,11 +13,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from unsc_lightning.errors import UnlearningConfigError
-from unsc_lightning.nullspace import CovarianceAccumulator, NullSpaceProjector, accumulate_covariances, layer_dims
+from unsc_lightning.metrics.drift import NullSpaceDrift
+from unsc_lightning.nullspace import (
+    CovarianceAccumulator,
+    NullSpaceProjector,
+    accumulate_covariances,
+    layer_dims,
+)
 from unsc_lightning.nullspace.basis import BasisInfo
 from unsc_lightning.nullspace.layers import (
     NORM_LAYERS,
@@ -31,6 +36,7 @@ from unsc_lightning.nullspace.layers import (
 ProjectionMode = Literal["auto", "gradient", "update"]
 _UNSHARDED = ("SingleDeviceStrategy", "DDPStrategy", "DDPSpawnStrategy")
 _STATE_VERSION = 1
+_PROBE_SAMPLES = 256
 
 
 class NullSpaceCalibration(Callback):
@@ -92,13 +98,17 @@ class NullSpaceCalibration(Callback):
         norm_eval: bool = True,
         max_retain_batches: int | None = None,
         mode: ProjectionMode = "auto",
+        log_drift: bool = True,
+        drift_every_n_steps: int = 0,
     ) -> None:
         thresholds = threshold.values() if isinstance(threshold, Mapping) else [threshold]
         for value in thresholds:
             if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
                 raise UnlearningConfigError(f"Expected `threshold` in (0, 1], got {threshold!r}.")
         if rule not in ("per_class", "pooled"):
-            raise UnlearningConfigError(f"Expected `rule` to be 'per_class' or 'pooled', got {rule!r}.")
+            raise UnlearningConfigError(
+                f"Expected `rule` to be 'per_class' or 'pooled', got {rule!r}."
+            )
         if not 0.0 <= class_threshold_step < 1.0:
             raise UnlearningConfigError(
                 f"Expected `class_threshold_step` in [0, 1), got {class_threshold_step!r}."
@@ -110,6 +120,10 @@ class NullSpaceCalibration(Callback):
         if mode not in ("auto", "gradient", "update"):
             raise UnlearningConfigError(
                 f"Expected `mode` to be 'auto', 'gradient' or 'update', got {mode!r}."
+            )
+        if drift_every_n_steps < 0:
+            raise UnlearningConfigError(
+                f"Expected `drift_every_n_steps` >= 0 (0 disables it), got {drift_every_n_steps!r}."
             )
         if retain_dataloader is not None and not _is_iterable(retain_dataloader):
             raise UnlearningConfigError(
@@ -126,6 +140,8 @@ class NullSpaceCalibration(Callback):
         self.norm_eval = norm_eval
         self.max_retain_batches = max_retain_batches
         self.mode: ProjectionMode = mode
+        self.log_drift = log_drift
+        self.drift_every_n_steps = int(drift_every_n_steps)
 
         # runtime state
         self.active_mode: Literal["gradient", "update"] | None = None
@@ -139,6 +155,9 @@ class NullSpaceCalibration(Callback):
         self._step_hooks: list[RemovableHandle] = []
         self._before_step: dict[str, Tensor] = {}
         self.retain_samples = 0
+        self.drift: dict[str, float] = {}
+        self._drift_meter: NullSpaceDrift | None = None
+        self._probe: Tensor | None = None
 
     # -- public state -------------------------------------------------------------------------
     @property
@@ -182,7 +201,9 @@ class NullSpaceCalibration(Callback):
                 f"(`requires_grad_(False)`) or exclude them from the optimizer."
             )
         if isinstance(self.threshold, dict):
-            missing = [name for name in selection.layers if not _has_threshold(self.threshold, name)]
+            missing = [
+                name for name in selection.layers if not _has_threshold(self.threshold, name)
+            ]
             if missing:
                 raise UnlearningConfigError(
                     f"`threshold` mapping {self.threshold} has no entry for layers {missing}; add "
@@ -201,21 +222,27 @@ class NullSpaceCalibration(Callback):
                 self._loaded_state = None
             else:
                 self._build_bases(trainer, pl_module)
+                self._start_drift(pl_module)
             device = pl_module.device
             self._projectors = {
-                name: NullSpaceProjector(basis, device=device) for name, basis in self._bases.items()
+                name: NullSpaceProjector(basis, device=device)
+                for name, basis in self._bases.items()
             }
         self.active_mode = self._choose_mode(trainer)
         if self.active_mode == "update":
             self._attach_step_hooks(trainer)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.norm_eval:
             for module in pl_module.modules():
                 if isinstance(module, NORM_LAYERS):
                     module.eval()
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
         if self.active_mode != "gradient":
             return
         for name, projector in self._projectors.items():
@@ -223,14 +250,38 @@ class NullSpaceCalibration(Callback):
             if grad is not None:
                 projector.project_(grad)
 
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        every = self.drift_every_n_steps
+        if self._drift_meter is not None and every and trainer.global_step % every == 0:
+            values = self._drift_meter.compute()
+            pl_module.log_dict({f"nullspace_drift/{name}": value for name, value in values.items()})
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._drift_meter is not None:
+            self.drift = self._drift_meter.compute()
+            metrics = {f"nullspace_drift/{name}": value for name, value in self.drift.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            rank_zero_info(
+                f"NullSpaceCalibration: largest remaining-output drift {max(self.drift.values()):.2e}."
+            )
+        self._drift_meter = None
         self._release(pl_module)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._release(pl_module)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._release(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
@@ -259,7 +310,9 @@ class NullSpaceCalibration(Callback):
             "`retain_dataloader=` to the callback or give your DataModule a `retain_dataloader()` method."
         )
 
-    def _retain_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[tuple[Tensor, Tensor | None]]:
+    def _retain_batches(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> Iterator[tuple[Tensor, Tensor | None]]:
         loader = self._retain_loader(trainer)
         rank, world = trainer.global_rank, trainer.world_size
         for index, batch in enumerate(loader):
@@ -268,8 +321,13 @@ class NullSpaceCalibration(Callback):
             if index % world != rank:  # every rank takes its own share; sums are all-reduced
                 continue
             inputs, labels = _split_batch(batch, needs_labels=self.rule == "per_class")
+            if self._probe is None and self.log_drift:
+                self._probe = inputs[:_PROBE_SAMPLES].to(pl_module.device)
             self.retain_samples += int(inputs.shape[0])
-            yield inputs.to(pl_module.device), None if labels is None else labels.to(pl_module.device)
+            yield (
+                inputs.to(pl_module.device),
+                None if labels is None else labels.to(pl_module.device),
+            )
 
     def _build_bases(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if type(pl_module).forward is L.LightningModule.forward:
@@ -278,7 +336,9 @@ class NullSpaceCalibration(Callback):
                 "remaining data through `pl_module(x)`. Add `def forward(self, x): return self.model(x)`."
             )
         num_classes = _num_classes(pl_module, trainer) if self.rule == "per_class" else None
-        accumulator = CovarianceAccumulator(layer_dims(self._layers), num_classes=num_classes, device=pl_module.device)
+        accumulator = CovarianceAccumulator(
+            layer_dims(self._layers), num_classes=num_classes, device=pl_module.device
+        )
         was_training = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
         self.retain_samples = 0
@@ -293,7 +353,9 @@ class NullSpaceCalibration(Callback):
         if trainer.world_size > 1:
             accumulator.samples_per_class = accumulator.samples_per_class.to(pl_module.device)
             accumulator.reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
-            total = trainer.strategy.reduce(torch.tensor(self.retain_samples, device=pl_module.device), reduce_op="sum")
+            total = trainer.strategy.reduce(
+                torch.tensor(self.retain_samples, device=pl_module.device), reduce_op="sum"
+            )
             self.retain_samples = int(total)
             seen = {name for name in self._layers if accumulator.sums[name].abs().sum() > 0} | seen
         if self.retain_samples == 0:
@@ -308,11 +370,27 @@ class NullSpaceCalibration(Callback):
                 f"`{type(pl_module).__name__}.forward`; exclude them with `exclude_layers=` or make "
                 "`forward` use them."
             )
-        bases = build_bases(accumulator, self.threshold, self.rule, class_threshold_step=self.class_threshold_step)
+        bases = build_bases(
+            accumulator, self.threshold, self.rule, class_threshold_step=self.class_threshold_step
+        )
         del accumulator  # release the d x d covariances
-        self._bases = {name: basis.to(device="cpu", dtype=torch.float32) for name, (basis, _) in bases.items()}
+        self._bases = {
+            name: basis.to(device="cpu", dtype=torch.float32) for name, (basis, _) in bases.items()
+        }
         self.layer_infos = {name: info for name, (_, info) in bases.items()}
         self._report(trainer)
+
+    def _start_drift(self, pl_module: L.LightningModule) -> None:
+        probe, self._probe = self._probe, None
+        if not self.log_drift or probe is None:
+            return
+        was_training = {module: module.training for module in pl_module.modules()}
+        pl_module.eval()
+        try:
+            self._drift_meter = NullSpaceDrift.from_probe(pl_module, self._layers, probe)
+        finally:
+            for module, training in was_training.items():
+                module.train(training)
 
     def _restore_bases(self, state: Mapping[str, Any]) -> None:
         if state.get("fingerprint") != self._fingerprint():
@@ -321,10 +399,16 @@ class NullSpaceCalibration(Callback):
                 f"set or settings (stored fingerprint {state.get('fingerprint')!r}, current "
                 f"{self._fingerprint()!r}); resume with the same model and callback arguments or start a new fit."
             )
-        self._bases = {name: torch.as_tensor(basis).float().cpu() for name, basis in state["bases"].items()}
-        self.layer_infos = {name: BasisInfo(int(d), int(r), float(e)) for name, (d, r, e) in state["infos"].items()}
+        self._bases = {
+            name: torch.as_tensor(basis).float().cpu() for name, basis in state["bases"].items()
+        }
+        self.layer_infos = {
+            name: BasisInfo(int(d), int(r), float(e)) for name, (d, r, e) in state["infos"].items()
+        }
         self.retain_samples = int(state.get("retain_samples", 0))
-        rank_zero_info("NullSpaceCalibration: reusing the bases stored in the checkpoint (no pass over the data).")
+        rank_zero_info(
+            "NullSpaceCalibration: reusing the bases stored in the checkpoint (no pass over the data)."
+        )
 
     def _fingerprint(self) -> str:
         layout = {name: list(layer.weight.shape) for name, layer in self._layers.items()}
@@ -338,7 +422,10 @@ class NullSpaceCalibration(Callback):
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def _report(self, trainer: L.Trainer) -> None:
-        lines = [f"{name}: rank {i.rank}/{i.dim}, energy {i.energy:.4f}" for name, i in self.layer_infos.items()]
+        lines = [
+            f"{name}: rank {i.rank}/{i.dim}, energy {i.energy:.4f}"
+            for name, i in self.layer_infos.items()
+        ]
         rank_zero_info(
             f"NullSpaceCalibration: bases from {self.retain_samples} remaining samples "
             f"(rule={self.rule}):\n  " + "\n  ".join(lines)
@@ -357,12 +444,15 @@ class NullSpaceCalibration(Callback):
             return self.mode
         optimizers = trainer.optimizers
         plain_sgd = all(
-            type(opt) is torch.optim.SGD and all(g.get("weight_decay", 0) == 0 for g in opt.param_groups)
+            type(opt) is torch.optim.SGD
+            and all(g.get("weight_decay", 0) == 0 for g in opt.param_groups)
             for opt in optimizers
         )
         chosen: Literal["gradient", "update"] = "gradient" if plain_sgd else "update"
         names = ", ".join(type(opt).__name__ for opt in optimizers) or "none"
-        rank_zero_info(f"NullSpaceCalibration: mode='auto' chose {chosen!r} projection for optimizers [{names}].")
+        rank_zero_info(
+            f"NullSpaceCalibration: mode='auto' chose {chosen!r} projection for optimizers [{names}]."
+        )
         return chosen
 
     def _attach_step_hooks(self, trainer: L.Trainer) -> None:
@@ -390,7 +480,9 @@ class NullSpaceCalibration(Callback):
     # -- user state -----------------------------------------------------------------------------
     def _freeze(self, pl_module: L.LightningModule) -> None:
         candidates: list[nn.Parameter] = [
-            layer.bias for layer in self._layers.values() if isinstance(getattr(layer, "bias", None), nn.Parameter)
+            layer.bias
+            for layer in self._layers.values()
+            if isinstance(getattr(layer, "bias", None), nn.Parameter)
         ]
         for module in pl_module.modules():
             if isinstance(module, NORM_LAYERS):

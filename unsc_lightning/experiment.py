@@ -274,7 +274,7 @@ def evaluate(model: nn.Module, dm: UnlearningDataModule) -> dict[str, Any]:
     forget_acc = ClassSubsetAccuracy(num_classes, classes=forget or None)
     per_class = ClassSubsetAccuracy(num_classes)
     model.eval()
-    retain_loader, forget_loader = dm.test_dataloader()
+    retain_loader, forget_loader = dm.test_dataloader()[:2]
     for metric_set, loader in ((retain_acc, retain_loader), (forget_acc, forget_loader)):
         for inputs, targets in loader:
             logits = model(inputs)

@@ -10,24 +10,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unsc_lightning.checkpoint import load_model_state
 from unsc_lightning.data.forget import validate_forget_classes
 from unsc_lightning.errors import UnlearningConfigError
-from unsc_lightning.metrics import ClassSubsetAccuracy
+from unsc_lightning.metrics import ClassSubsetAccuracy, ForgetVsTestAUROC, MIAEfficacy
 from unsc_lightning.pseudo_labels import PseudoLabelRule, random_pseudo_labels, unsc_pseudo_labels
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
-DEFAULT_EVAL_LOADERS = ("retain", "forget")
+DEFAULT_EVAL_LOADERS = ("retain", "forget", "member", "forget_train")
 
 
 class ForgetEvaluation(nn.Module):
-    """Retain/forget accuracy (macro over classes, as the paper reports) and per-class accuracy.
+    """Retain/forget accuracy, per-class accuracy, MIA-efficacy and the forget-vs-test AUROC.
 
-    Evaluation loaders are named by the DataModule's ``eval_loader_names`` (default
-    ``("retain", "forget")``); batches of the ``retain`` loader update the remaining-class
-    metric, batches of the ``forget`` loader the forgotten one.
+    Accuracies are macro averages over classes (as the paper reports). Evaluation loaders are
+    named by the DataModule's ``eval_loader_names`` (default ``("retain", "forget", "member",
+    "forget_train")``): ``retain`` holds held-out samples of the remaining classes (accuracy and
+    MIA non-members), ``forget`` held-out samples of what is forgotten (accuracy), ``member``
+    remaining *training* samples (MIA members) and ``forget_train`` the forgotten training
+    samples the attack is applied to. Loaders a DataModule does not provide are skipped, and so
+    are the metrics that need them.
+
+    Args:
+        num_classes: number of classes.
+        forget_classes: forgotten classes (empty for sample-level forgetting).
+        mia_attacker: ``"threshold"`` (cheap, used during validation) or ``"svc"`` (the field's
+            standard, used at test); the logged key is ``{stage}/mia_efficacy`` either way, so
+            validation and test MIA numbers must not be mixed in one table.
     """
 
-    def __init__(self, num_classes: int, forget_classes: list[int]) -> None:
+    def __init__(
+        self, num_classes: int, forget_classes: list[int], mia_attacker: str = "threshold"
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.forget_classes = list(forget_classes)
@@ -35,15 +49,24 @@ class ForgetEvaluation(nn.Module):
         self.retain = ClassSubsetAccuracy(num_classes, classes=remaining)
         self.forget = ClassSubsetAccuracy(num_classes, classes=self.forget_classes or None)
         self.per_class = ClassSubsetAccuracy(num_classes)
+        self.mia = MIAEfficacy(attacker=mia_attacker)  # type: ignore[arg-type]
+        self.auroc = ForgetVsTestAUROC()
 
     def update(self, loader: str, logits: Tensor, targets: Tensor) -> None:
         if loader == "retain":
             self.retain.update(logits, targets)
             self.per_class.update(logits, targets)
+            self.mia.update(logits, targets, "test")
+            self.auroc.update(logits, targets, "test")
         elif loader == "forget":
             self.forget.update(logits, targets)
             if self.forget_classes:  # class-wise: forgotten classes have their own bars
                 self.per_class.update(logits, targets)
+        elif loader == "member":
+            self.mia.update(logits, targets, "retain")
+        elif loader == "forget_train":
+            self.mia.update(logits, targets, "forget")
+            self.auroc.update(logits, targets, "forget")
 
     def compute(self, prefix: str) -> dict[str, Tensor]:
         results: dict[str, Tensor] = {}
@@ -51,6 +74,12 @@ class ForgetEvaluation(nn.Module):
             results[f"{prefix}/retain_acc"] = self.retain.compute()
         if int(self.forget.total.sum()) > 0:
             results[f"{prefix}/forget_acc"] = self.forget.compute()
+        if all(
+            len(getattr(self.mia, f"{split}_features")) for split in ("retain", "test", "forget")
+        ):
+            results[f"{prefix}/mia_efficacy"] = self.mia.compute()
+        if len(self.auroc.forget_scores) and len(self.auroc.test_scores):
+            results[f"{prefix}/forget_test_auroc"] = self.auroc.compute()
         if int(self.per_class.total.sum()) > 0:
             per_class = self.per_class.per_class()
             for k in range(self.num_classes):
@@ -59,48 +88,64 @@ class ForgetEvaluation(nn.Module):
         return results
 
     def reset(self) -> None:
-        for metric in (self.retain, self.forget, self.per_class):
+        for metric in (self.retain, self.forget, self.per_class, self.mia, self.auroc):
             metric.reset()
 
 
 class _EvaluationMixin(L.LightningModule):
     """Shared validation/test loop logging retain/forget accuracy."""
 
-    evaluation: ForgetEvaluation
+    val_evaluation: ForgetEvaluation
+    test_evaluation: ForgetEvaluation
+
+    def _init_evaluation(self, num_classes: int, forget_classes: list[int]) -> None:
+        self.val_evaluation = ForgetEvaluation(
+            num_classes, forget_classes, mia_attacker="threshold"
+        )
+        self.test_evaluation = ForgetEvaluation(num_classes, forget_classes, mia_attacker="svc")
 
     def _loader_name(self, dataloader_idx: int) -> str:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = (
+            getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        )
         names = getattr(datamodule, "eval_loader_names", DEFAULT_EVAL_LOADERS)
         return names[dataloader_idx] if dataloader_idx < len(names) else f"loader_{dataloader_idx}"
 
-    def _eval_step(self, batch: Any, dataloader_idx: int) -> Tensor:
+    def _eval_step(self, evaluation: ForgetEvaluation, batch: Any, dataloader_idx: int) -> Tensor:
         inputs, targets = batch[0], batch[1]
         logits = self(inputs)
-        self.evaluation.update(self._loader_name(dataloader_idx), logits, targets)
+        evaluation.update(self._loader_name(dataloader_idx), logits, targets)
         return logits
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
+        self._eval_step(self.val_evaluation, batch, dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
+        self._eval_step(self.test_evaluation, batch, dataloader_idx)
 
-    def _log_evaluation(self, prefix: str) -> None:
-        results = self.evaluation.compute(prefix)
+    def _log_evaluation(self, evaluation: ForgetEvaluation, prefix: str) -> None:
+        results = evaluation.compute(prefix)
         for name, value in results.items():
-            self.log(name, value, prog_bar=name.endswith(("retain_acc", "forget_acc")), add_dataloader_idx=False)
-        self.evaluation.reset()
+            self.log(
+                name,
+                value,
+                prog_bar=name.endswith(("retain_acc", "forget_acc")),
+                add_dataloader_idx=False,
+            )
+        evaluation.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
+        self._log_evaluation(self.val_evaluation, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
+        self._log_evaluation(self.test_evaluation, "test")
 
 
 def _validate_common(num_classes: int, lr: float) -> None:
     if not isinstance(num_classes, int) or num_classes < 2:
-        raise UnlearningConfigError(f"Expected `num_classes` to be an integer >= 2, got {num_classes!r}.")
+        raise UnlearningConfigError(
+            f"Expected `num_classes` to be an integer >= 2, got {num_classes!r}."
+        )
     if not lr > 0:
         raise UnlearningConfigError(f"Expected `lr` > 0, got {lr!r}.")
 
@@ -125,6 +170,10 @@ class UnlearningModule(_EvaluationMixin):
         weight_decay: weight decay.
         pseudo_labels: ``"unsc"`` or ``"random"``.
         seed: seed of the random pseudo-labels.
+        original_checkpoint: path of the trained (original) weights, loaded into ``model`` at
+            construction: a Lightning checkpoint holding them under ``model.`` (what
+            :class:`ClassifierModule` runs write) or a plain ``state_dict``. Read only, never
+            written. ``None``: ``model`` already holds the trained weights.
 
     Example:
         >>> from unsc_lightning.models import MNIST1DConvNet
@@ -144,22 +193,29 @@ class UnlearningModule(_EvaluationMixin):
         weight_decay: float = 0.0,
         pseudo_labels: PseudoLabelRule = "unsc",
         seed: int = 0,
+        original_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         _validate_common(num_classes, lr)
         forget = validate_forget_classes(forget_classes, num_classes) if forget_classes else []
         if optimizer not in ("sgd", "adam", "adamw"):
-            raise UnlearningConfigError(f"Expected `optimizer` in 'sgd', 'adam', 'adamw', got {optimizer!r}.")
+            raise UnlearningConfigError(
+                f"Expected `optimizer` in 'sgd', 'adam', 'adamw', got {optimizer!r}."
+            )
         if pseudo_labels not in ("unsc", "random"):
-            raise UnlearningConfigError(f"Expected `pseudo_labels` in 'unsc', 'random', got {pseudo_labels!r}.")
+            raise UnlearningConfigError(
+                f"Expected `pseudo_labels` in 'unsc', 'random', got {pseudo_labels!r}."
+            )
         self.save_hyperparameters(ignore=["model"])
         self.num_classes = num_classes
         self.forget_classes = forget
         self.remaining_classes = [k for k in range(num_classes) if k not in forget]
+        if original_checkpoint is not None:
+            load_model_state(model, original_checkpoint, argument="original_checkpoint")
         self.model = model
         self.original = copy.deepcopy(model).requires_grad_(False)
         self.register_buffer("original_captured", torch.tensor(False))
-        self.evaluation = ForgetEvaluation(num_classes, forget)
+        self._init_evaluation(num_classes, forget)
         self._generator = torch.Generator().manual_seed(seed)
 
     def train(self, mode: bool = True) -> UnlearningModule:
@@ -189,7 +245,9 @@ class UnlearningModule(_EvaluationMixin):
     def pseudo_label(self, inputs: Tensor, labels: Tensor) -> Tensor:
         """Targets for a batch of forget samples."""
         if self.hparams.pseudo_labels == "random":
-            return random_pseudo_labels(self.num_classes, labels, self.forget_classes, self._generator)
+            return random_pseudo_labels(
+                self.num_classes, labels, self.forget_classes, self._generator
+            )
         with torch.no_grad():
             original_logits = self.original(inputs)
         return unsc_pseudo_labels(original_logits, labels, self.forget_classes)
@@ -205,7 +263,9 @@ class UnlearningModule(_EvaluationMixin):
         params = [p for p in self.model.parameters() if p.requires_grad]
         hp = self.hparams
         if hp.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+            return torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
         optimizer_cls = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
         return optimizer_cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
 
@@ -255,7 +315,7 @@ class ClassifierModule(_EvaluationMixin):
         self.num_classes = num_classes
         self.forget_classes = forget
         self.milestones = list(milestones) if milestones is not None else [30, 60, 90]
-        self.evaluation = ForgetEvaluation(num_classes, forget)
+        self._init_evaluation(num_classes, forget)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -269,7 +329,11 @@ class ClassifierModule(_EvaluationMixin):
         return loss
 
     def _lr_factor(self, steps_per_epoch: int) -> Any:
-        warmup_steps = max(1, self.hparams.warmup_epochs * steps_per_epoch) if self.hparams.warmup_epochs else 0
+        warmup_steps = (
+            max(1, self.hparams.warmup_epochs * steps_per_epoch)
+            if self.hparams.warmup_epochs
+            else 0
+        )
 
         def factor(step: int) -> float:
             if step < warmup_steps:
@@ -281,8 +345,13 @@ class ClassifierModule(_EvaluationMixin):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
         max_epochs = max(1, self.trainer.max_epochs or 1)
         steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max_epochs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(steps_per_epoch))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -10,13 +10,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from unsc_lightning.data.forget import ForgetSpec, validate_forget_classes
+from unsc_lightning.data.forget import ForgetSpec
 from unsc_lightning.errors import UnlearningConfigError
 
 TrainOn = Literal["forget", "retain", "all"]
 
-#: Names of the evaluation loaders, in ``dataloader_idx`` order.
-EVAL_LOADERS: tuple[str, ...] = ("retain", "forget")
+#: Names of the evaluation loaders, in ``dataloader_idx`` order: held-out remaining data, held-out
+#: forgotten data, remaining training samples (MIA members, as many as held-out remaining
+#: samples) and the forgotten training samples (what the membership attack is applied to).
+EVAL_LOADERS: tuple[str, ...] = ("retain", "forget", "member", "forget_train")
 
 
 @dataclass
@@ -31,6 +33,8 @@ class DatasetBundle:
             used for the validation split, the remaining-data bases and MIA members. Defaults
             to ``train``.
         class_names: optional human-readable names.
+        fine_targets: ``(train, test)`` fine labels when the labels the model learns are coarse
+            groups of them; :class:`ForgetSpec` ``kind="subclass"`` selects by these.
     """
 
     train: Dataset
@@ -38,6 +42,7 @@ class DatasetBundle:
     num_classes: int
     train_eval: Dataset | None = None
     class_names: list[str] | None = None
+    fine_targets: tuple[Tensor, Tensor] | None = None
 
 
 def dataset_targets(dataset: Dataset) -> Tensor:
@@ -61,9 +66,10 @@ class UnlearningDataModule(L.LightningDataModule):
     split for unlearning (default), the remaining data for a retrained model, everything for the
     original model. ``retain_dataloader()`` yields the remaining training data, which
     :class:`~unsc_lightning.NullSpaceCalibration` reads to build its bases. Validation and test
-    loaders are ``[retain, forget]`` (``dataloader_idx`` 0 and 1): held-out data of the
-    remaining and of the forgotten classes; for sample-level forgetting the forget loader holds
-    the forgotten training samples themselves. A seeded ``val_fraction`` of the training set is
+    loaders are ``[retain, forget, member, forget_train]`` (``dataloader_idx`` 0-3): held-out data
+    of the remaining and of the forgotten classes (for sample-level forgetting the forget loader
+    holds the forgotten training samples themselves), then remaining training samples and the
+    forgotten training samples for the membership-inference attack. A seeded ``val_fraction`` of the training set is
     held out for validation and never trained on.
 
     Args:
@@ -170,7 +176,7 @@ class UnlearningDataModule(L.LightningDataModule):
     def bundle(self) -> DatasetBundle:
         if self._bundle is None:
             self._bundle = self.build_datasets()
-            self.forget.validate(self._bundle.num_classes)
+            self.forget.validate(self._bundle.num_classes, fine_targets=self._bundle.fine_targets)
         return self._bundle
 
     def setup(self, stage: str | None = None) -> None:
@@ -183,13 +189,16 @@ class UnlearningDataModule(L.LightningDataModule):
         order = torch.randperm(train_targets.numel(), generator=generator)
         n_val = int(round(self.val_fraction * train_targets.numel()))
         val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
-        forget_mask = self.forget.train_mask(train_targets, train_idx)
+        train_keys, test_keys = self.forget.selection_targets(
+            train_targets, test_targets, bundle.fine_targets
+        )
+        forget_mask = self.forget.train_mask(train_keys, train_idx)
         if not forget_mask.any():
             raise RuntimeError(
                 f"The forget set is empty: no training sample matches {self.forget}. Check `forget_classes`."
             )
-        val_forget = self.forget.test_mask(train_targets[val_idx])
-        test_forget = self.forget.test_mask(test_targets)
+        val_forget = self.forget.test_mask(train_keys[val_idx])
+        test_forget = self.forget.test_mask(test_keys)
         self.splits = {
             "train_forget": torch.nonzero(forget_mask).flatten(),
             "train_retain": train_idx[~forget_mask[train_idx]],
@@ -199,7 +208,9 @@ class UnlearningDataModule(L.LightningDataModule):
             "test_forget": torch.nonzero(test_forget).flatten(),
         }
         if self.splits["train_retain"].numel() == 0:
-            raise RuntimeError("The remaining training data are empty: every training sample is forgotten.")
+            raise RuntimeError(
+                "The remaining training data are empty: every training sample is forgotten."
+            )
         self._targets = {"train": train_targets, "test": test_targets}
 
     # -- loaders ------------------------------------------------------------------------------
@@ -228,7 +239,9 @@ class UnlearningDataModule(L.LightningDataModule):
         """Forget split (unlearning), remaining data (retrain) or all training data (original)."""
         if self.train_on == "all":
             self.setup()
-            everything = torch.cat([self.splits["train_forget"], self.splits["train_retain"]]).sort().values
+            everything = (
+                torch.cat([self.splits["train_forget"], self.splits["train_retain"]]).sort().values
+            )
             dataset: Dataset = Subset(self.bundle.train, everything.tolist())
         else:
             dataset = self._subset(f"train_{self.train_on}", "train")
@@ -243,20 +256,24 @@ class UnlearningDataModule(L.LightningDataModule):
         return self._loader(self._subset("train_forget", "train_eval"), False, self.eval_batch_size)
 
     def _eval_loaders(self, prefix: str, source: Literal["train_eval", "test"]) -> list[DataLoader]:
-        loaders = [self._loader(self._subset(f"{prefix}_retain", source), False, self.eval_batch_size)]
-        if self.forget.kind == "class":
+        held_out = self._subset(f"{prefix}_retain", source)
+        if self.forget.held_out_forget:  # class / sub-class: held-out samples of what is forgotten
             forget = self._subset(f"{prefix}_forget", source)
         else:  # sample-level: the forgotten samples themselves are the forget evaluation set
             forget = self._subset("train_forget", "train_eval")
-        loaders.append(self._loader(forget, False, self.eval_batch_size))
-        return loaders
+        members = self._subset("train_retain", "train_eval")
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        keep = torch.randperm(len(members), generator=generator)[: max(1, len(held_out))]
+        members = Subset(members.dataset, [members.indices[i] for i in keep.sort().values.tolist()])
+        datasets = [held_out, forget, members, self._subset("train_forget", "train_eval")]
+        return [self._loader(dataset, False, self.eval_batch_size) for dataset in datasets]
 
     def val_dataloader(self) -> list[DataLoader]:
-        """``[retain, forget]`` from the held-out validation split."""
+        """``[retain, forget, member, forget_train]`` (see ``EVAL_LOADERS``), validation split."""
         return self._eval_loaders("val", "train_eval")
 
     def test_dataloader(self) -> list[DataLoader]:
-        """``[retain, forget]`` from the test set."""
+        """``[retain, forget, member, forget_train]`` (see ``EVAL_LOADERS``), test set."""
         return self._eval_loaders("test", "test")
 
     def forget_targets(self) -> Tensor:

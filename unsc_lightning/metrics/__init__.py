@@ -5,6 +5,7 @@ Metric classes follow torchmetrics: the computation lives in pure functions in
 """
 
 from unsc_lightning.metrics.accuracy import ClassSubsetAccuracy
+from unsc_lightning.metrics.drift import NullSpaceDrift
 from unsc_lightning.metrics.forgetting_quality import forgetting_quality, per_example_epsilon
 from unsc_lightning.metrics.functional import (
     class_subset_accuracy,
@@ -19,6 +20,7 @@ __all__ = [
     "ClassSubsetAccuracy",
     "ForgetVsTestAUROC",
     "MIAEfficacy",
+    "NullSpaceDrift",
     "class_subset_accuracy",
     "forget_vs_test_auroc",
     "forgetting_quality",
