@@ -52,7 +52,9 @@ def _projectors(model: nn.Module, layers, x_remain: Tensor, y_remain: Tensor, ru
     return projectors
 
 
-def _train(model: nn.Module, x_forget: Tensor, targets: Tensor, projectors, steps: int = 100) -> None:
+def _train(
+    model: nn.Module, x_forget: Tensor, targets: Tensor, projectors, steps: int = 100
+) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -152,9 +154,9 @@ def test_drift_equals_relative_change_of_layer_outputs(make_layer, input_shape):
     expected = _direct(layer, inputs, before)
     assert expected > 0.05
     assert drift.compute()["layer"] == pytest.approx(expected, rel=1e-5)
-    assert relative_output_change(layer.weight, before, layer_rows(layer, inputs), layer_groups(layer)) == (
-        pytest.approx(expected, rel=1e-5)
-    )
+    assert relative_output_change(
+        layer.weight, before, layer_rows(layer, inputs), layer_groups(layer)
+    ) == (pytest.approx(expected, rel=1e-5))
 
 
 def layer_groups(layer: nn.Module) -> int:
@@ -163,7 +165,9 @@ def layer_groups(layer: nn.Module) -> int:
 
 def test_from_probe_equals_explicit_rows_and_removes_hooks():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
+    )
     layers = {"0": net[0], "3": net[3]}
     inputs = torch.randn(4, 2, 5, 5)
     drift = NullSpaceDrift.from_probe(net, layers, inputs)
@@ -179,7 +183,9 @@ def test_from_probe_equals_explicit_rows_and_removes_hooks():
 
 def test_weight_shared_layer_records_every_call():
     layer = nn.Linear(3, 3)
-    drift = NullSpaceDrift.from_probe(lambda x: layer(layer(x)), {"shared": layer}, torch.randn(5, 3))
+    drift = NullSpaceDrift.from_probe(
+        lambda x: layer(layer(x)), {"shared": layer}, torch.randn(5, 3)
+    )
     assert drift.num_rows == {"shared": 10}
 
 
@@ -206,7 +212,13 @@ def test_subsample_rows_keeps_whole_group_blocks_evenly_spaced():
     assert kept.shape == (15, 2)
     blocks = kept[:, 0].reshape(5, 3)
     assert (blocks == blocks[:, :1]).all()  # every block kept whole
-    assert blocks[:, 0].tolist() == [0.0, 5.0, 10.0, 14.0, 19.0]  # first and last kept, evenly spaced
+    assert blocks[:, 0].tolist() == [
+        0.0,
+        5.0,
+        10.0,
+        14.0,
+        19.0,
+    ]  # first and last kept, evenly spaced
     small = torch.randn(4, 2)
     assert subsample_rows(small, max_rows=10) is small
 
@@ -249,10 +261,22 @@ _LINEAR = nn.Linear(3, 2)
         ({"l": _LINEAR}, {"l": torch.randn(4, 3)}, 0, ValueError, "`max_rows`"),
         ({"l": _LINEAR}, {"l": torch.randn(4, 3)}, 2.5, ValueError, "`max_rows`"),
         ({"l": _LINEAR}, {}, 16, ValueError, r"missing \['l'\]"),
-        ({"l": _LINEAR}, {"l": torch.randn(4, 3), "x": torch.randn(1, 3)}, 16, ValueError, r"extra \['x'\]"),
+        (
+            {"l": _LINEAR},
+            {"l": torch.randn(4, 3), "x": torch.randn(1, 3)},
+            16,
+            ValueError,
+            r"extra \['x'\]",
+        ),
         ({"l": _LINEAR}, {"l": torch.randn(4, 5)}, 16, ValueError, r"shape \(N, 3\)"),
         ({"l": _LINEAR}, {"l": torch.randn(0, 3)}, 16, ValueError, r"N >= 1"),
-        ({"n": nn.BatchNorm1d(3)}, {"n": torch.randn(4, 3)}, 16, ValueError, r"unsupported: \['n'\]"),
+        (
+            {"n": nn.BatchNorm1d(3)},
+            {"n": torch.randn(4, 3)},
+            16,
+            ValueError,
+            r"unsupported: \['n'\]",
+        ),
         ({"l": _LINEAR}, {"l": torch.full((4, 3), float("nan"))}, 16, RuntimeError, "NaN or inf"),
     ],
 )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,10 @@ DEFAULT_MAX_ROWS = 4096
 def _groups(layer: nn.Module) -> int:
     # Grouped convolutions apply each group's weight rows to that group's patches only.
     return int(getattr(layer, "groups", 1))
+
+
+def _weight(layer: nn.Module) -> Tensor:
+    return cast(Tensor, layer.weight).detach()
 
 
 def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,7 +73,9 @@ def grouped_output_norm(weight: Tensor, rows: Tensor) -> Tensor:
     return torch.linalg.vector_norm(torch.bmm(weight, rows.transpose(1, 2)))
 
 
-def relative_output_change(weight: Tensor, reference_weight: Tensor, rows: Tensor, groups: int = 1) -> float:
+def relative_output_change(
+    weight: Tensor, reference_weight: Tensor, rows: Tensor, groups: int = 1
+) -> float:
     """``||(W - W0) Xᵀ||_F / ||W0 Xᵀ||_F`` for one layer (functional form of the drift).
 
     Args:
@@ -84,7 +90,9 @@ def relative_output_change(weight: Tensor, reference_weight: Tensor, rows: Tenso
     """
     dtype = _storage_dtype(weight.dtype)
     grouped_rows = rows.to(dtype).reshape(-1, groups, rows.shape[1]).transpose(0, 1)
-    reference = reference_weight.detach().to(dtype).reshape(groups, reference_weight.shape[0] // groups, -1)
+    reference = (
+        reference_weight.detach().to(dtype).reshape(groups, reference_weight.shape[0] // groups, -1)
+    )
     current = weight.detach().to(dtype).reshape_as(reference)
     change = float(grouped_output_norm(current - reference, grouped_rows))
     return _ratio(change, float(grouped_output_norm(reference, grouped_rows)))
@@ -204,7 +212,9 @@ class NullSpaceDrift:
     @property
     def num_rows(self) -> dict[str, int]:
         """Stored probe rows per layer (all groups together)."""
-        return {name: probe.rows.shape[0] * probe.rows.shape[1] for name, probe in self._probes.items()}
+        return {
+            name: probe.rows.shape[0] * probe.rows.shape[1] for name, probe in self._probes.items()
+        }
 
     @torch.no_grad()
     def compute(self) -> dict[str, float]:
@@ -220,7 +230,7 @@ class NullSpaceDrift:
         return max(self.compute().values(), default=0.0)
 
     def _make_probe(self, name: str, layer: nn.Module, rows: Tensor) -> _Probe:
-        weight: Tensor = layer.weight.detach()  # type: ignore[assignment]
+        weight = _weight(layer)
         dtype, groups = _storage_dtype(weight.dtype), _groups(layer)
         rows = subsample_rows(rows.detach(), self.max_rows, groups)
         rows = rows.to(device=weight.device, dtype=dtype)
@@ -232,7 +242,7 @@ class NullSpaceDrift:
         return _Probe(layer=layer, reference=reference, rows=grouped_rows, reference_norm=norm)
 
     def _drift(self, probe: _Probe) -> float:
-        weight: Tensor = probe.layer.weight.detach()  # type: ignore[assignment]
+        weight = _weight(probe.layer)
         if probe.rows.device != weight.device:  # the model moved after construction
             probe.rows = probe.rows.to(weight.device)
             probe.reference = probe.reference.to(weight.device)
@@ -248,7 +258,9 @@ def _check_max_rows(max_rows: int) -> None:
         raise ValueError(f"Expected `max_rows` to be an integer >= 1, got {max_rows!r}.")
 
 
-def _validate(layers: Mapping[str, nn.Module], probe_rows: Mapping[str, Tensor], max_rows: int) -> None:
+def _validate(
+    layers: Mapping[str, nn.Module], probe_rows: Mapping[str, Tensor], max_rows: int
+) -> None:
     _check_max_rows(max_rows)
     unsupported = [name for name, layer in layers.items() if not is_supported(layer)]
     if unsupported:
