@@ -160,8 +160,16 @@ class UnlearningModule(_EvaluationMixin):
     labels on forget data is the whole objective. Use it with
     :class:`~unsc_lightning.NullSpaceCalibration` so remaining outputs do not move.
 
+    What is modified and what is not: ``model`` *is* the network being unlearned -- the object
+    you pass is trained in place (``module.model is model``) and after ``fit`` holds the
+    unlearned weights; pass ``copy.deepcopy(model)`` to keep yours unchanged. The original
+    weights are kept in ``module.original`` (a frozen copy, also written to this run's
+    checkpoints as ``original.*``). An ``original_checkpoint`` file is only read; save the
+    unlearned model to a new file (e.g. this run's ``ModelCheckpoint``, which Lightning writes
+    atomically), never over the original's.
+
     Args:
-        model: trained classifier returning logits; it is trained in place.
+        model: trained classifier returning logits; trained in place (see above).
         num_classes: number of classes.
         forget_classes: forgotten classes; ``None`` or ``[]`` for sample-level forgetting.
         lr: learning rate.
@@ -241,6 +249,15 @@ class UnlearningModule(_EvaluationMixin):
             # resumed fit labels with the same original model).
             self.original.load_state_dict(self.model.state_dict())
             self.original_captured.fill_(True)
+
+    def on_fit_end(self) -> None:
+        if self.trainer.num_training_batches == 0:
+            # Lightning only warns and ends the fit: the model would come back not unlearned
+            raise RuntimeError(
+                "The forget data are empty: the training dataloader yielded no batch, so nothing "
+                "was unlearned. Check the forget specification (`forget_classes=` / `forget=`) or "
+                "the dataloader passed to `fit`."
+            )
 
     def pseudo_label(self, inputs: Tensor, labels: Tensor) -> Tensor:
         """Targets for a batch of forget samples."""
