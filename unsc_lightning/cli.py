@@ -62,7 +62,7 @@ class RunConfigSaver(SaveConfigCallback):
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.already_saved or trainer.fast_dev_run:
+        if self.already_saved or getattr(trainer, "fast_dev_run", False):
             return
         if self.save_to_log_dir:
             directory = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: all ranks
@@ -77,7 +77,11 @@ class RunConfigSaver(SaveConfigCallback):
             if trainer.is_global_zero:
                 fs.makedirs(directory, exist_ok=True)
                 self.parser.save(
-                    self.config, config_path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile
+                    self.config,
+                    config_path,
+                    skip_none=False,
+                    overwrite=self.overwrite,
+                    multifile=self.multifile,
                 )
         if trainer.is_global_zero:
             self.save_config(trainer, pl_module, stage)
@@ -135,19 +139,22 @@ class UnlearningCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         has_kept = checkpoint is not None and bool(getattr(checkpoint, "best_model_path", ""))
-        ckpt_path = "best" if has_kept and not self.trainer.fast_dev_run else None
+        ckpt_path = (
+            "best" if has_kept and not getattr(self.trainer, "fast_dev_run", False) else None
+        )
         if ckpt_path is None:
             rank_zero_info("test_after_fit: no checkpoint was kept; testing the weights in memory.")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
-def run_lightning(args: list[str]) -> UnlearningCLI:
-    """Run a LightningCLI subcommand in-process (``args`` starts with the subcommand)."""
+def run_lightning(args: list[str] | None = None) -> UnlearningCLI:
+    """Run a LightningCLI subcommand; ``args`` starts with it (``None``: ``sys.argv[1:]``)."""
     return UnlearningCLI(args=args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``unsc-lightning <command> ...``."""
+    """Dispatch ``unsc-lightning <command> ...`` (``argv`` defaults to ``sys.argv[1:]``)."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         from unsc_lightning.demo import main as demo_main
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        run_lightning(argv)
+        run_lightning(None if from_command_line else argv)
         return 0
     if argv and argv[0] in ("-h", "--help"):
         sys.stdout.write(HELP)
