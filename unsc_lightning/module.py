@@ -131,6 +131,9 @@ class _EvaluationMixin(L.LightningModule):
                 value,
                 prog_bar=name.endswith(("retain_acc", "forget_acc")),
                 add_dataloader_idx=False,
+                # already reduced by the metrics; the mean of identical values is a no-op that
+                # keeps Lightning from warning under DDP
+                sync_dist=self.trainer.world_size > 1,
             )
         evaluation.reset()
 
