@@ -44,7 +44,7 @@ commands:
                                    unsc-lightning fit --config configs/mnist1d_unsc.yaml
                                  `unsc-lightning fit --help` lists every option.
   demo                           original vs retrain vs UNSC on an embedded data set, offline
-  bench                          speed and memory benchmarks
+  bench                          UNSC vs baselines (FT, RL, GA, SalUn, SCRUB, ...) over seeds
 """
 )
 

@@ -86,7 +86,11 @@ def run_demo(
     cache_dir = out / "cache" if use_cache else None
     forget = ForgetSpec(kind="class", classes=forget_classes)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    for message in (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*", ".*LeafSpec.*"):
+    for message in (
+        ".*does not have many workers.*",
+        ".*module\\(s\\) in eval mode.*",
+        ".*LeafSpec.*",
+    ):
         warnings.filterwarnings("ignore", message=message)
     results: dict[str, Any] = {}
     with Progress(

@@ -80,7 +80,9 @@ class EpochProgress(Callback):
             self.progress(trainer.current_epoch + 1, trainer.max_epochs or 1)
 
 
-def make_trainer(max_epochs: int, callbacks: list[Callback] | None = None, **kwargs: Any) -> L.Trainer:
+def make_trainer(
+    max_epochs: int, callbacks: list[Callback] | None = None, **kwargs: Any
+) -> L.Trainer:
     """A quiet CPU trainer: no logger, checkpoints, progress bar or model summary."""
     options: dict[str, Any] = {
         "max_epochs": max_epochs,
@@ -116,9 +118,16 @@ def _cache_key(
     recipe: TrainRecipe,
     data_options: dict[str, Any] | None = None,
 ) -> str:
-    payload: dict[str, Any] = {"dataset": dataset, "seed": seed, "train_on": train_on, "recipe": asdict(recipe)}
+    payload: dict[str, Any] = {
+        "dataset": dataset,
+        "seed": seed,
+        "train_on": train_on,
+        "recipe": asdict(recipe),
+    }
     if train_on == "retain":
-        payload["forget"] = {k: v for k, v in asdict(forget).items() if v != []}  # stable for old specs
+        payload["forget"] = {
+            k: v for k, v in asdict(forget).items() if v != []
+        }  # stable for old specs
     if forget.kind == "subclass":  # the model learns coarse labels: a different original
         payload["labels"] = "coarse"
     if data_options:
@@ -198,7 +207,14 @@ def run_unsc(
     data module. ``seconds`` covers the whole fit: basis construction and unlearning.
     """
     unlearned, seconds, callback = run_unsc_variant(
-        model, dataset, forget, seed, recipe, progress, callbacks=callbacks, data_options=data_options
+        model,
+        dataset,
+        forget,
+        seed,
+        recipe,
+        progress,
+        callbacks=callbacks,
+        data_options=data_options,
     )
     return unlearned, seconds, cast(NullSpaceCalibration, callback)
 
@@ -290,7 +306,9 @@ def evaluate(model: nn.Module, dm: UnlearningDataModule) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def mia_efficacy_of(model: nn.Module, dm: UnlearningDataModule, attacker: str = "svc", seed: int = 0) -> float:
+def mia_efficacy_of(
+    model: nn.Module, dm: UnlearningDataModule, attacker: str = "svc", seed: int = 0
+) -> float:
     """MIA-efficacy in percent (REFERENCE.md protocol).
 
     Members are the remaining training samples, non-members the test samples of the remaining
@@ -298,7 +316,11 @@ def mia_efficacy_of(model: nn.Module, dm: UnlearningDataModule, attacker: str = 
     """
     metric = MIAEfficacy(attacker=attacker, seed=seed)  # type: ignore[arg-type]
     model.eval()
-    loaders = {"retain": dm.retain_dataloader(), "test": dm.test_dataloader()[0], "forget": dm.forget_dataloader()}
+    loaders = {
+        "retain": dm.retain_dataloader(),
+        "test": dm.test_dataloader()[0],
+        "forget": dm.forget_dataloader(),
+    }
     for split, loader in loaders.items():
         for inputs, targets in loader:
             metric.update(model(inputs), targets, split)

@@ -25,7 +25,9 @@ def _allowed(num_classes: int, forget_classes: list[int], labels: Tensor) -> Ten
     return allowed
 
 
-def unsc_pseudo_labels(original_logits: Tensor, labels: Tensor, forget_classes: list[int]) -> Tensor:
+def unsc_pseudo_labels(
+    original_logits: Tensor, labels: Tensor, forget_classes: list[int]
+) -> Tensor:
     """Argmax of the original model's logits over remaining classes other than the own label.
 
     Args:
@@ -42,7 +44,10 @@ def unsc_pseudo_labels(original_logits: Tensor, labels: Tensor, forget_classes: 
 
 
 def random_pseudo_labels(
-    num_classes: int, labels: Tensor, forget_classes: list[int], generator: torch.Generator | None = None
+    num_classes: int,
+    labels: Tensor,
+    forget_classes: list[int],
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """A uniformly random remaining class other than the own label (the paper's ablation)."""
     allowed = _allowed(num_classes, forget_classes, labels).float()

@@ -22,7 +22,9 @@ class MNIST1DConvNet(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, num_classes: int = 10, channels: int = 32, hidden: int = 128, length: int = 40) -> None:
+    def __init__(
+        self, num_classes: int = 10, channels: int = 32, hidden: int = 128, length: int = 40
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv1d(1, channels, kernel_size=5, padding=2),

@@ -116,7 +116,9 @@ def per_class_basis(
     """
     classes = sorted(class_covariances)
     if not classes:
-        raise ValueError("`class_covariances` is empty: there is no remaining class to build a basis from.")
+        raise ValueError(
+            "`class_covariances` is empty: there is no remaining class to build a basis from."
+        )
     dim = class_covariances[classes[0]].shape[0]
     basis = torch.zeros(dim, 0, dtype=torch.float64, device=class_covariances[classes[0]].device)
     identity = torch.eye(dim, dtype=torch.float64, device=basis.device)

@@ -9,7 +9,12 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from unsc_lightning.nullspace.basis import BasisInfo, class_threshold_schedule, per_class_basis, pooled_basis
+from unsc_lightning.nullspace.basis import (
+    BasisInfo,
+    class_threshold_schedule,
+    per_class_basis,
+    pooled_basis,
+)
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator
 from unsc_lightning.nullspace.representation import REPRESENTATIONS, is_supported
 
@@ -115,13 +120,17 @@ def build_bases(
     """
     if classes is None:
         counts = accumulator.samples_per_class
-        classes = [k for k in range(counts.numel()) if counts[k] > 0] if accumulator.per_class else None
+        classes = (
+            [k for k in range(counts.numel()) if counts[k] > 0] if accumulator.per_class else None
+        )
     bases: dict[str, tuple[Tensor, BasisInfo]] = {}
     for name in accumulator.sums:
         eps = threshold_for(threshold, name)
         if rule == "per_class":
             schedule: Callable[[int], float] = class_threshold_schedule(eps, class_threshold_step)
-            bases[name] = per_class_basis(accumulator.class_covariances(name, classes or []), schedule)
+            bases[name] = per_class_basis(
+                accumulator.class_covariances(name, classes or []), schedule
+            )
         else:
             bases[name] = pooled_basis(accumulator.pooled_covariance(name, classes), eps)
     return bases

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -115,7 +114,9 @@ def layer_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     fn = rows_fn_for(layer)
     if fn is None:
         supported = ", ".join(cls.__name__ for cls in REPRESENTATIONS)
-        raise TypeError(f"No representation for layer type {type(layer).__name__}; supported: {supported}.")
+        raise TypeError(
+            f"No representation for layer type {type(layer).__name__}; supported: {supported}."
+        )
     return fn(layer, inputs)
 
 

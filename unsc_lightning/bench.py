@@ -1,0 +1,616 @@
+"""`unsc-lightning bench`: UNSC against retraining and the baselines, over seeds, on embedded data.
+
+For every seed the original and the retrained model are trained (or read from the cache) with
+:func:`unsc_lightning.experiment.train_classifier`, every selected method unlearns the same
+original, and each model is scored on the test splits: remaining- and forgotten-class accuracy
+(macro over classes, %), MIA-efficacy with the SVC attacker (%), the average gap to the
+retrained model over those three numbers, and wall-clock seconds. ``DIR/results.json``,
+``DIR/results.md`` (mean ± std over seeds) and ``DIR/accuracy.png`` are written.
+
+Scenarios (``--scenario``):
+
+- ``class``: one forgotten class (``--forget-classes``, default 3).
+- ``multiclass``: the classes of ``--forget-classes`` (2 to 5 of them); without it, the nested
+  sets of :data:`MULTICLASS_SETS` for every size in ``--sizes``, each in ``DIR/forget_<ids>/``
+  plus a summary in ``DIR``.
+- ``subclass``: the model learns the coarse labels of ``unsc_lightning.data.embedded.DIGIT_GROUPS``
+  and forgets one fine digit (``--forget-classes``, default 3); its coarse class remains.
+- ``random``: a random ``--fraction`` of the training set (re-drawn per seed); unlearning stops
+  once the forgotten samples are classified no better than held-out data
+  (:class:`~unsc_lightning.baselines.StopAtHeldOutAccuracy`, off with ``--no-stop``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from unsc_lightning.baselines import (
+    BASELINE_RECIPES,
+    METHOD_NAMES,
+    METHODS,
+    UNLEARNING_METHODS,
+    StopAtHeldOutAccuracy,
+    run_method,
+)
+from unsc_lightning.data import ForgetSpec
+from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.experiment import (
+    EMBEDDED,
+    TrainRecipe,
+    evaluate,
+    make_datamodule,
+    mia_efficacy_of,
+    train_classifier,
+)
+
+SCENARIOS = ("class", "multiclass", "subclass", "random")
+#: Nested forgotten sets of the multi-class sweep (the paper's CIFAR-10 sets), by size.
+MULTICLASS_SETS: dict[int, list[int]] = {
+    1: [3],
+    2: [1, 3],
+    3: [1, 3, 5],
+    4: [1, 3, 5, 7],
+    5: [1, 2, 3, 5, 7],
+}
+#: Metrics averaged into the gap to the retrained model.
+GAP_METRICS = ("acc_r", "acc_f", "mia_efficacy")
+
+Printer = Callable[[str], None]
+
+
+@dataclass
+class BenchConfig:
+    """Everything one bench run needs (what the command line fills in)."""
+
+    dataset: str = "mnist1d"
+    scenario: str = "class"
+    forget_classes: list[int] | None = None
+    fraction: float = 0.1
+    methods: list[str] | None = None
+    seeds: list[int] | None = None
+    out: Path = Path("outputs/bench")
+    cache_dir: Path | None = None
+    use_cache: bool = True
+    num_samples: int | None = None
+    train_epochs: int | None = None
+    sizes: list[int] | None = None
+    stop_at_held_out: bool = True
+
+
+# -- command line ---------------------------------------------------------------------------------
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="unsc-lightning bench",
+        description="Compare UNSC with retraining and baselines over seeds.",
+    )
+    parser.add_argument("--dataset", choices=sorted(EMBEDDED), default="mnist1d")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="class")
+    parser.add_argument(
+        "--forget-classes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="forgotten classes (class/multiclass) or fine digits (subclass); default 3",
+    )
+    parser.add_argument(
+        "--fraction", type=float, default=0.1, help="share forgotten in the random scenario"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["all"],
+        help=f"'all' or names from {', '.join(UNLEARNING_METHODS)}",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="model cache (default: OUT/cache)"
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="retrain the original and retrained models"
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[2, 3, 4, 5], help="multiclass sweep sizes"
+    )
+    parser.add_argument(
+        "--no-stop", action="store_true", help="random scenario: run every method its full epochs"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the embedded models gain nothing from more, and "
+        "several threads on a busy machine slow every step down many times)",
+    )
+    # small runs (tests, smoke checks)
+    parser.add_argument("--num-samples", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--train-epochs", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        dataset=args.dataset,
+        scenario=args.scenario,
+        forget_classes=args.forget_classes,
+        fraction=args.fraction,
+        methods=resolve_methods(args.methods),
+        seeds=list(args.seeds),
+        out=args.out,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        num_samples=args.num_samples,
+        train_epochs=args.train_epochs,
+        sizes=list(args.sizes),
+        stop_at_held_out=not args.no_stop,
+    )
+
+
+def resolve_methods(names: list[str]) -> list[str]:
+    """``["all"]`` -> every unlearning method; otherwise the names, checked, in table order."""
+    if names == ["all"]:
+        return list(UNLEARNING_METHODS)
+    unknown = [n for n in names if n not in UNLEARNING_METHODS]
+    if unknown or not names:
+        raise UnlearningConfigError(
+            f"Expected `--methods` to be 'all' or names from {list(UNLEARNING_METHODS)}, got {names} "
+            f"(unknown: {unknown}; 'original' and 'retrain' are always run)."
+        )
+    return [n for n in UNLEARNING_METHODS if n in names]
+
+
+def _class_spec(classes: list[int], seed: int) -> ForgetSpec:
+    return ForgetSpec(kind="class", classes=list(classes))
+
+
+def forget_settings(config: BenchConfig) -> list[Callable[[int], ForgetSpec]]:
+    """One forget-spec factory (seed -> spec) per forgotten set the scenario covers."""
+    classes = config.forget_classes
+    if config.scenario == "class":
+        chosen = classes or [3]
+        if len(chosen) != 1:
+            raise UnlearningConfigError(
+                f"`--scenario class` forgets one class; got `--forget-classes {' '.join(map(str, chosen))}` "
+                "(use `--scenario multiclass` for several)."
+            )
+        return [lambda seed: ForgetSpec(kind="class", classes=list(chosen))]
+    if config.scenario == "multiclass":
+        if classes:
+            if not 2 <= len(set(classes)) <= 5:
+                raise UnlearningConfigError(
+                    f"`--scenario multiclass` forgets 2 to 5 classes, got `--forget-classes {classes}`."
+                )
+            return [lambda seed: ForgetSpec(kind="class", classes=list(classes))]
+        sizes = config.sizes or [2, 3, 4, 5]
+        bad = [s for s in sizes if s not in MULTICLASS_SETS]
+        if bad:
+            raise UnlearningConfigError(
+                f"Expected `--sizes` in {sorted(MULTICLASS_SETS)}, got {sizes}."
+            )
+        return [partial(_class_spec, MULTICLASS_SETS[size]) for size in sizes]
+    if config.scenario == "subclass":
+        fine = classes or [3]
+        return [lambda seed: ForgetSpec(kind="subclass", subclasses=list(fine))]
+    if config.scenario == "random":
+        if not 0.0 < config.fraction < 1.0:
+            raise UnlearningConfigError(f"Expected `--fraction` in (0, 1), got {config.fraction}.")
+        return [lambda seed: ForgetSpec(kind="random", fraction=config.fraction, seed=seed)]
+    raise UnlearningConfigError(f"Expected `--scenario` in {SCENARIOS}, got {config.scenario!r}.")
+
+
+# -- running ----------------------------------------------------------------------------------
+def _data_options(config: BenchConfig) -> dict[str, Any]:
+    if config.num_samples is None:
+        return {}
+    if config.dataset != "mnist1d":
+        raise UnlearningConfigError(
+            f"`--num-samples` applies to MNIST-1D only, got it with `--dataset {config.dataset}`."
+        )
+    return {"num_samples": config.num_samples}
+
+
+def _train_recipe(config: BenchConfig) -> TrainRecipe:
+    recipe: TrainRecipe = EMBEDDED[config.dataset]["train"]
+    if config.train_epochs is None:
+        return recipe
+    if config.train_epochs < 1:
+        raise UnlearningConfigError(f"Expected `--train-epochs` >= 1, got {config.train_epochs}.")
+    scale = config.train_epochs / recipe.epochs
+    milestones = sorted({max(1, round(m * scale)) for m in recipe.milestones})
+    return replace(recipe, epochs=config.train_epochs, milestones=milestones)
+
+
+def _score(model: Any, dm: Any, seconds: float, **extra: Any) -> dict[str, Any]:
+    accuracy = evaluate(model, dm)
+    state = model.state_dict().values()
+    diverged = not all(torch.isfinite(t).all() for t in state if t.is_floating_point())
+    mia = None
+    if not diverged:
+        try:
+            mia = mia_efficacy_of(model, dm, attacker="svc")
+        except RuntimeError:  # NaN confidences: the logits overflowed
+            diverged = True
+    # a diverged model has no confidence to attack: its MIA-efficacy is left out
+    return {
+        "acc_r": accuracy["acc_r"],
+        "acc_f": accuracy["acc_f"],
+        "mia_efficacy": mia,
+        "seconds": seconds,
+        "per_class": accuracy["per_class"],
+        "diverged": diverged,
+        **extra,
+    }
+
+
+def run_seed(
+    config: BenchConfig,
+    forget: ForgetSpec,
+    seed: int,
+    methods: list[str],
+    say: Printer,
+    advance: Callable[[], None],
+) -> dict[str, dict[str, Any]]:
+    """Original, retrain and every method for one seed: ``{method: scores}``."""
+    data_options = _data_options(config)
+    cache_dir = None if not config.use_cache else (config.cache_dir or config.out / "cache")
+    recipe = _train_recipe(config)
+    dm = make_datamodule(config.dataset, forget, seed, "forget", 128, **data_options)
+    results: dict[str, dict[str, Any]] = {}
+    models = {}
+    for name, train_on in (("original", "all"), ("retrain", "retain")):
+        cpu_start = time.process_time()
+        model, seconds, cached = train_classifier(
+            config.dataset,
+            forget,
+            seed,
+            train_on,
+            cache_dir,
+            recipe=recipe,
+            data_options=data_options,
+        )
+        models[name] = model
+        cpu = None if cached else time.process_time() - cpu_start
+        results[name] = _score(model, dm, seconds, cached=cached, cpu_seconds=cpu)
+        say(_line(seed, name, results[name]))
+        advance()
+    for name in methods:
+        stop = (
+            StopAtHeldOutAccuracy() if forget.kind == "random" and config.stop_at_held_out else None
+        )
+        callbacks: list[Callback] = [stop] if stop is not None else []
+        cpu_start = time.process_time()
+        model, seconds = run_method(
+            name,
+            models["original"],
+            config.dataset,
+            forget,
+            seed,
+            callbacks=callbacks,
+            data_options=data_options,
+        )
+        stopped = stop.stopped_at_step if stop is not None else None
+        cpu = time.process_time() - cpu_start
+        results[name] = _score(
+            model, dm, seconds, cached=False, stopped_at_step=stopped, cpu_seconds=cpu
+        )
+        say(_line(seed, name, results[name]))
+        advance()
+    return results
+
+
+def _line(seed: int, name: str, scores: dict[str, Any]) -> str:
+    note = " (cached)" if scores.get("cached") else ""
+    if scores.get("stopped_at_step") is not None:
+        note += f" (stopped after {scores['stopped_at_step']} steps)"
+    if scores.get("diverged"):
+        note += " (diverged)"
+    mia = "n/a" if scores["mia_efficacy"] is None else f"{scores['mia_efficacy']:6.2f}"
+    return (
+        f"seed {seed} {METHODS[name].label:<20} Acc_r {scores['acc_r']:6.2f}  Acc_f {scores['acc_f']:6.2f}  "
+        f"MIA {mia:>6}  {scores['seconds']:6.1f}s{note}"
+    )
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and population std, ignoring missing values (``None`` when nothing is left)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    return statistics.fmean(present), statistics.pstdev(present) if len(present) > 1 else 0.0
+
+
+def _gap(scores: dict[str, Any], retrain: dict[str, Any]) -> float | None:
+    gaps = [
+        abs(scores[m] - retrain[m])
+        for m in GAP_METRICS
+        if scores[m] is not None and retrain[m] is not None
+    ]
+    return statistics.fmean(gaps) if gaps else None
+
+
+def summarize(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Mean and std over seeds of every metric, and the average gap to the retrained model."""
+    methods = [m for m in METHOD_NAMES if all(m in r for r in per_seed.values())]
+    summary: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        entry: dict[str, Any] = {"label": METHODS[method].label}
+        for metric in (*GAP_METRICS, "seconds", "cpu_seconds"):
+            mean, std = _mean_std([r[method].get(metric) for r in per_seed.values()])
+            entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
+        gaps = [_gap(r[method], r["retrain"]) for r in per_seed.values()]
+        entry["avg_gap_mean"], entry["avg_gap_std"] = _mean_std(gaps)
+        entry["cached"] = any(r[method].get("cached", False) for r in per_seed.values())
+        entry["diverged_seeds"] = [
+            seed for seed, r in per_seed.items() if r[method].get("diverged")
+        ]
+        summary[method] = entry
+    return summary
+
+
+def run_setting(
+    config: BenchConfig,
+    spec_of: Callable[[int], ForgetSpec],
+    out: Path,
+    say: Printer,
+    advance: Callable[[], None],
+) -> dict[str, Any]:
+    """Every seed of one forgotten set; writes ``results.json``, ``results.md`` and the plot."""
+    seeds = config.seeds or [0]
+    methods = config.methods or list(UNLEARNING_METHODS)
+    per_seed = {
+        seed: run_seed(config, spec_of(seed), seed, methods, say, advance) for seed in seeds
+    }
+    summary = summarize(per_seed)
+    forget = spec_of(seeds[0])
+    report: dict[str, Any] = {
+        "dataset": config.dataset,
+        "scenario": config.scenario,
+        "forget": asdict(forget),
+        "forget_classes": forget.forgotten_classes,
+        "seeds": seeds,
+        "mia_attacker": "svc",
+        "metrics": "test accuracy in %, macro over classes; MIA-efficacy (SVC) in %; seconds of wall time",
+        "methods": summary,
+        "unsc_seconds_over_retrain": _ratio(summary, "unsc", "retrain", "seconds"),
+        "unsc_cpu_seconds_over_retrain": _ratio(summary, "unsc", "retrain", "cpu_seconds"),
+        "stop_at_held_out": forget.kind == "random" and config.stop_at_held_out,
+        "train_recipe": asdict(_train_recipe(config)),
+        "unlearn_recipe": asdict(EMBEDDED[config.dataset]["unlearn"]),
+        "baseline_recipes": {
+            m: asdict(r) for m, r in BASELINE_RECIPES[config.dataset].items() if m in methods
+        },
+        "data_options": _data_options(config),
+        "runs": {str(seed): results for seed, results in per_seed.items()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown_report(report))
+    plot_accuracy(report, out / "accuracy.png")
+    return report
+
+
+def _ratio(summary: dict[str, Any], numerator: str, denominator: str, metric: str) -> float | None:
+    if numerator not in summary or denominator not in summary:
+        return None
+    top, bottom = summary[numerator][f"{metric}_mean"], summary[denominator][f"{metric}_mean"]
+    return None if top is None or not bottom else top / bottom
+
+
+# -- reports ----------------------------------------------------------------------------------
+def _describe(report: dict[str, Any]) -> str:
+    forget = report["forget"]
+    if forget["kind"] == "class":
+        return f"forget class{'es' if len(forget['classes']) > 1 else ''} {forget['classes']}"
+    if forget["kind"] == "subclass":
+        return f"forget fine digit(s) {forget['subclasses']} inside their coarse classes"
+    return f"forget a random {100 * forget['fraction']:.0f} % of the training set"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The paper-style table: one row per method, mean ± std over seeds."""
+    head = (
+        "| Method | Acc_r (%) | Acc_f (%) | MIA-efficacy, SVC (%) | Avg. gap to retrain | Seconds |"
+    )
+    lines = [head, "|---|---|---|---|---|---|"]
+    for entry in report["methods"].values():
+        cells = [_cell(entry, m) for m in (*GAP_METRICS, "avg_gap")]
+        seconds = f"{entry['seconds_mean']:.2f}" + (" (cached)" if entry.get("cached") else "")
+        label = entry["label"] + (
+            f" (diverged: seeds {entry['diverged_seeds']})" if entry.get("diverged_seeds") else ""
+        )
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds} |")
+    return "\n".join(lines)
+
+
+def _cell(entry: dict[str, Any], metric: str) -> str:
+    mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
+    return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    ratio = report.get("unsc_seconds_over_retrain")
+    cpu_ratio = report.get("unsc_cpu_seconds_over_retrain")
+    notes = [
+        f"# {report['dataset']}: {_describe(report)}",
+        "",
+        f"Seeds {report['seeds']}; mean ± std (population) over seeds. Acc_r / Acc_f: test accuracy on "
+        "the remaining / forgotten classes, macro over classes"
+        + (
+            " (Acc_f: on the forgotten training samples themselves)"
+            if report["forget"]["kind"] == "random"
+            else ""
+        )
+        + ". MIA-efficacy: SVC attacker (C=3, RBF) on true-class confidence, share of forgotten samples "
+        "called non-members. Avg. gap: mean of |method − retrain| over Acc_r, Acc_f and MIA-efficacy, per "
+        "seed. Seconds: wall time of training (original, retrain) or of the whole unlearning fit "
+        "(UNSC: bases + unlearning).",
+        "",
+        markdown_table(report),
+        "",
+    ]
+    if ratio is not None:
+        cpu = "" if cpu_ratio is None else f"; CPU time of this process: {100 * cpu_ratio:.1f} %"
+        notes.append(f"UNSC wall time / retrain wall time: {100 * ratio:.1f} %{cpu}.")
+    if report.get("stop_at_held_out"):
+        notes.append(
+            "Unlearning methods stop once the forgotten samples' accuracy falls to the original model's "
+            "held-out (validation) accuracy."
+        )
+    return "\n".join(notes) + "\n"
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> None:
+    """Remaining vs forgotten accuracy per method (bars with std error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = report["methods"]
+    labels = [entry["label"] for entry in methods.values()]
+    xs = range(len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 3.8))
+    for offset, metric, name in (
+        (-0.2, "acc_r", "remaining (Acc_r)"),
+        (0.2, "acc_f", "forgotten (Acc_f)"),
+    ):
+        ax.bar(
+            [x + offset for x in xs],
+            [e[f"{metric}_mean"] for e in methods.values()],
+            width=0.4,
+            yerr=[e[f"{metric}_std"] for e in methods.values()],
+            capsize=2,
+            label=name,
+        )
+    if "retrain" in methods:
+        ax.axhline(
+            methods["retrain"]["acc_f_mean"], color="gray", lw=0.8, ls="--", label="retrain Acc_f"
+        )
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{report['dataset']}: {_describe(report)} (seeds {report['seeds']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_report(config: BenchConfig, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary of a multi-class sweep: one row per forgotten set."""
+    rows = []
+    for report in reports:
+        methods = report["methods"]
+        rows.append({"forget_classes": report["forget_classes"], "methods": methods})
+    summary = {
+        "dataset": config.dataset,
+        "scenario": config.scenario,
+        "seeds": config.seeds,
+        "settings": rows,
+    }
+    lines = [
+        f"# {config.dataset}: multi-class forgetting, seeds {config.seeds}",
+        "",
+        "Acc_r (%) of the remaining classes, mean ± std over seeds; UNSC's Acc_f in the last column.",
+        "",
+        "| forgotten classes | Original | Retrain | UNSC | UNSC Acc_f |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        m = row["methods"]
+
+        def acc(name: str, metric: str = "acc_r", m: dict[str, Any] = m) -> str:
+            return (
+                f"{m[name][f'{metric}_mean']:.2f} ± {m[name][f'{metric}_std']:.2f}"
+                if name in m
+                else "–"
+            )
+
+        lines.append(
+            f"| {row['forget_classes']} | {acc('original')} | {acc('retrain')} | {acc('unsc')} | {acc('unsc', 'acc_f')} |"
+        )
+    for report in reports:
+        lines += ["", f"## forget {report['forget_classes']}", "", markdown_table(report)]
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "results.json").write_text(json.dumps(summary, indent=2))
+    (config.out / "results.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def run_bench(config: BenchConfig, say: Printer | None = None) -> dict[str, Any]:
+    """Run the bench described by ``config``; returns the report written to ``config.out``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    print_line = say or console.print
+    settings = forget_settings(config)
+    _data_options(config), _train_recipe(config)  # argument errors before any training
+    methods = config.methods or list(UNLEARNING_METHODS)
+    seeds = config.seeds or [0]
+    total = len(settings) * len(seeds) * (2 + len(methods))
+    with Progress(
+        TextColumn("bench"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("bench", total=total)
+
+        def advance() -> None:
+            progress.advance(task)
+
+        if len(settings) == 1:
+            report = run_setting(config, settings[0], config.out, print_line, advance)
+        else:
+            reports = []
+            for spec_of in settings:
+                classes = spec_of(seeds[0]).forgotten_classes
+                out = config.out / ("forget_" + "_".join(map(str, classes)))
+                reports.append(run_setting(config, spec_of, out, print_line, advance))
+            report = sweep_report(config, reports)
+    print_line(f"wrote {config.out / 'results.json'}, {config.out / 'results.md'}")
+    return report
+
+
+def _quiet() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``unsc-lightning bench``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        if args.threads < 1:
+            raise UnlearningConfigError(f"Expected `--threads` >= 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
+        config = config_from_args(args)
+        run_bench(config, say=lambda line: print(line, flush=True))
+    except UnlearningConfigError as error:
+        sys.stderr.write(f"unsc-lightning bench: error: {error}\n")
+        return 2
+    print((config.out / "results.md").read_text(), flush=True)
+    return 0
