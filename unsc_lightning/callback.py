@@ -95,7 +95,8 @@ class NullSpaceCalibration(Callback):
             constrained weight once (``2·out·d·min(r, d - r)`` multiply-adds, never a dense
             ``d x d`` projector); ``"update"`` also keeps a copy of every constrained weight from
             before the step until after it (one weight-sized buffer per layer, freed after the
-            step) and a few elementwise passes over those weights.
+            step) and a few elementwise passes over those weights (measured in
+            ``docs/performance.md``).
         covariance_cache: file of per-class covariances (see
             :class:`~unsc_lightning.nullspace.cache.ClassCovarianceCache`). The first fit
             accumulates them over *all* training data — the DataModule's ``retain_dataloader()``
@@ -139,7 +140,7 @@ class NullSpaceCalibration(Callback):
     ) -> None:
         thresholds = threshold.values() if isinstance(threshold, Mapping) else [threshold]
         for value in thresholds:
-            if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
                 raise UnlearningConfigError(f"Expected `threshold` in (0, 1], got {threshold!r}.")
         if rule not in ("per_class", "pooled"):
             raise UnlearningConfigError(

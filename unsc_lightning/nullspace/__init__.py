@@ -9,6 +9,7 @@ from unsc_lightning.nullspace.basis import (
     per_class_basis,
     pooled_basis,
 )
+from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
 from unsc_lightning.nullspace.covariance import (
     ActivationRecorder,
     CovarianceAccumulator,
@@ -36,6 +37,7 @@ __all__ = [
     "REPRESENTATIONS",
     "RELATIVE_TOLERANCE",
     "ActivationRecorder",
+    "ClassCovarianceCache",
     "BasisInfo",
     "CovarianceAccumulator",
     "NullSpaceProjector",
@@ -48,6 +50,7 @@ __all__ = [
     "is_supported",
     "layer_dims",
     "layer_rows",
+    "model_fingerprint",
     "linear_rows",
     "null_space_complement",
     "per_class_basis",

@@ -29,6 +29,9 @@ class ActivationRecorder:
     Args:
         layers: mapping ``name -> module`` (names from ``named_modules()``).
         on_rows: called as ``on_rows(name, rows)`` with the detached rows of every forward call.
+        dtype: cast each layer input to this dtype *before* forming its rows (exact for a wider
+            dtype): a convolution's rows are then copied once, straight in that dtype, instead
+            of being formed in the activation dtype and cast afterwards.
 
     Example:
         >>> import torch
@@ -41,16 +44,25 @@ class ActivationRecorder:
         (torch.Size([5, 4]), 0)
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], on_rows: RowsCallback) -> None:
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Module],
+        on_rows: RowsCallback,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.layers = dict(layers)
         self.on_rows = on_rows
+        self.dtype = dtype
         self.seen: set[str] = set()
         self._handles: list[RemovableHandle] = []
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             self.seen.add(name)
-            self.on_rows(name, layer_rows(module, args[0].detach()))
+            inputs = args[0].detach()
+            if self.dtype is not None:
+                inputs = inputs.to(self.dtype)
+            self.on_rows(name, layer_rows(module, inputs))
 
         return hook
 
@@ -86,7 +98,9 @@ class CovarianceAccumulator:
         dtype: accumulation dtype.
 
     Raises:
-        RuntimeError: from :meth:`add` when a layer's inputs contain NaN or inf.
+        RuntimeError: from :meth:`check_finite` (called after every batch by
+            :func:`accumulate_covariances`) when a layer's inputs contain NaN or inf; from
+            :meth:`set_labels` for labels outside ``[0, num_classes)``.
     """
 
     def __init__(
@@ -101,11 +115,37 @@ class CovarianceAccumulator:
         self.dtype = dtype
         shape = (num_classes,) if num_classes is not None else ()
         self.sums: dict[str, Tensor] = {
-            name: torch.zeros(*shape, d, d, dtype=dtype, device=device) for name, d in self.dims.items()
+            name: torch.zeros(*shape, d, d, dtype=dtype, device=device)
+            for name, d in self.dims.items()
         }
         self.rows_seen: dict[str, int] = dict.fromkeys(self.dims, 0)
         self.samples_per_class = torch.zeros(num_classes or 1, dtype=torch.long)
         self._labels: Tensor | None = None
+        self._class_counts: list[int] = []
+        self._order: Tensor | None = None
+
+    @classmethod
+    def from_sums(
+        cls,
+        sums: Mapping[str, Tensor],
+        samples_per_class: Tensor,
+        rows_seen: Mapping[str, int] | None = None,
+    ) -> CovarianceAccumulator:
+        """An accumulator around existing sums (shared, not copied), e.g. from a cache.
+
+        Args:
+            sums: ``layer name -> (num_classes, d, d)`` per-class sums, or ``(d, d)`` pooled sums.
+            samples_per_class: samples counted per class (one entry when pooled).
+            rows_seen: rows accumulated per layer (zero when unknown).
+        """
+        first = next(iter(sums.values()))
+        per_class = first.dim() == 3
+        accumulator = cls({}, num_classes=first.shape[0] if per_class else None, dtype=first.dtype)
+        accumulator.dims = {name: int(total.shape[-1]) for name, total in sums.items()}
+        accumulator.sums = dict(sums)
+        accumulator.rows_seen = {name: int((rows_seen or {}).get(name, 0)) for name in sums}
+        accumulator.samples_per_class = samples_per_class.detach().to("cpu", torch.long).clone()
+        return accumulator
 
     @property
     def per_class(self) -> bool:
@@ -115,33 +155,80 @@ class CovarianceAccumulator:
         """Labels of the batch about to be forwarded (required when split by class)."""
         if self.per_class:
             if labels is None:
-                raise RuntimeError("Per-class covariance needs labels: the retain batches must be `(x, y)`.")
+                raise RuntimeError(
+                    "Per-class covariance needs labels: the retain batches must be `(x, y)`."
+                )
             labels = labels.reshape(-1).long()
-            self.samples_per_class += torch.bincount(labels.cpu(), minlength=self.num_classes)[: self.num_classes]
+            host = labels.cpu()  # one host copy per batch; ``add`` then never synchronises
+            num_classes = int(self.num_classes or 0)
+            if host.numel() and not 0 <= int(host.min()) <= int(host.max()) < num_classes:
+                raise RuntimeError(
+                    f"Labels must lie in [0, {num_classes}) for a per-class covariance, got "
+                    f"labels in [{int(host.min())}, {int(host.max())}]; check `num_classes`."
+                )
+            counts = torch.bincount(host, minlength=num_classes)
+            self.samples_per_class += counts
+            self._class_counts = counts.tolist()
+            # Rows of one class must be contiguous for ``add``; `accumulate_covariances` sorts
+            # the batch by label so this order is only needed for batches forwarded unsorted.
+            ordered = bool((host[1:] >= host[:-1]).all())
+            self._order = None if ordered else torch.argsort(labels, stable=True)
         elif labels is not None:
             self.samples_per_class[0] += labels.numel()
         self._labels = labels
 
     def add(self, name: str, rows: Tensor) -> None:
-        """Add the rows of one forward call of layer ``name``."""
-        if not torch.isfinite(rows).all():
-            raise RuntimeError(
-                f"Layer `{name}` received NaN or inf inputs while building the remaining-data bases; "
-                "check the retain data and the model (e.g. with `torch.autograd.set_detect_anomaly`)."
-            )
+        """Add the rows of one forward call of layer ``name``.
+
+        Per class, the rows of each class are one contiguous block (batches sorted by label, or
+        gathered once), so each class costs one ``addmm_`` on a view: no boolean masks, no copy
+        per class and no device synchronisation. Non-finite rows are detected afterwards by
+        :meth:`check_finite` from the diagonal of the sums (``O(d)`` instead of a pass over the rows).
+        """
         target = self.sums[name]
         rows = rows.to(device=target.device, dtype=self.dtype)
         self.rows_seen[name] += rows.shape[0]
         if not self.per_class:
             target.addmm_(rows.T, rows)
             return
-        labels = self._labels
-        assert labels is not None  # set_labels raised otherwise
-        rows_per_sample = rows.shape[0] // labels.numel()
-        row_labels = labels.to(rows.device).repeat_interleave(rows_per_sample)
-        for cls in torch.unique(row_labels).tolist():
-            class_rows = rows[row_labels == cls]
-            target[cls].addmm_(class_rows.T, class_rows)
+        samples = sum(self._class_counts)
+        if samples == 0 or rows.shape[0] % samples:
+            raise RuntimeError(
+                f"Layer `{name}` received {rows.shape[0]} rows for a batch of {samples} labelled "
+                "samples; a per-class covariance needs the layer's input batch to be the samples'."
+            )
+        rows_per_sample = rows.shape[0] // samples
+        if self._order is not None:
+            order = self._order.to(rows.device)
+            rows = rows.reshape(samples, -1).index_select(0, order).reshape(-1, rows.shape[1])
+        start = 0
+        for cls, count in enumerate(self._class_counts):
+            if count:
+                block = rows[start : start + count * rows_per_sample]
+                target[cls].addmm_(block.T, block)
+                start += count * rows_per_sample
+
+    def check_finite(self) -> None:
+        """Raise if any layer received NaN or inf inputs (one device synchronisation in all).
+
+        A non-finite row makes the diagonal of its covariance non-finite (``Σ x_i²``), so the
+        diagonal is a complete and ``O(d)`` test; the first such layer (in layer order) is named.
+
+        Raises:
+            RuntimeError: naming the first layer whose covariance is not finite.
+        """
+        if not self.sums:
+            return
+        finite = torch.stack(
+            [torch.isfinite(total.diagonal(dim1=-2, dim2=-1)).all() for total in self.sums.values()]
+        ).tolist()
+        for name, ok in zip(self.sums, finite):
+            if not ok:
+                raise RuntimeError(
+                    f"Layer `{name}` received NaN or inf inputs while building the remaining-data "
+                    "bases; check the retain data and the model (e.g. with "
+                    "`torch.autograd.set_detect_anomaly`)."
+                )
 
     def merge_(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Add another accumulator's sums into this one (same layers and layout)."""
@@ -161,7 +248,9 @@ class CovarianceAccumulator:
     def class_covariances(self, name: str, classes: Iterable[int]) -> dict[int, Tensor]:
         """Per-class covariances of layer ``name`` for the given class ids."""
         if not self.per_class:
-            raise RuntimeError("This accumulator was built pooled; per-class covariances are not available.")
+            raise RuntimeError(
+                "This accumulator was built pooled; per-class covariances are not available."
+            )
         return {int(k): self.sums[name][int(k)] for k in classes}
 
     def pooled_covariance(self, name: str, classes: Iterable[int] | None = None) -> Tensor:
@@ -171,8 +260,11 @@ class CovarianceAccumulator:
             return total
         if classes is None:
             return total.sum(0)
-        index = torch.as_tensor(sorted(int(k) for k in classes), device=total.device, dtype=torch.long)
-        return total.index_select(0, index).sum(0)
+        # Summed one class at a time: one extra ``d x d`` buffer, not one per selected class.
+        pooled = torch.zeros_like(total[0])
+        for k in sorted({int(k) for k in classes}):
+            pooled += total[k]
+        return pooled
 
 
 def layer_dims(layers: Mapping[str, nn.Module]) -> dict[str, int]:
@@ -181,9 +273,11 @@ def layer_dims(layers: Mapping[str, nn.Module]) -> dict[str, int]:
 
 
 @contextmanager
-def recording(layers: Mapping[str, nn.Module], accumulator: CovarianceAccumulator) -> Iterator[ActivationRecorder]:
+def recording(
+    layers: Mapping[str, nn.Module], accumulator: CovarianceAccumulator
+) -> Iterator[ActivationRecorder]:
     """Context in which every forward call through ``layers`` feeds ``accumulator``."""
-    with ActivationRecorder(layers, accumulator.add) as recorder:
+    with ActivationRecorder(layers, accumulator.add, dtype=accumulator.dtype) as recorder:
         yield recorder
 
 
@@ -201,6 +295,20 @@ def accumulate_covariances(
     """
     with recording(layers, accumulator) as recorder:
         for inputs, labels in batches:
+            if accumulator.per_class and labels is not None:
+                inputs, labels = _sorted_by_label(inputs, labels)
             accumulator.set_labels(labels)
             forward(inputs)
+            accumulator.check_finite()
     return recorder.seen
+
+
+def _sorted_by_label(inputs: Any, labels: Tensor) -> tuple[Any, Tensor]:
+    # Forwarding the batch sorted by label (a stable sort: order within a class is kept) makes
+    # every layer's rows of one class contiguous. Outputs are per sample in eval mode, so only
+    # the order of the rows changes.
+    labels = labels.reshape(-1)
+    if not isinstance(inputs, Tensor) or inputs.shape[0] != labels.numel():
+        return inputs, labels
+    labels, order = torch.sort(labels, stable=True)
+    return inputs.index_select(0, order.to(inputs.device)), labels

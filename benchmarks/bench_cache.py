@@ -1,0 +1,230 @@
+"""A second forget request: bases from the per-class covariance cache against from the data.
+
+The first request (forget ``--first``) builds a :class:`ClassCovarianceCache` over all training
+data (remaining and forgotten samples) and saves it. The second request (forget ``--second``)
+then needs the bases of its own remaining classes; timed both ways in one process:
+
+- from the data: one no-grad covariance pass over the second request's remaining data, then the
+  eigendecompositions (what ``NullSpaceCalibration`` does without a cache);
+- from the cache: model fingerprint, ``load``, and the eigendecompositions of the selected (or
+  summed) classes — no pass over the data.
+
+Both rules are timed: ``per_class`` (the paper's Algorithm 1, one eigendecomposition per
+remaining class and layer, so it dominates on small data) and ``pooled`` (one per layer). The
+bases of both ways are checked to span the same subspaces.
+
+Settings (``--setting``): ``mnist1d`` (MNIST1DConvNet on the embedded MNIST-1D data, 10,000
+samples generated, 7,200 for training) or ``allcnn`` (AllCNN at width 0.5 on ``--samples`` random
+32 x 32 images with random labels: larger layers and a costlier pass per sample).
+
+Example:
+    python benchmarks/bench_cache.py --threads 1 --json bench_cache.json
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import best, machine, parser, setup, table, timed, write_json
+from bench_basis import MODELS, NUM_CLASSES, SyntheticLoader
+from torch import Tensor, nn
+
+from unsc_lightning.nullspace import CovarianceAccumulator, accumulate_covariances, layer_dims
+from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
+from unsc_lightning.nullspace.layers import build_bases, select_layers
+
+
+class WithoutClasses:
+    """The batches of ``loader`` with the samples of ``classes`` removed."""
+
+    def __init__(self, loader: Iterable[Any], classes: list[int]) -> None:
+        self.loader, self.classes = loader, torch.tensor(classes)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for inputs, labels in self.loader:
+            keep = ~torch.isin(labels, self.classes.to(labels.device))
+            if keep.any():
+                yield inputs[keep], labels[keep]
+
+
+class Chained:
+    def __init__(self, *loaders: Iterable[Any]) -> None:
+        self.loaders = loaders
+
+    def __iter__(self) -> Iterator[Any]:
+        for loader in self.loaders:
+            yield from loader
+
+
+def data_for(
+    setting: str, first: list[int], samples: int, device: torch.device
+) -> tuple[nn.Module, Any, Any]:
+    """(model, all training data, factory of a request's remaining data)."""
+    torch.manual_seed(0)
+    if setting == "mnist1d":
+        from unsc_lightning.data import MNIST1DDataModule
+
+        factory = MODELS["mnist1d"][0]
+        dm = MNIST1DDataModule(forget_classes=first, eval_batch_size=512)
+        everything = Chained(dm.retain_dataloader(), dm.forget_dataloader())
+    else:
+        factory, shape, batch = MODELS["allcnn"]
+        everything = SyntheticLoader(samples, batch, shape, torch.device("cpu"))
+    model = factory().to(device).eval()
+    return model, everything, lambda forget: WithoutClasses(everything, forget)
+
+
+def on_device(loader: Iterable[Any], device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    for inputs, labels in loader:
+        yield inputs.to(device), labels.to(device)
+
+
+def same_subspaces(first: dict[str, Any], second: dict[str, Any]) -> float:
+    """Largest entry of ``U1 U1ᵀ - U2 U2ᵀ`` over layers (0 when the bases span the same space)."""
+    worst = 0.0
+    for name, (basis, _) in first.items():
+        other = second[name][0]
+        if basis.shape != other.shape:
+            return float("inf")
+        difference = basis @ basis.T - other.to(basis.device) @ other.to(basis.device).T
+        worst = max(worst, float(difference.abs().max()) if difference.numel() else 0.0)
+    return worst
+
+
+def measure_rule(
+    rule: str,
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    second_data: Iterable[Any],
+    remaining: list[int],
+    path: Path,
+    threshold: float,
+    device: torch.device,
+    repeats: int,
+) -> dict[str, Any]:
+    """Medians of both ways of building the second request's bases with ``rule``."""
+    times: dict[str, list[float]] = {}
+    results: dict[str, Any] = {}
+
+    def lap(key: str, start: float) -> float:
+        now = time.perf_counter()
+        times.setdefault(key, []).append(now - start)
+        return now
+
+    def from_data() -> None:
+        start = time.perf_counter()
+        accumulator = CovarianceAccumulator(layer_dims(layers), NUM_CLASSES, device=device)
+        accumulate_covariances(model, layers, on_device(second_data, device), accumulator)
+        start = lap("data_pass_s", start)
+        results["data"] = build_bases(accumulator, threshold, rule)
+        lap("data_eigen_s", start)
+
+    def from_cache() -> None:
+        start = time.perf_counter()
+        model_fingerprint(model)
+        start = lap("cache_fingerprint_s", start)
+        loaded = ClassCovarianceCache.load(path, map_location=device)
+        start = lap("cache_load_s", start)
+        results["cache"] = loaded.bases(remaining, threshold, rule)
+        lap("cache_eigen_s", start)
+
+    for _ in range(repeats):
+        times.setdefault("from_data_s", []).append(timed(from_data, device))
+        times.setdefault("from_cache_s", []).append(timed(from_cache, device))
+    row: dict[str, Any] = {"rule": rule, **{k: best(v) for k, v in times.items()}}
+    row["speedup"] = row["from_data_s"] / row["from_cache_s"]
+    row["max_projector_difference"] = same_subspaces(results["data"], results["cache"])
+    return row
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0])
+    args.add_argument("--setting", choices=["mnist1d", "allcnn"], default="mnist1d")
+    args.add_argument("--samples", type=int, default=2000, help="random images (--setting allcnn)")
+    args.add_argument("--first", type=int, nargs="+", default=[3], help="first request's classes")
+    args.add_argument("--second", type=int, nargs="+", default=[5], help="second request's classes")
+    args.add_argument("--threshold", type=float, default=0.97)
+    options = args.parse_args()
+    device = setup(options)
+    model, everything, remaining_data = data_for(
+        options.setting, options.first, options.samples, device
+    )
+    layers = select_layers(model).layers
+    remaining = [k for k in range(NUM_CLASSES) if k not in options.second]
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "covariances.pt"
+        start = time.perf_counter()
+        cache = ClassCovarianceCache.build(
+            model, layers, on_device(everything, device), NUM_CLASSES
+        )
+        build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        cache.save(path)
+        save_s = time.perf_counter() - start
+        file_mib = os.path.getsize(path) / 2**20
+        del cache
+        rows = []
+        for rule in ("per_class", "pooled"):
+            row = measure_rule(
+                rule,
+                model,
+                layers,
+                remaining_data(options.second),
+                remaining,
+                path,
+                options.threshold,
+                device,
+                options.repeats,
+            )
+            rows.append(row)
+            print(
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
+                flush=True,
+            )
+
+    columns = [
+        "rule",
+        "from_data_s",
+        "data_pass_s",
+        "data_eigen_s",
+        "from_cache_s",
+        "cache_load_s",
+        "cache_fingerprint_s",
+        "cache_eigen_s",
+        "speedup",
+        "max_projector_difference",
+    ]
+    print(table(rows, columns))
+    print(
+        f"cache build (all classes, one pass): {build_s:.3g} s, save {save_s:.3g} s, "
+        f"file {file_mib:.3g} MiB"
+    )
+    write_json(
+        options.json,
+        {
+            "benchmark": "bench_cache",
+            "setting": options.setting,
+            "samples": options.samples
+            if options.setting == "allcnn"
+            else "MNIST-1D training split",
+            "first": options.first,
+            "second": options.second,
+            "threshold": options.threshold,
+            "cache_build_s": build_s,
+            "cache_save_s": save_s,
+            "cache_file_mib": file_mib,
+            "results": rows,
+            "machine": machine(device),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

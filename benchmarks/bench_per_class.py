@@ -1,0 +1,141 @@
+"""Per-class accumulation kernels: masks, sorted slices, padded ``bmm``, one-hot ``einsum``.
+
+One batch of representation rows (``--batch`` samples, ``rows_per_sample`` rows each, random
+labels over ``--classes`` classes) is added to per-class sums ``(C, d, d)`` in float64 by:
+
+- ``mask``: the former loop, ``rows[labels == k]`` (a boolean mask and a copy per class);
+- ``sorted``: what the library does — the batch forwarded sorted by label, so every class is a
+  contiguous block of rows: one ``addmm_`` per class on a view, no copy;
+- ``bmm``: classes scattered into a zero-padded ``(C, n_max * rows, d)`` tensor, one
+  ``baddbmm_`` (batched, but it touches all ``C`` sums and multiplies the padding);
+- ``einsum``: one-hot weighted ``einsum('nc,ni,nj->cij')``, ``C`` times the pooled flops;
+- ``pooled``: a single ``addmm_`` of all rows (the floor).
+
+The shapes are those of MNIST1DConvNet / AllCNN / ResNet-18 layers.
+
+Example:
+    python benchmarks/bench_per_class.py --threads 1 --json bench_per_class.json
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from _common import best, machine, parser, setup, table, timed, write_json
+from torch import Tensor
+
+SHAPES = [  # (layer, d, rows per sample)
+    ("allcnn conv1 (3x3, 48 ch, 32x32)", 432, 1024),
+    ("allcnn conv3 (3x3, 96 ch, 16x16)", 864, 256),
+    ("allcnn conv0 (3x3, 3 ch, 32x32)", 27, 1024),
+    ("mnist1d conv1 (k3, 32 ch, L=10)", 96, 10),
+    ("linear 512 (one row per sample)", 512, 1),
+]
+
+
+def mask(sums: Tensor, rows: Tensor, labels: Tensor, num_classes: int) -> None:
+    row_labels = labels.repeat_interleave(rows.shape[0] // labels.numel())
+    for k in torch.unique(row_labels).tolist():
+        block = rows[row_labels == k]
+        sums[k].addmm_(block.T, block)
+
+
+def sorted_blocks(sums: Tensor, rows: Tensor, labels: Tensor, num_classes: int) -> None:
+    # rows and labels already sorted by label (the batch was forwarded sorted)
+    per_sample = rows.shape[0] // labels.numel()
+    start = 0
+    for k, count in enumerate(torch.bincount(labels.cpu(), minlength=num_classes).tolist()):
+        if count:
+            block = rows[start : start + count * per_sample]
+            sums[k].addmm_(block.T, block)
+            start += count * per_sample
+
+
+def padded_bmm(sums: Tensor, rows: Tensor, labels: Tensor, num_classes: int) -> None:
+    samples, dim = labels.numel(), rows.shape[1]
+    per_sample = rows.shape[0] // samples
+    counts = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(samples, device=rows.device) - starts[labels]  # labels sorted
+    padded = rows.new_zeros(num_classes, int(counts.max()), per_sample, dim)
+    padded[labels, position] = rows.view(samples, per_sample, dim)
+    padded = padded.view(num_classes, -1, dim)
+    sums.baddbmm_(padded.transpose(1, 2), padded)
+
+
+def one_hot_einsum(sums: Tensor, rows: Tensor, labels: Tensor, num_classes: int) -> None:
+    row_labels = labels.repeat_interleave(rows.shape[0] // labels.numel())
+    weights = torch.nn.functional.one_hot(row_labels, num_classes).to(rows.dtype)
+    sums += torch.einsum("nc,ni,nj->cij", weights, rows, rows)
+
+
+def pooled(sums: Tensor, rows: Tensor, labels: Tensor, num_classes: int) -> None:
+    sums[0].addmm_(rows.T, rows)
+
+
+KERNELS = {
+    "mask": mask,
+    "sorted": sorted_blocks,
+    "bmm": padded_bmm,
+    "einsum": one_hot_einsum,
+    "pooled": pooled,
+}
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0])
+    args.add_argument("--batch", type=int, default=128)
+    args.add_argument("--classes", type=int, default=10)
+    args.add_argument("--max-einsum-gflop", type=float, default=20.0, help="skip einsum above this")
+    options = args.parse_args()
+    device = setup(options)
+    generator = torch.Generator().manual_seed(0)
+    results: list[dict[str, Any]] = []
+    for layer, dim, per_sample in SHAPES:
+        labels = (
+            torch.randint(0, options.classes, (options.batch,), generator=generator).sort().values
+        )
+        rows = torch.randn(
+            options.batch * per_sample, dim, generator=generator, dtype=torch.float64
+        )
+        rows, labels = rows.to(device), labels.to(device)
+        sums = {
+            name: torch.zeros(options.classes, dim, dim, dtype=torch.float64, device=device)
+            for name in KERNELS
+        }
+        einsum_gflop = options.classes * rows.shape[0] * dim * dim / 1e9
+        kernels = {
+            k: f
+            for k, f in KERNELS.items()
+            if k != "einsum" or einsum_gflop <= options.max_einsum_gflop
+        }
+        times: dict[str, list[float]] = {name: [] for name in kernels}
+        for _ in range(options.repeats):
+            for name, kernel in kernels.items():
+                call = partial(kernel, sums[name], rows, labels, options.classes)
+                times[name].append(timed(call, device))
+        for name in ("sorted", "bmm", "einsum"):
+            if name in kernels and not torch.allclose(sums[name], sums["mask"]):
+                raise AssertionError(f"{name} differs from the masked reference for {layer}")
+        row: dict[str, Any] = {"layer": layer, "d": dim, "rows_per_sample": per_sample}
+        row.update({f"{name}_ms": 1e3 * best(values) for name, values in times.items()})
+        results.append(row)
+        print(row, flush=True)
+    columns = ["layer", "d", "rows_per_sample"] + [f"{name}_ms" for name in KERNELS]
+    print(table(results, columns))
+    write_json(
+        options.json,
+        {
+            "benchmark": "bench_per_class",
+            "batch": options.batch,
+            "classes": options.classes,
+            "results": results,
+            "machine": machine(device),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Per-class covariance cache: one pass over the training data serves every later forget request.
+
+The bases of a class-wise forget request only need the covariances of the classes that remain
+(the paper's Algorithm 1 reads them class by class; a pooled basis reads their sum). Accumulating
+``C_{l,k}`` once per class ``k`` over *all* training data therefore answers any later request on
+the same model by selecting (or summing) the remaining classes' covariances: no pass over the
+data, only the eigendecompositions.
+
+A cache is only valid for the exact model it was built on: every parameter and buffer feeds the
+inputs of later layers, so the :func:`model_fingerprint` hashes all of them (plus the settings
+that change which rows are accumulated). The stored layer dimensions must match the requested
+layers; a request for fewer layers is served from a cache holding more.
+
+Memory and disk: ``8 · num_classes · Σ_l d_l²`` bytes (float64), the same as the in-memory
+per-class accumulator. The cache holds second-moment statistics of every class, forgotten ones
+included: delete it (or those classes, :meth:`ClassCovarianceCache.drop_classes_`) when the
+forgotten data must leave no trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unsc_lightning.nullspace.basis import BasisInfo
+from unsc_lightning.nullspace.covariance import (
+    CovarianceAccumulator,
+    accumulate_covariances,
+    layer_dims,
+)
+from unsc_lightning.nullspace.layers import BasisRule, build_bases
+
+#: Format version of the cache file; a file of another version is rebuilt, never reinterpreted.
+CACHE_VERSION = 1
+
+
+def model_fingerprint(model: nn.Module, settings: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 (hex, 16 characters) of every parameter and buffer of ``model`` and ``settings``.
+
+    Names, dtypes, shapes and raw bytes all enter the hash, so any change of weights, running
+    statistics or architecture gives another fingerprint. ``requires_grad`` and train/eval
+    modes do not (they do not change the eval-mode forward pass the covariances come from).
+
+    Args:
+        model: the module whose forward pass produces the layer inputs.
+        settings: JSON-serialisable options that change the accumulated rows (e.g. a batch limit).
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(dict(settings or {}), sort_keys=True, default=str).encode())
+    for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{kind}:{name}:{data.dtype}:{tuple(tensor.shape)};".encode())
+            if data.numel():
+                digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+class ClassCovarianceCache:
+    """Per-class input covariances ``C_{l,k} = Σ x xᵀ`` of every constrained layer, on disk.
+
+    Args:
+        sums: ``layer name -> (num_classes, d, d)`` float64 per-class sums.
+        samples_per_class: samples accumulated per class, shape ``(num_classes,)``.
+        fingerprint: :func:`model_fingerprint` of the model the sums were accumulated on.
+        rows_seen: representation rows accumulated per layer.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> net = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+        >>> data = TensorDataset(torch.randn(30, 6), torch.arange(30) % 3)
+        >>> layers = {"0": net[0], "2": net[2]}
+        >>> cache = ClassCovarianceCache.build(net, layers, DataLoader(data, batch_size=8), 3)
+        >>> bases = cache.bases([0, 2], threshold=0.97)  # forget class 1, no pass over the data
+        >>> sorted(bases), bases["0"][0].shape[0]
+        (['0', '2'], 6)
+    """
+
+    def __init__(
+        self,
+        sums: Mapping[str, Tensor],
+        samples_per_class: Tensor,
+        fingerprint: str,
+        rows_seen: Mapping[str, int] | None = None,
+    ) -> None:
+        if not sums:
+            raise ValueError("`sums` is empty: a covariance cache needs at least one layer.")
+        shapes = {tuple(total.shape[:1]) for total in sums.values()}
+        if any(total.dim() != 3 for total in sums.values()) or len(shapes) != 1:
+            raise ValueError("`sums` must map every layer to a (num_classes, d, d) tensor.")
+        self.sums = dict(sums)
+        self.samples_per_class = samples_per_class.detach().to("cpu", torch.long).clone()
+        self.fingerprint = str(fingerprint)
+        self.rows_seen = {name: int((rows_seen or {}).get(name, 0)) for name in self.sums}
+
+    # -- what the cache holds -------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return int(self.samples_per_class.numel())
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """``layer name -> d``."""
+        return {name: int(total.shape[-1]) for name, total in self.sums.items()}
+
+    @property
+    def classes(self) -> list[int]:
+        """Class ids with at least one accumulated sample."""
+        return [k for k in range(self.num_classes) if int(self.samples_per_class[k]) > 0]
+
+    def missing_classes(self, classes: Iterable[int]) -> list[int]:
+        """Those of ``classes`` the cache has no sample of."""
+        held = set(self.classes)
+        return sorted({int(k) for k in classes} - held)
+
+    def serves(self, fingerprint: str, dims: Mapping[str, int], num_classes: int) -> bool:
+        """Whether the cache was built on this model and holds these layers with these dims."""
+        return (
+            fingerprint == self.fingerprint
+            and num_classes == self.num_classes
+            and all(self.dims.get(name) == d for name, d in dims.items())
+        )
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_accumulator(
+        cls, accumulator: CovarianceAccumulator, fingerprint: str
+    ) -> ClassCovarianceCache:
+        """Wrap a per-class accumulator's sums (moved to CPU)."""
+        if not accumulator.per_class:
+            raise ValueError("A covariance cache needs a per-class accumulator (`num_classes=`).")
+        return cls(
+            {name: total.to("cpu") for name, total in accumulator.sums.items()},
+            accumulator.samples_per_class,
+            fingerprint,
+            accumulator.rows_seen,
+        )
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module],
+        loader: Iterable[Any],
+        num_classes: int,
+        *,
+        forward: Callable[[Tensor], Any] | None = None,
+        device: torch.device | str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> ClassCovarianceCache:
+        """Accumulate per-class covariances over every ``(x, y, ...)`` batch of ``loader``.
+
+        The model runs in eval mode without gradients (its modes are restored afterwards);
+        batches are moved to ``device`` (default: the device of the model's first parameter),
+        where the sums are accumulated.
+
+        Args:
+            model: the trained model; fingerprinted with ``settings``.
+            layers: ``name -> module`` of the layers whose inputs are accumulated.
+            loader: labelled batches over *all* classes a later request may keep.
+            num_classes: number of classes.
+            forward: what to call on a batch (default: ``model``).
+            device: where to run and accumulate.
+            settings: extra fingerprint inputs (see :func:`model_fingerprint`).
+
+        Raises:
+            RuntimeError: for unlabelled batches, NaN/inf layer inputs, or labels out of range.
+        """
+        if device is None:
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else "cpu"
+        accumulator = CovarianceAccumulator(layer_dims(layers), num_classes, device=device)
+
+        def batches() -> Iterator[tuple[Tensor, Tensor]]:
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise RuntimeError("A covariance cache needs labelled batches `(x, y, ...)`.")
+                yield batch[0].to(device), batch[1].to(device)
+
+        with _eval_mode(model):
+            accumulate_covariances(forward or model, layers, batches(), accumulator)
+        return cls.from_accumulator(accumulator, model_fingerprint(model, settings))
+
+    def update_(self, other: ClassCovarianceCache) -> ClassCovarianceCache:
+        """Take every class ``other`` holds samples of from ``other`` (same model and layers)."""
+        if other.fingerprint != self.fingerprint or other.num_classes != self.num_classes:
+            raise ValueError("Cannot merge covariance caches of different models or class counts.")
+        if other.dims != self.dims:
+            raise ValueError("Cannot merge covariance caches of different layer sets.")
+        for k in other.classes:
+            for name, total in self.sums.items():
+                total[k] = other.sums[name][k].to(total.device)
+            self.samples_per_class[k] = other.samples_per_class[k]
+        for name in self.rows_seen:
+            self.rows_seen[name] = max(self.rows_seen[name], other.rows_seen[name])
+        return self
+
+    def drop_classes_(self, classes: Iterable[int]) -> ClassCovarianceCache:
+        """Zero the covariances of ``classes`` (e.g. forgotten data that must leave no trace)."""
+        for k in {int(k) for k in classes}:
+            for total in self.sums.values():
+                total[k].zero_()
+            self.samples_per_class[k] = 0
+        return self
+
+    # -- bases ----------------------------------------------------------------------------------
+    def accumulator(self, layers: Iterable[str] | None = None) -> CovarianceAccumulator:
+        """A :class:`CovarianceAccumulator` view of the sums (no copy), optionally of some layers."""
+        names = list(self.sums) if layers is None else list(layers)
+        return CovarianceAccumulator.from_sums(
+            {name: self.sums[name] for name in names},
+            self.samples_per_class,
+            {name: self.rows_seen[name] for name in names},
+        )
+
+    def bases(
+        self,
+        remaining_classes: Iterable[int],
+        threshold: float | Mapping[str, float],
+        rule: BasisRule = "per_class",
+        class_threshold_step: float = 0.0,
+        layers: Iterable[str] | None = None,
+    ) -> dict[str, tuple[Tensor, BasisInfo]]:
+        """Bases of the remaining subspace for a request keeping ``remaining_classes``.
+
+        Args:
+            remaining_classes: class ids that remain (every one must be held by the cache).
+            threshold: energy fraction, or per-layer mapping (patterns allowed).
+            rule: ``"per_class"`` (the paper's Algorithm 1) or ``"pooled"``.
+            class_threshold_step: per-class schedule ``threshold + step * k``.
+            layers: layer names to build (default: every cached layer).
+
+        Returns:
+            ``name -> (U, info)`` with ``U`` float64 ``d x r``, as :func:`build_bases`.
+
+        Raises:
+            ValueError: when a remaining class has no sample in the cache.
+        """
+        remaining = sorted({int(k) for k in remaining_classes})
+        missing = self.missing_classes(remaining)
+        if missing:
+            raise ValueError(
+                f"The covariance cache holds no sample of the remaining classes {missing}; "
+                "rebuild it from data that contain them."
+            )
+        return build_bases(
+            self.accumulator(layers), threshold, rule, remaining, class_threshold_step
+        )
+
+    # -- storage --------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the cache atomically (temporary file in the same folder, then ``os.replace``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        payload = {
+            "version": CACHE_VERSION,
+            "fingerprint": self.fingerprint,
+            "samples_per_class": self.samples_per_class,
+            "rows_seen": self.rows_seen,
+            "sums": {name: total.to("cpu") for name, total in self.sums.items()},
+        }
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], map_location: torch.device | str = "cpu"
+    ) -> ClassCovarianceCache:
+        """Read a cache written by :meth:`save`.
+
+        Raises:
+            ValueError: for a file of another format version.
+        """
+        payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+        version = payload.get("version") if isinstance(payload, dict) else None
+        if version != CACHE_VERSION:
+            raise ValueError(
+                f"Covariance cache {str(path)!r} has format version {version!r}, expected "
+                f"{CACHE_VERSION}; it must be rebuilt."
+            )
+        return cls(
+            payload["sums"],
+            payload["samples_per_class"],
+            payload["fingerprint"],
+            payload["rows_seen"],
+        )
