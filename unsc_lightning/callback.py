@@ -140,7 +140,11 @@ class NullSpaceCalibration(Callback):
     ) -> None:
         thresholds = threshold.values() if isinstance(threshold, Mapping) else [threshold]
         for value in thresholds:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0.0 < float(value) <= 1.0
+            ):
                 raise UnlearningConfigError(f"Expected `threshold` in (0, 1], got {threshold!r}.")
         if rule not in ("per_class", "pooled"):
             raise UnlearningConfigError(
@@ -199,7 +203,7 @@ class NullSpaceCalibration(Callback):
         # runtime state
         self.active_mode: Literal["gradient", "update"] | None = None
         self.layer_infos: dict[str, BasisInfo] = {}
-        self._layers: dict[str, nn.Module] = {}
+        self._layers: dict[str, Any] = {}
         self._bases: dict[str, Tensor] = {}
         self._projectors: dict[str, NullSpaceProjector] = {}
         self._loaded_state: dict[str, Any] | None = None
@@ -368,7 +372,7 @@ class NullSpaceCalibration(Callback):
     def _retain_loader(self, trainer: L.Trainer) -> Any:
         if self.retain_dataloader is not None:
             return self.retain_dataloader
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and callable(getattr(datamodule, "retain_dataloader", None)):
             return datamodule.retain_dataloader()
         raise UnlearningConfigError(
@@ -525,7 +529,7 @@ class NullSpaceCalibration(Callback):
     ) -> list[int] | None:
         if self.remaining_classes is not None:
             return list(self.remaining_classes)
-        for owner in (pl_module, trainer.datamodule):
+        for owner in (pl_module, getattr(trainer, "datamodule", None)):
             forgotten = getattr(owner, "forget_classes", None)
             if forgotten:  # class-wise forgetting: whole classes leave, the others remain
                 num_classes = _num_classes(pl_module, trainer)
@@ -536,7 +540,7 @@ class NullSpaceCalibration(Callback):
     def _cache_loaders(self, trainer: L.Trainer) -> list[Any]:
         # every class a later request may keep: the remaining *and* the forgotten training data
         retain = self._retain_loader(trainer)
-        forget = getattr(trainer.datamodule, "forget_dataloader", None)
+        forget = getattr(getattr(trainer, "datamodule", None), "forget_dataloader", None)
         if self.retain_dataloader is None and callable(forget):
             return [retain, forget()]
         return [retain]
@@ -812,7 +816,7 @@ def _split_batch(batch: Any, needs_labels: bool) -> tuple[Tensor, Tensor | None]
 
 
 def _num_classes(pl_module: L.LightningModule, trainer: L.Trainer) -> int:
-    for owner in (pl_module, trainer.datamodule):
+    for owner in (pl_module, getattr(trainer, "datamodule", None)):
         value = getattr(owner, "num_classes", None)
         if isinstance(value, int) and value > 0:
             return value

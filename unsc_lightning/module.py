@@ -95,6 +95,11 @@ class ForgetEvaluation(nn.Module):
 class _EvaluationMixin(L.LightningModule):
     """Shared validation/test loop logging retain/forget accuracy."""
 
+    @property
+    def _hp(self) -> Any:
+        """``hparams`` with attribute access typed for mypy."""
+        return self.hparams
+
     val_evaluation: ForgetEvaluation
     test_evaluation: ForgetEvaluation
 
@@ -251,7 +256,7 @@ class UnlearningModule(_EvaluationMixin):
             # θ_o: a copy of the weights before the first update (kept in checkpoints so a
             # resumed fit labels with the same original model).
             self.original.load_state_dict(self.model.state_dict())
-            self.original_captured.fill_(True)
+            self.original_captured.fill_(True)  # type: ignore[operator]
 
     def on_fit_end(self) -> None:
         if self.trainer.num_training_batches == 0:
@@ -264,7 +269,7 @@ class UnlearningModule(_EvaluationMixin):
 
     def pseudo_label(self, inputs: Tensor, labels: Tensor) -> Tensor:
         """Targets for a batch of forget samples."""
-        if self.hparams.pseudo_labels == "random":
+        if self._hp.pseudo_labels == "random":
             return random_pseudo_labels(
                 self.num_classes, labels, self.forget_classes, self._generator
             )
@@ -281,7 +286,7 @@ class UnlearningModule(_EvaluationMixin):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        hp = self.hparams
+        hp = self._hp
         if hp.optimizer == "sgd":
             return torch.optim.SGD(
                 params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
@@ -343,28 +348,26 @@ class ClassifierModule(_EvaluationMixin):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, targets = batch[0], batch[1]
         logits = self(inputs)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self._hp.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", (logits.argmax(1) == targets).float().mean())
         return loss
 
     def _lr_factor(self, steps_per_epoch: int) -> Any:
         warmup_steps = (
-            max(1, self.hparams.warmup_epochs * steps_per_epoch)
-            if self.hparams.warmup_epochs
-            else 0
+            max(1, self._hp.warmup_epochs * steps_per_epoch) if self._hp.warmup_epochs else 0
         )
 
         def factor(step: int) -> float:
             if step < warmup_steps:
                 return (step + 1) / warmup_steps
             epoch = step // max(1, steps_per_epoch)
-            return self.hparams.gamma ** sum(epoch >= m for m in self.milestones)
+            return self._hp.gamma ** sum(epoch >= m for m in self.milestones)
 
         return factor
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp = self._hp
         optimizer = torch.optim.SGD(
             self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
         )

@@ -15,6 +15,7 @@ outputs unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ def linear_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     return inputs.reshape(-1, inputs.shape[-1])
 
 
-def _padded(layer: nn.Module, inputs: Tensor) -> Tensor:
+def _padded(layer: Any, inputs: Tensor) -> Tensor:
     # ``_reversed_padding_repeated_twice`` is how torch itself pads for every padding mode and for
     # ``padding="same"``; padding here and unfolding without padding reproduces the layer exactly.
     pad = layer._reversed_padding_repeated_twice  # type: ignore[attr-defined]
@@ -49,7 +50,7 @@ def _group_rows(patches: Tensor, groups: int) -> Tensor:
     return patches.permute(0, 3, 1, 2).reshape(-1, per_group)
 
 
-def conv2d_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
+def conv2d_rows(layer: Any, inputs: Tensor) -> Tensor:
     """Rows of a Conv2d layer: every receptive-field patch (layer's kernel/stride/padding/dilation).
 
     Returns:
@@ -66,7 +67,7 @@ def conv2d_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     return _group_rows(patches, layer.groups)  # type: ignore[arg-type]
 
 
-def conv1d_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
+def conv1d_rows(layer: Any, inputs: Tensor) -> Tensor:
     """Rows of a Conv1d layer, via a 2-D unfold over a height-1 image.
 
     Returns:
