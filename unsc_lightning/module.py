@@ -109,6 +109,17 @@ class _EvaluationMixin(L.LightningModule):
         )
         self.test_evaluation = ForgetEvaluation(num_classes, forget_classes, mia_attacker="svc")
 
+    def _check_forget_classes(self) -> None:
+        """Raise when the attached DataModule forgets other classes than this module."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        theirs = getattr(datamodule, "forget_classes", None)
+        ours = getattr(self, "forget_classes", None)
+        if theirs is not None and ours is not None and sorted(theirs) != ours:
+            raise UnlearningConfigError(
+                f"`forget_classes={ours}` of the module differs from the DataModule's "
+                f"{sorted(theirs)}; pass the same classes to both."
+            )
+
     def _loader_name(self, dataloader_idx: int) -> str:
         datamodule = (
             getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -243,13 +254,7 @@ class UnlearningModule(_EvaluationMixin):
         return self.model(x)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        theirs = getattr(datamodule, "forget_classes", None)
-        if theirs is not None and sorted(theirs) != self.forget_classes:
-            raise UnlearningConfigError(
-                f"`forget_classes={self.forget_classes}` of the module differs from the DataModule's "
-                f"{sorted(theirs)}; pass the same classes to both."
-            )
+        self._check_forget_classes()
 
     def on_fit_start(self) -> None:
         if not bool(self.original_captured):

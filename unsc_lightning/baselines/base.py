@@ -89,13 +89,8 @@ class BaselineModule(_EvaluationMixin):
         return self.model(x)
 
     def setup(self, stage: str) -> None:
+        self._check_forget_classes()
         datamodule = getattr(self.trainer, "datamodule", None)
-        theirs = getattr(datamodule, "forget_classes", None)
-        if theirs is not None and sorted(theirs) != self.forget_classes:
-            raise UnlearningConfigError(
-                f"`forget_classes={self.forget_classes}` of the module differs from the DataModule's "
-                f"{sorted(theirs)}; pass the same classes to both."
-            )
         ours = getattr(datamodule, "train_on", self.train_on)
         if ours != self.train_on:
             raise UnlearningConfigError(
