@@ -208,6 +208,7 @@ class NullSpaceCalibration(Callback):
         self._projectors: dict[str, NullSpaceProjector] = {}
         self._loaded_state: dict[str, Any] | None = None
         self._frozen: list[nn.Parameter] = []
+        self._norm_layers: list[nn.Module] = []
         self._modes: dict[nn.Module, bool] = {}
         self._step_hooks: list[RemovableHandle] = []
         self._before_step: dict[str, Tensor] = {}
@@ -241,6 +242,8 @@ class NullSpaceCalibration(Callback):
                 f"{', '.join(_UNSHARDED)} (e.g. `strategy='ddp'`, 'ddp_spawn' or 'ddp_fork')."
             )
         self._modes = {module: module.training for module in pl_module.modules()}
+        norms = [m for m in pl_module.modules() if isinstance(m, NORM_LAYERS)]
+        self._norm_layers = norms if self.norm_eval else []
         selection = select_layers(pl_module, self.layers, self.exclude_layers)
         if selection.unmatched_patterns:
             raise UnlearningConfigError(
@@ -300,10 +303,9 @@ class NullSpaceCalibration(Callback):
         if self._check_input_shape:
             self._check_input_shape = False
             self._compare_input_shape(batch)
-        if self.norm_eval:
-            for module in pl_module.modules():
-                if isinstance(module, NORM_LAYERS):
-                    module.eval()
+        for module in self._norm_layers:  # Lightning may have switched them back to train
+            if module.training:
+                module.eval()
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
@@ -738,6 +740,7 @@ class NullSpaceCalibration(Callback):
         for module, training in self._modes.items():
             module.train(training)
         self._modes = {}
+        self._norm_layers = []
 
 
 @dataclass
