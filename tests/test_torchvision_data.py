@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import pickle
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fakedata import (  # writers of the on-disk formats, independent of the package's readers
+    N_TEST,
+    N_TRAIN,
+    write_cifar10,
+    write_cifar100,
+    write_fashion_mnist,
+    write_idx,
+    write_svhn,
+)
 from PIL import Image
-from scipy.io import savemat
 from torchvision import transforms as T
 
 from unsc_lightning.data.base import UnlearningDataModule
@@ -24,84 +31,6 @@ from unsc_lightning.data.torchvision_data import (
     SVHNDataModule,
     read_idx,
 )
-
-N_TRAIN, N_TEST = 40, 20
-
-
-# -- writers of the on-disk formats (independent of the package's readers) ------------------------
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def write_fashion_mnist(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    data = {
-        "train_x": rng.integers(0, 256, (N_TRAIN, 28, 28), dtype=np.uint8),
-        "train_y": np.arange(N_TRAIN) % 10,
-        "test_x": rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8),
-        "test_y": np.arange(N_TEST) % 10,
-    }
-    for prefix, split in (("train", "train"), ("t10k", "test")):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", data[f"{split}_x"])
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", data[f"{split}_y"])
-    return data
-
-
-def write_pickle(path: Path, content: dict) -> None:
-    with path.open("wb") as handle:
-        pickle.dump(content, handle)
-
-
-def write_cifar10(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rows = rng.integers(0, 256, (N_TRAIN + N_TEST, 3072), dtype=np.uint8)  # R, G, B planes per row
-    labels = np.arange(N_TRAIN + N_TEST) % 10
-    per_batch = N_TRAIN // 5
-    for i in range(5):
-        part = slice(i * per_batch, (i + 1) * per_batch)
-        write_pickle(
-            folder / f"data_batch_{i + 1}", {b"data": rows[part], b"labels": labels[part].tolist()}
-        )
-    write_pickle(
-        folder / "test_batch", {b"data": rows[N_TRAIN:], b"labels": labels[N_TRAIN:].tolist()}
-    )
-    # The official meta file was pickled by Python 2 (str keys once loaded with latin1).
-    write_pickle(folder / "batches.meta", {"label_names": [f"class{k}" for k in range(10)]})
-    return {"train_x": rows[:N_TRAIN], "train_y": labels[:N_TRAIN], "test_y": labels[N_TRAIN:]}
-
-
-def write_cifar100(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rows = rng.integers(0, 256, (N_TRAIN + N_TEST, 3072), dtype=np.uint8)
-    fine = (np.arange(N_TRAIN + N_TEST) % 10) * 10 + 9  # classes 9, 19, ..., 99
-    coarse = fine // 5
-    for name, part in (("train", slice(0, N_TRAIN)), ("test", slice(N_TRAIN, None))):
-        write_pickle(
-            folder / name,
-            {
-                b"data": rows[part],
-                b"fine_labels": fine[part].tolist(),
-                b"coarse_labels": coarse[part].tolist(),
-            },
-        )
-    names = [f"fine{k}".encode() for k in range(100)]
-    write_pickle(folder / "meta", {b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20})
-    return {"train_x": rows[:N_TRAIN], "train_y": fine[:N_TRAIN], "test_y": fine[N_TRAIN:]}
-
-
-def write_svhn(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    root.mkdir(parents=True, exist_ok=True)
-    data = {}
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-        y = (np.arange(n) % 10 + 1).reshape(n, 1).astype(np.uint8)  # 1..10, where 10 is digit 0
-        savemat(str(root / f"{split}_32x32.mat"), {"X": x, "y": y})
-        data[f"{split}_x"], data[f"{split}_y"] = x, y
-    return data
 
 
 # -- references ------------------------------------------------------------------------------------
