@@ -17,9 +17,9 @@ from torch import nn
 
 from unsc_lightning.callback import NullSpaceCalibration
 from unsc_lightning.data import ForgetSpec, UnlearningDataModule
-from unsc_lightning.metrics import ClassSubsetAccuracy, MIAEfficacy
+from unsc_lightning.metrics import MIAEfficacy
 from unsc_lightning.models import DigitsConvNet, MNIST1DConvNet
-from unsc_lightning.module import ClassifierModule, UnlearningModule
+from unsc_lightning.module import ClassifierModule, ForgetEvaluation, UnlearningModule
 
 ProgressFn = Callable[[int, int], None]
 
@@ -282,25 +282,22 @@ def run_unsc_variant(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dm: UnlearningDataModule) -> dict[str, Any]:
-    """Test-set accuracy in percent: ``acc_r`` / ``acc_f`` (macro over classes) and per class."""
-    num_classes = dm.num_classes
-    forget = dm.forget_classes
-    remaining = [k for k in range(num_classes) if k not in forget]
-    retain_acc = ClassSubsetAccuracy(num_classes, classes=remaining)
-    forget_acc = ClassSubsetAccuracy(num_classes, classes=forget or None)
-    per_class = ClassSubsetAccuracy(num_classes)
+    """Test-set accuracy in percent: ``acc_r`` / ``acc_f`` (macro over classes) and per class.
+
+    Uses the same :class:`~unsc_lightning.module.ForgetEvaluation` as the modules' test step, on
+    the DataModule's ``retain`` and ``forget`` test loaders.
+    """
+    evaluation = ForgetEvaluation(dm.num_classes, dm.forget_classes)
     model.eval()
-    retain_loader, forget_loader = dm.test_dataloader()[:2]
-    for metric_set, loader in ((retain_acc, retain_loader), (forget_acc, forget_loader)):
+    for name, loader in zip(("retain", "forget"), dm.test_dataloader()[:2]):
         for inputs, targets in loader:
-            logits = model(inputs)
-            metric_set.update(logits, targets)
-            if metric_set is retain_acc or forget:
-                per_class.update(logits, targets)
-    values = per_class.per_class()
+            evaluation.update(name, model(inputs), targets)
+    results = evaluation.compute("test")
+    nan = torch.tensor(float("nan"))
+    values = evaluation.per_class.per_class()
     return {
-        "acc_r": 100 * float(retain_acc.compute()),
-        "acc_f": 100 * float(forget_acc.compute()),
+        "acc_r": 100 * float(results.get("test/retain_acc", nan)),
+        "acc_f": 100 * float(results.get("test/forget_acc", nan)),
         "per_class": [None if torch.isnan(v) else 100 * float(v) for v in values],
     }
 
