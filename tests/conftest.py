@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import ClassifierModule, UnlearningDataModule
 from unsc_lightning.data import MNIST1DDataModule
+from unsc_lightning.experiment import make_trainer
 from unsc_lightning.models import MNIST1DConvNet
 
 IN_FEATURES = 20
@@ -53,21 +54,9 @@ def _single_thread() -> Iterator[None]:
 def quiet_trainer(
     max_epochs: int = 1, callbacks: list[L.Callback] | None = None, **kwargs: Any
 ) -> L.Trainer:
-    """A CPU trainer without logger, checkpoints, progress bar, model summary or sanity check."""
-    options: dict[str, Any] = {
-        "max_epochs": max_epochs,
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-        "log_every_n_steps": 1,
-    }
-    options.update(kwargs)
-    return L.Trainer(callbacks=callbacks or [], **options)
+    """The demo's quiet CPU trainer (no logger, checkpoints, progress bar or sanity check)."""
+    options: dict[str, Any] = {"deterministic": None, "log_every_n_steps": 1, **kwargs}
+    return make_trainer(max_epochs, callbacks, **options)
 
 
 def mlp(hidden: int = 64, batch_norm: bool = False, dropout: float = 0.0) -> nn.Sequential:
