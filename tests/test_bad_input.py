@@ -148,30 +148,51 @@ def test_retain_input_shape_differs_from_training_data():
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
-class _WithUnsupportedLayers(nn.Module):
-    """A transposed convolution and an embedding (both trainable, neither supported) before an MLP."""
+class _WithUnconstrainedParameters(nn.Module):
+    """A raw offset parameter, a layer type without a handler and a parametrized Linear."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(1, 1, 2)
-        self.embed = nn.Embedding(1, IN_FEATURES)
+        self.offset = nn.Parameter(torch.zeros(IN_FEATURES))
+        self.prelu = nn.PReLU()
+        self.scaled = torch.nn.utils.parametrizations.weight_norm(
+            nn.Linear(IN_FEATURES, IN_FEATURES)
+        )
         self.head = mlp()
 
     def forward(self, x: Tensor) -> Tensor:
-        image = self.up(x.view(-1, 1, 4, 5))[:, :, :4, :5]  # 4 x 5 -> 5 x 6, cropped back
-        offset = self.embed(torch.zeros(len(x), dtype=torch.long))
-        return self.head(image.reshape(len(x), -1) + offset)
+        return self.head(self.scaled(self.prelu(x + self.offset)))
 
 
-def test_unsupported_layer_types_listed_in_one_warning():
+def test_unconstrained_parameters_frozen_and_listed_in_one_warning():
+    model = _WithUnconstrainedParameters()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(BoringClassifier(_WithUnsupportedLayers()))
-    messages = [str(w.message) for w in caught if "unsupported types" in str(w.message)]
+        fit(BoringClassifier(model))
+    messages = [str(w.message) for w in caught if "have no null-space basis" in str(w.message)]
     assert len(messages) == 1
-    assert "`model.up` (ConvTranspose2d), `model.embed` (Embedding)" in messages[0]
-    assert "are NOT constrained and their updates can change remaining outputs" in messages[0]
-    assert "Freeze them (`requires_grad_(False)`) or exclude them from the optimizer" in messages[0]
+    for name, reason in [
+        ("model.offset", "unsupported"),
+        ("model.prelu.weight", "unsupported"),
+        ("model.scaled.parametrizations.weight.original0", "parametrized"),
+        ("model.scaled.parametrizations.weight.original1", "parametrized"),
+    ]:
+        assert f"`{name}` ({reason})" in messages[0]
+        assert torch.equal(
+            dict(model.named_parameters())[name.removeprefix("model.")],
+            before[name.removeprefix("model.")],
+        )
+    assert "`freeze_unconstrained=False`" in messages[0]
+    assert all(p.requires_grad for p in model.parameters())  # restored after the fit
+
+
+def test_unconstrained_parameters_left_free_on_request_warn_by_name():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(BoringClassifier(_WithUnconstrainedParameters()), freeze_unconstrained=False)
+    messages = [str(w.message) for w in caught if "are NOT constrained" in str(w.message)]
+    assert len(messages) == 1 and "`model.offset` (unsupported)" in messages[0]
 
 
 # --------------------------------------------------------------------------------------------

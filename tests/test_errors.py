@@ -7,6 +7,7 @@ Configuration errors are `UnlearningConfigError` (both Lightning's `Misconfigura
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as L
@@ -22,7 +23,7 @@ from conftest import (
     quiet_trainer,
 )
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -109,16 +110,6 @@ class _UnusedLayer(BoringClassifier):
     def __init__(self) -> None:
         super().__init__()
         self.unused = nn.Linear(20, 20)  # trainable, never called by forward
-
-
-class _NoNumClasses(BoringClassifier):
-    def __init__(self) -> None:
-        super().__init__()
-        del self.num_classes
-
-
-class FSDPStrategy(SingleDeviceStrategy):
-    """Stands in for a sharded strategy: the callback recognises strategies by class name."""
 
 
 def _nan_retain() -> DataLoader:
@@ -390,22 +381,10 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         r"`threshold` mapping \{'model\.0': 0\.9\} has no entry for layers \['model\.2', 'model\.4'\]",
     ),
     (
-        "per-class-unlabelled",
-        lambda: fit(rule="per_class", retain_dataloader=retain(labels=False)),
-        CONFIG,
-        r"`rule='per_class'` needs labelled retain batches",
-    ),
-    (
-        "per-class-num-classes",
-        lambda: fit(_NoNumClasses(), retain_dataloader=retain()),
-        CONFIG,
-        r"`rule='per_class'` needs the number of classes",
-    ),
-    (
         "retain-batch-type",
-        lambda: fit(retain_dataloader=[{"x": PROBLEM.retain_x}]),
+        lambda: fit(retain_dataloader=[3, 4]),
         CONFIG,
-        r"Retain batches must be a tensor `x` or a tuple `\(x, y, \.\.\.\)`, got dict",
+        r"Cannot split a batch of type int into inputs and labels.*`batch_adapter=`",
     ),
     (
         "no-forward",
@@ -415,7 +394,11 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ),
     (
         "sharded-strategy",
-        lambda: fit(retain_dataloader=retain(), strategy=FSDPStrategy(device=torch.device("cpu"))),
+        lambda: NullSpaceCalibration(retain_dataloader=retain()).setup(
+            SimpleNamespace(strategy=FSDPStrategy()),  # type: ignore[arg-type]
+            BoringClassifier(),
+            "fit",
+        ),
         CONFIG,
         r"does not support the strategy `FSDPStrategy`",
     ),
@@ -471,5 +454,5 @@ def test_misconfiguration(make, error, match):
 
 def test_unsupported_layers_warn_by_name():
     model = nn.Sequential(nn.Linear(20, 20), _Scale())
-    with pytest.warns(UserWarning, match=r"`model\.1` \(_Scale\)"):
+    with pytest.warns(UserWarning, match=r"`model\.1\.\w+` \(unsupported\)"):
         fit(BoringClassifier(model), retain_dataloader=retain())

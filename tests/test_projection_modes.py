@@ -167,7 +167,7 @@ class _BeforeStepCopies(L.Callback):
         self.held: list[int] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.held.append(len(self.calibration._before_step))
+        self.held.append(len(self.calibration.engine._before_step))
 
 
 def test_update_mode_holds_weight_copies_only_during_the_step(problem):

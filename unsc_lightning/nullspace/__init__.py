@@ -1,5 +1,11 @@
 """Null-space engine: pure torch, no Lightning; usable from any training loop."""
 
+from unsc_lightning.nullspace.accounting import (
+    NORM_LAYERS,
+    Accounting,
+    Constraint,
+    account_parameters,
+)
 from unsc_lightning.nullspace.basis import (
     RELATIVE_TOLERANCE,
     BasisInfo,
@@ -16,6 +22,14 @@ from unsc_lightning.nullspace.covariance import (
     accumulate_covariances,
     layer_dims,
     recording,
+)
+from unsc_lightning.nullspace.engine import (
+    BuildReport,
+    NullSpaceEngine,
+    NullSpaceEngineError,
+    call_model,
+    default_batch_adapter,
+    output_logits,
 )
 from unsc_lightning.nullspace.projection import (
     NullSpaceProjector,
@@ -34,6 +48,16 @@ from unsc_lightning.nullspace.representation import (
 )
 
 __all__ = [
+    "NORM_LAYERS",
+    "Accounting",
+    "BuildReport",
+    "Constraint",
+    "NullSpaceEngine",
+    "NullSpaceEngineError",
+    "account_parameters",
+    "call_model",
+    "default_batch_adapter",
+    "output_logits",
     "REPRESENTATIONS",
     "RELATIVE_TOLERANCE",
     "ActivationRecorder",

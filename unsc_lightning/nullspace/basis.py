@@ -103,7 +103,9 @@ def _orthonormal_extension(basis: Tensor, new: Tensor) -> Tensor:
 
 
 def per_class_basis(
-    class_covariances: Mapping[int, Tensor], threshold: Threshold
+    class_covariances: Mapping[int, Tensor],
+    threshold: Threshold,
+    basis: Tensor | None = None,
 ) -> tuple[Tensor, BasisInfo]:
     """The paper's Algorithm 1: grow one basis class by class, in ascending class id.
 
@@ -111,8 +113,14 @@ def per_class_basis(
     ``(I - UUᵀ) C_k (I - UUᵀ)`` until the energy of class ``k`` captured by ``U`` reaches
     ``threshold(k)`` (a float applies to every class; the authors use ``0.97 + 0.003 k``).
 
+    Args:
+        class_covariances: ``class id -> d x d`` covariance of the class's rows.
+        threshold: energy fraction per class, a float or ``k -> fraction``.
+        basis: an orthonormal ``d x r`` basis from earlier (lower) classes to extend; classes
+            can then be processed in ascending groups, one group's covariances at a time.
+
     Returns:
-        ``(U, info)`` where ``info.energy`` is the captured fraction of the summed energy.
+        ``(U, info)`` where ``info.energy`` is the captured fraction of the given classes' energy.
     """
     classes = sorted(class_covariances)
     if not classes:
@@ -120,7 +128,10 @@ def per_class_basis(
             "`class_covariances` is empty: there is no remaining class to build a basis from."
         )
     dim = class_covariances[classes[0]].shape[0]
-    basis = torch.zeros(dim, 0, dtype=torch.float64, device=class_covariances[classes[0]].device)
+    device = class_covariances[classes[0]].device
+    if basis is None:
+        basis = torch.zeros(dim, 0, dtype=torch.float64, device=device)
+    basis = basis.to(device=device, dtype=torch.float64)
     identity = torch.eye(dim, dtype=torch.float64, device=basis.device)
     for k in classes:
         cov = _symmetric(class_covariances[k].to(basis.device))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from unsc_lightning.nullspace.representation import layer_rows, representation_dim
+from unsc_lightning.nullspace.representation import WeightRows, layer_rows, representation_dim
 
 RowsCallback = Callable[[str, Tensor], None]
 
@@ -122,6 +122,7 @@ class CovarianceAccumulator:
         self.samples_per_class = torch.zeros(num_classes or 1, dtype=torch.long)
         self._labels: Tensor | None = None
         self._class_counts: list[int] = []
+        self._skipped = 0
         self._order: Tensor | None = None
 
     @classmethod
@@ -161,12 +162,16 @@ class CovarianceAccumulator:
             labels = labels.reshape(-1).long()
             host = labels.cpu()  # one host copy per batch; ``add`` then never synchronises
             num_classes = int(self.num_classes or 0)
-            if host.numel() and not 0 <= int(host.min()) <= int(host.max()) < num_classes:
+            if host.numel() and not -1 <= int(host.min()) <= int(host.max()) < num_classes:
                 raise RuntimeError(
                     f"Labels must lie in [0, {num_classes}) for a per-class covariance, got "
                     f"labels in [{int(host.min())}, {int(host.max())}]; check `num_classes`."
                 )
-            counts = torch.bincount(host, minlength=num_classes)
+            # label -1 marks a sample whose rows are skipped (another pass's class, or a class
+            # already at its sample cap); sorted first, its rows form the leading block
+            skip = host < 0
+            self._skipped = int(skip.sum())
+            counts = torch.bincount(host[~skip], minlength=num_classes)
             self.samples_per_class += counts
             self._class_counts = counts.tolist()
             # Rows of one class must be contiguous for ``add``; `accumulate_covariances` sorts
@@ -191,7 +196,7 @@ class CovarianceAccumulator:
         if not self.per_class:
             target.addmm_(rows.T, rows)
             return
-        samples = sum(self._class_counts)
+        samples = sum(self._class_counts) + self._skipped
         if samples == 0 or rows.shape[0] % samples:
             raise RuntimeError(
                 f"Layer `{name}` received {rows.shape[0]} rows for a batch of {samples} labelled "
@@ -201,7 +206,7 @@ class CovarianceAccumulator:
         if self._order is not None:
             order = self._order.to(rows.device)
             rows = rows.reshape(samples, -1).index_select(0, order).reshape(-1, rows.shape[1])
-        start = 0
+        start = self._skipped * rows_per_sample
         for cls, count in enumerate(self._class_counts):
             if count:
                 block = rows[start : start + count * rows_per_sample]
@@ -312,3 +317,56 @@ def _sorted_by_label(inputs: Any, labels: Tensor) -> tuple[Any, Tensor]:
         return inputs, labels
     labels, order = torch.sort(labels, stable=True)
     return inputs.index_select(0, order.to(inputs.device)), labels
+
+
+#: ``(basis key, layer, weight spec)``: one place where a constrained weight meets its inputs.
+Site = tuple[str, nn.Module, WeightRows]
+
+
+class SiteRecorder:
+    """Forward pre-hooks (with keyword arguments) that hand every site's rows to a callback.
+
+    Several sites may share a key (a weight used by two layers): their rows feed one
+    covariance, so the basis spans the inputs of every use. The recorder owns its hook handles
+    and removes them when the ``with`` block ends, however it ends.
+
+    Args:
+        sites: ``(key, layer, spec)`` triples; one hook per layer serves all its sites.
+        on_rows: called as ``on_rows(key, rows)``.
+    """
+
+    def __init__(self, sites: Iterable[Site], on_rows: RowsCallback) -> None:
+        self.by_layer: dict[nn.Module, list[tuple[str, WeightRows]]] = {}
+        for key, layer, spec in sites:
+            self.by_layer.setdefault(layer, []).append((key, spec))
+        self.on_rows = on_rows
+        self.seen: set[str] = set()
+        self._handles: list[RemovableHandle] = []
+
+    def _hook(
+        self, specs: list[tuple[str, WeightRows]]
+    ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            for key, spec in specs:
+                self.seen.add(key)
+                self.on_rows(key, spec.rows(module, args, kwargs).detach())
+
+        return hook
+
+    def __enter__(self) -> SiteRecorder:
+        try:
+            for layer, specs in self.by_layer.items():
+                handle = layer.register_forward_pre_hook(self._hook(specs), with_kwargs=True)
+                self._handles.append(handle)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this recorder registered (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()

@@ -9,6 +9,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from unsc_lightning.nullspace.accounting import NORM_LAYERS
 from unsc_lightning.nullspace.basis import (
     BasisInfo,
     class_threshold_schedule,
@@ -17,14 +18,6 @@ from unsc_lightning.nullspace.basis import (
 )
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator
 from unsc_lightning.nullspace.representation import REPRESENTATIONS, is_supported
-
-#: Parameter-free or normalisation layers that need no basis (their parameters are frozen or absent).
-NORM_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-)
 
 BasisRule = Literal["per_class", "pooled"]
 

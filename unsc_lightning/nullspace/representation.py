@@ -15,6 +15,7 @@ outputs unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
@@ -129,3 +130,54 @@ def representation_dim(layer: nn.Module) -> int:
 def weight_as_matrix(weight: Tensor) -> Tensor:
     """View a weight (or its gradient) as ``out x d``, matching the order of the rows."""
     return weight.reshape(weight.shape[0], -1)
+
+
+# -- weight-level interface (the engine's view of a layer) ------------------------------------
+@dataclass(frozen=True)
+class WeightRows:
+    """One constrained weight of a layer and the input rows it multiplies.
+
+    Attributes:
+        parameter: attribute path of the weight relative to the layer (``"weight"``).
+        suffix: ``""`` for a layer's single weight (its basis is keyed by the layer name), else
+            a short tag appended to the layer name (``"q"``, ``"out"``).
+        rows: ``(layer, args, kwargs) -> (N, d)`` rows from a forward pre-hook, sample-major.
+        to_matrix: weight-shaped tensor -> ``(out, d)`` matrix ``M`` with ``output = rows @ Mᵀ``.
+        write_matrix_: writes an ``(out, d)`` matrix back into a weight-shaped tensor in place.
+        dim: row dimension ``d``.
+    """
+
+    parameter: str
+    suffix: str
+    rows: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Tensor]
+    to_matrix: Callable[[Tensor], Tensor]
+    write_matrix_: Callable[[Tensor, Tensor], None]
+    dim: int
+
+
+Handler = Callable[[nn.Module], list[WeightRows]]
+
+
+def _write_reshaped_(tensor: Tensor, matrix: Tensor) -> None:
+    tensor.copy_(matrix.reshape_as(tensor))
+
+
+def _single_weight(layer: nn.Module) -> list[WeightRows]:
+    fn = rows_fn_for(layer)
+    assert fn is not None
+
+    def rows(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        return fn(module, args[0] if args else next(iter(kwargs.values())))
+
+    return [
+        WeightRows(
+            "weight", "", rows, weight_as_matrix, _write_reshaped_, representation_dim(layer)
+        )
+    ]
+
+
+def representations_of(layer: nn.Module) -> list[WeightRows] | None:
+    """The weights of ``layer`` with their rows, or ``None`` for an unsupported layer."""
+    if not is_supported(layer):
+        return None
+    return _single_weight(layer)
