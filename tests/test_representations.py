@@ -106,8 +106,14 @@ def _sample_of(axes: dict[str | int, int]) -> Callable[[Call, int], Call]:
 
     def sample(call: Call, index: int) -> Call:
         args, kwargs = call
-        new_args = tuple(cut(a, axes.get(i), index) for i, a in enumerate(args))
-        new_kwargs = {k: cut(v, axes.get(k), index) for k, v in kwargs.items()}
+        # one slice per tensor: self-attention (query is key is value) must stay self-attention
+        cuts: dict[int, Any] = {}
+
+        def cut_once(value: Any, axis: int | None) -> Any:
+            return cuts.setdefault(id(value), cut(value, axis, index))
+
+        new_args = tuple(cut_once(a, axes.get(i)) for i, a in enumerate(args))
+        new_kwargs = {k: cut_once(v, axes.get(k)) for k, v in kwargs.items()}
         return new_args, new_kwargs
 
     return sample
@@ -313,6 +319,12 @@ CASES = [
         _attention(8, 2, batch_first=True, bias=False),
         _causal,
         _sample_of({0: 0, "key": 0, "value": 0}),
+    ),
+    Case(
+        "mha-causal-hint-without-mask",  # the fast path ignores the hint; the rows must too
+        _attention(8, 2, batch_first=True),
+        lambda g: ((low_rank_features(g, BATCH, 4, 8),) * 3, {"is_causal": True}),
+        _sample_of({0: 0, 1: 0, 2: 0}),
     ),
     Case(
         "mha-positional-masks",

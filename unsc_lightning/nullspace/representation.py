@@ -482,7 +482,9 @@ def attention_output_rows(
             k_proj_weight=attention.k_proj_weight,
             v_proj_weight=attention.v_proj_weight,
             average_attn_weights=call["average_attn_weights"],
-            is_causal=call["is_causal"],
+            # the layer's fast path (eval, no grad, self-attention) ignores `is_causal` without
+            # `attn_mask`, where the slow path raises: follow the path that did not raise
+            is_causal=call["is_causal"] and call["attn_mask"] is not None,
         )
     if batched:
         output = output.transpose(0, 1)
