@@ -468,7 +468,7 @@ def _check_selection(
 ) -> None:
     accounting = engine.accounting
     if accounting.unmatched_patterns:
-        from unsc_lightning.nullspace.layers import supported_layer_types
+        from unsc_lightning.nullspace.representation import supported_layer_types
 
         raise UnlearningConfigError(
             f"`layers` patterns {accounting.unmatched_patterns} match no supported layer with a "

@@ -60,7 +60,7 @@ class ActivationRecorder:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             self.seen.add(name)
             inputs = args[0].detach()
-            if self.dtype is not None:
+            if self.dtype is not None and inputs.is_floating_point():
                 inputs = inputs.to(self.dtype)
             self.on_rows(name, layer_rows(module, inputs))
 

@@ -17,7 +17,7 @@ from unsc_lightning.nullspace.basis import (
     pooled_basis,
 )
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator
-from unsc_lightning.nullspace.representation import REPRESENTATIONS, is_supported
+from unsc_lightning.nullspace.representation import is_supported, supported_layer_types
 
 BasisRule = Literal["per_class", "pooled"]
 
@@ -75,11 +75,6 @@ def select_layers(
     if include is not None:
         selection.unmatched_patterns = [pattern for pattern in include if pattern not in used]
     return selection
-
-
-def supported_layer_types() -> str:
-    """Comma-separated names of the supported layer types."""
-    return ", ".join(cls.__name__ for cls in REPRESENTATIONS)
 
 
 def threshold_for(threshold: float | Mapping[str, float], name: str) -> float:

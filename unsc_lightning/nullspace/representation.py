@@ -1,27 +1,147 @@
-"""Layer inputs to rows of the layer's representation matrix.
+"""Layer inputs to rows of the layer's representation matrices: the table of layer handlers.
 
-A weight layer computes ``y = W x`` for every *row* ``x`` of its representation: the input
-vector of a Linear layer, or every receptive-field patch of a convolution, flattened in the same
-order as ``weight.reshape(out_channels, -1)``. The null-space guarantee ``ΔW x = 0`` is therefore
-stated on these rows, so they are what the covariance is built from.
+UNSC constrains every weight update ``ΔM`` of a layer to ``ΔM x = 0`` for every *row* ``x`` the
+weight multiplies on remaining data, so the layer's output on that data does not move. A handler
+says, for one layer type, which weights are constrained and what their rows are, as a list of
+:class:`WeightRows`: the parameter, a function from the layer's forward-call arguments (seen by a
+forward *pre*-hook) to rows ``(N, d)``, and the reshaping between the parameter and the matrix
+``M`` (``out x d``) with ``output_without_bias = rows @ M.T``.
 
-Supported layers live in :data:`REPRESENTATIONS`, a table from layer type to handler (no
-``isinstance`` chains elsewhere). Grouped convolutions share one weight layout
-``(out, in/groups, k...)``; the patches of every group are stacked as extra rows, so one basis of
-dimension ``in/groups * prod(k)`` covers every group and the projected update leaves each group's
-outputs unchanged.
+Handlers are registered with :func:`register_representation` in :data:`REPRESENTATIONS`, a table
+keyed by exact layer type; :func:`representations_of` falls back to the nearest registered base
+class, so users' subclasses work. No ``isinstance`` chains elsewhere.
+
+Row definitions (every handler's rows are *sample-major*: all rows of batch sample 0, then of
+sample 1, ...; per-class statistics rely on it):
+
+* ``Linear``: every input vector; tokens of ``(B, ..., in)`` inputs flattened in order. A Linear
+  fed sequence-first ``(L, B, in)`` tensors is not sample-major (nothing in the layer says so).
+* ``Conv1d/2d/3d``: every receptive-field patch under the layer's own padding (``"same"``,
+  reflect, replicate, circular), stride and dilation, flattened like ``weight.reshape(out, -1)``.
+  Grouped convolutions share one weight layout ``(out, in/groups, k...)``; the patches of every
+  group are stacked as extra rows (order: sample, output position, group), so one basis of
+  dimension ``in/groups * prod(k)`` covers every group and the projected update leaves each
+  group's outputs unchanged.
+* ``ConvTranspose1d/2d/3d``: output ``y[o, p] = Σ_{c, a} W[c, o, a] x[c, (p + pad - a·dil) /
+  stride]`` (terms where the index is fractional or out of range are zero), so the row at output
+  position ``p`` is the gathered inputs ``x[c, (p + pad - a·dil) / stride]`` (zeros elsewhere)
+  and ``M[o, (c, a)] = W[c, o, a]``. Built as the patches of the zero-inserted, padded input
+  read with a flipped kernel; stride, padding, dilation, output padding (also from the
+  ``output_size`` forward argument) and groups (stacked like convolutions) are honoured.
+* ``Embedding``: one-hot vectors of the looked-up indices (``d = num_embeddings``) and
+  ``M = W.T``, so the null space is spanned by the tokens never seen in remaining data.
+* ``MultiheadAttention``: the query, key and value inputs for the three input projections
+  (packed ``in_proj_weight`` blocks or separate ``q/k/v_proj_weight``), and for
+  ``out_proj.weight`` the attention output *before* the output projection, recomputed in the
+  pre-hook because ``out_proj``'s own forward is never called.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-RowsFn = Callable[[nn.Module, Tensor], Tensor]
+RowsFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Tensor]
+
+
+@dataclass(frozen=True)
+class WeightRows:
+    """One constrained weight of a layer and the input rows it multiplies.
+
+    Attributes:
+        parameter: attribute path of the weight relative to the layer, e.g. ``"weight"``,
+            ``"in_proj_weight"``, ``"out_proj.weight"``.
+        suffix: ``""`` for a layer's single weight (its basis is keyed by the layer name), else a
+            short tag such as ``"q"``, ``"k"``, ``"v"``, ``"out"``.
+        rows: ``(layer, args, kwargs) -> rows (N, d)``, detached and sample-major; meant to be
+            called from a forward pre-hook registered with ``with_kwargs=True``.
+        to_matrix: weight-shaped tensor (the parameter, its gradient, an update) -> ``(out, d)``
+            matrix ``M`` with ``output_without_bias = rows @ M.T``. May return a view of its
+            argument: do not modify the result in place.
+        write_matrix_: ``(weight-shaped tensor, (out, d) matrix)`` -> writes the matrix into the
+            tensor in place (the inverse of ``to_matrix``; a block of a packed weight writes only
+            that block).
+        dim: ``d``, the length of a row.
+    """
+
+    parameter: str
+    suffix: str
+    rows: RowsFn
+    to_matrix: Callable[[Tensor], Tensor]
+    write_matrix_: Callable[[Tensor, Tensor], None]
+    dim: int
+
+
+Handler = Callable[[nn.Module], list[WeightRows]]
+
+#: Exact layer type -> handler returning the layer's constrained weights and their rows.
+REPRESENTATIONS: dict[type[nn.Module], Handler] = {}
+
+
+def register_representation(layer_type: type[nn.Module]) -> Callable[[Handler], Handler]:
+    """Decorator registering ``handler`` for exactly ``layer_type`` in :data:`REPRESENTATIONS`.
+
+    Subclasses without their own entry use the nearest registered base class (see
+    :func:`representations_of`); register a subclass whose forward computes something else.
+
+    Example:
+        >>> class Scale(nn.Linear): ...
+        >>> @register_representation(Scale)
+        ... def scale_representation(layer):
+        ...     return linear_representation(layer)
+        >>> REPRESENTATIONS[Scale] is scale_representation
+        True
+        >>> del REPRESENTATIONS[Scale]
+    """
+
+    def decorator(handler: Handler) -> Handler:
+        REPRESENTATIONS[layer_type] = handler
+        return handler
+
+    return decorator
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_input(args: tuple[Any, ...], kwargs: dict[str, Any], name: str = "input") -> Tensor:
+    return cast(Tensor, args[0] if args else kwargs[name]).detach()
+
+
+def _same_matrix(weight: Tensor) -> Tensor:
+    return weight
+
+
+def _write_same_(weight: Tensor, matrix: Tensor) -> None:
+    weight.copy_(matrix)
+
+
+def _write_reshaped_(weight: Tensor, matrix: Tensor) -> None:
+    weight.copy_(matrix.reshape(weight.shape))
+
+
+def weight_as_matrix(weight: Tensor) -> Tensor:
+    """View a Linear or convolution weight (or its gradient) as ``out x d`` (rows' order).
+
+    Other layers (transposed convolutions, embeddings, attention) use their
+    :attr:`WeightRows.to_matrix`.
+    """
+    return weight.reshape(weight.shape[0], -1)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear
+# --------------------------------------------------------------------------------------------
 
 
 def linear_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
@@ -33,151 +153,469 @@ def linear_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     return inputs.reshape(-1, inputs.shape[-1])
 
 
+def _linear_forward_rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    return linear_rows(layer, _forward_input(args, kwargs))
+
+
+@register_representation(nn.Linear)
+def linear_representation(layer: nn.Module) -> list[WeightRows]:
+    """The weight of a Linear layer multiplies each input vector."""
+    dim = int(cast(nn.Linear, layer).in_features)
+    return [WeightRows("weight", "", _linear_forward_rows, _same_matrix, _write_same_, dim)]
+
+
+# --------------------------------------------------------------------------------------------
+# Convolutions
+# --------------------------------------------------------------------------------------------
+
+
 def _padded(layer: Any, inputs: Tensor) -> Tensor:
     # ``_reversed_padding_repeated_twice`` is how torch itself pads for every padding mode and for
-    # ``padding="same"``; padding here and unfolding without padding reproduces the layer exactly.
-    pad = layer._reversed_padding_repeated_twice  # type: ignore[attr-defined]
+    # ``padding="same"``; padding here and windowing without padding reproduces the layer exactly.
+    pad = layer._reversed_padding_repeated_twice
     if not any(pad):
         return inputs
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode  # type: ignore[attr-defined]
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
     return F.pad(inputs, pad, mode=mode)
 
 
-def _group_rows(patches: Tensor, groups: int) -> Tensor:
-    # patches: (B, C*K, L) with channel-major layout -> rows (B*L*groups, C/groups*K)
-    batch, features, locations = patches.shape
-    per_group = features // groups
-    patches = patches.reshape(batch, groups, per_group, locations)
-    return patches.permute(0, 3, 1, 2).reshape(-1, per_group)
+def _windows(
+    inputs: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+) -> Tensor:
+    # (B, C, *S) -> (B, C, *L, *k): a strided view per spatial dim (each appends its window as a
+    # new last dim), then every dilation-th element of the window: exactly the taps a dilated
+    # kernel reads. A strided view plus one copy is much faster on CPU than im2col (F.unfold).
+    windows = inputs
+    for axis, (size, step, spacing) in enumerate(zip(kernel, stride, dilation)):
+        windows = windows.unfold(2 + axis, (size - 1) * spacing + 1, step)
+        if spacing > 1:
+            windows = windows[..., ::spacing]
+    return windows
 
 
-def conv2d_rows(layer: Any, inputs: Tensor) -> Tensor:
-    """Rows of a Conv2d layer: every receptive-field patch (layer's kernel/stride/padding/dilation).
+def _patch_rows(windows: Tensor, groups: int) -> Tensor:
+    # (B, C, *L, *k) -> rows (B * prod(L) * groups, C/groups * prod(k)), ordered sample,
+    # position, group: sample-major, and each patch flattened as (channel, *k) like the weight.
+    spatial = (windows.dim() - 2) // 2
+    batch, channels = windows.shape[:2]
+    per_group = channels // groups
+    windows = windows.reshape(batch, groups, per_group, *windows.shape[2:])
+    positions = range(3, 3 + spatial)
+    taps = range(3 + spatial, 3 + 2 * spatial)
+    windows = windows.permute(0, *positions, 1, 2, *taps)
+    return windows.reshape(-1, per_group * math.prod(windows.shape[-spatial:]))
+
+
+def conv_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """Rows of a Conv1d/2d/3d layer: every receptive-field patch under the layer's settings.
 
     Returns:
-        Tensor ``(B * L * groups, in_channels / groups * kh * kw)``.
+        Tensor ``(B * L * groups, in_channels / groups * prod(kernel_size))``, ``L`` the number
+        of output positions.
     """
-    if inputs.dim() == 3:  # unbatched input
+    conv = cast(nn.modules.conv._ConvNd, layer)
+    if inputs.dim() == len(conv.kernel_size) + 1:  # unbatched input
         inputs = inputs.unsqueeze(0)
-    patches = F.unfold(
-        _padded(layer, inputs),
-        kernel_size=layer.kernel_size,  # type: ignore[arg-type]
-        dilation=layer.dilation,  # type: ignore[arg-type]
-        stride=layer.stride,  # type: ignore[arg-type]
-    )
-    return _group_rows(patches, layer.groups)  # type: ignore[arg-type]
+    windows = _windows(_padded(conv, inputs), conv.kernel_size, conv.stride, conv.dilation)
+    return _patch_rows(windows, conv.groups)
 
 
-def conv1d_rows(layer: Any, inputs: Tensor) -> Tensor:
-    """Rows of a Conv1d layer, via a 2-D unfold over a height-1 image.
+def conv1d_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """Rows of a Conv1d layer, ``(B * L * groups, in_channels / groups * k)``."""
+    return conv_rows(layer, inputs)
+
+
+def conv2d_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """Rows of a Conv2d layer, ``(B * L * groups, in_channels / groups * kh * kw)``."""
+    return conv_rows(layer, inputs)
+
+
+def conv3d_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """Rows of a Conv3d layer, ``(B * L * groups, in_channels / groups * kd * kh * kw)``."""
+    return conv_rows(layer, inputs)
+
+
+def _conv_forward_rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    return conv_rows(layer, _forward_input(args, kwargs))
+
+
+@register_representation(nn.Conv1d)
+@register_representation(nn.Conv2d)
+@register_representation(nn.Conv3d)
+def conv_representation(layer: nn.Module) -> list[WeightRows]:
+    """The weight ``(out, in/groups, k...)`` of a convolution multiplies each patch."""
+    conv = cast(nn.modules.conv._ConvNd, layer)
+    dim = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    return [WeightRows("weight", "", _conv_forward_rows, weight_as_matrix, _write_reshaped_, dim)]
+
+
+# --------------------------------------------------------------------------------------------
+# Transposed convolutions
+# --------------------------------------------------------------------------------------------
+
+
+def conv_transpose_rows(
+    layer: nn.Module, inputs: Tensor, output_size: list[int] | None = None
+) -> Tensor:
+    """Rows of a ConvTranspose1d/2d/3d layer: the inputs each output position gathers.
+
+    The layer equals a stride-1 convolution with the flipped kernel over the input with
+    ``stride - 1`` zeros inserted between samples, padded by ``dilation * (k - 1) - padding`` on
+    each side (plus ``output_padding`` at the end; negative amounts crop). Its patches, read in
+    reversed kernel order, are the rows.
+
+    Args:
+        layer: the transposed convolution.
+        inputs: its input, batched or not.
+        output_size: the ``output_size`` the forward was called with, if any.
 
     Returns:
-        Tensor ``(B * L * groups, in_channels / groups * k)``.
+        Tensor ``(B * L * groups, in_channels / groups * prod(kernel_size))``, ``L`` the number
+        of output positions; ``M[o, (c, a)] = W[c, o, a]`` per group.
     """
-    if inputs.dim() == 2:  # unbatched input
-        inputs = inputs.unsqueeze(0)
-    padded = _padded(layer, inputs).unsqueeze(2)
-    patches = F.unfold(
-        padded,
-        kernel_size=(1, layer.kernel_size[0]),  # type: ignore[index]
-        dilation=(1, layer.dilation[0]),  # type: ignore[index]
-        stride=(1, layer.stride[0]),  # type: ignore[index]
+    conv = cast(nn.modules.conv._ConvTransposeNd, layer)
+    spatial = len(conv.kernel_size)
+    padding = cast(tuple[int, ...], conv.padding)  # transposed convolutions take no strings
+    output_padding = conv._output_padding(
+        inputs,
+        output_size,
+        list(conv.stride),
+        list(padding),
+        list(conv.kernel_size),
+        spatial,
+        list(conv.dilation),
     )
-    return _group_rows(patches, layer.groups)  # type: ignore[arg-type]
+    if inputs.dim() == spatial + 1:  # unbatched input
+        inputs = inputs.unsqueeze(0)
+    inserted = inputs.new_zeros(
+        *inputs.shape[:2],
+        *((size - 1) * step + 1 for size, step in zip(inputs.shape[2:], conv.stride)),
+    )
+    inserted[(slice(None), slice(None), *(slice(None, None, step) for step in conv.stride))] = (
+        inputs
+    )
+    pad: list[int] = []
+    for size, spacing, amount, extra in reversed(
+        list(zip(conv.kernel_size, conv.dilation, padding, output_padding))
+    ):
+        border = spacing * (size - 1) - amount
+        pad += [border, border + extra]
+    windows = _windows(F.pad(inserted, pad), conv.kernel_size, (1,) * spatial, conv.dilation)
+    # window tap j reads input offset a = k - 1 - j: flip so rows follow the weight's tap order
+    windows = windows.flip(tuple(range(-spatial, 0)))
+    return _patch_rows(windows, conv.groups)
 
 
-#: Layer type -> function turning the layer's input into representation rows.
-REPRESENTATIONS: dict[type[nn.Module], RowsFn] = {
-    nn.Linear: linear_rows,
-    nn.Conv1d: conv1d_rows,
-    nn.Conv2d: conv2d_rows,
-}
+def _conv_transpose_forward_rows(
+    layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor:
+    output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
+    return conv_transpose_rows(layer, _forward_input(args, kwargs), output_size)
 
 
-def rows_fn_for(layer: nn.Module) -> RowsFn | None:
-    """The representation handler for ``layer``'s exact type or nearest supported base class."""
-    for cls in type(layer).__mro__:
-        if cls in REPRESENTATIONS:
-            return REPRESENTATIONS[cls]
-    return None
+def _transposed_as_matrix(groups: int, weight: Tensor) -> Tensor:
+    # (in, out/groups, *k) -> (out, in/groups * prod(k)); output channel o of group g
+    # multiplies group g's rows, like the convolution layout.
+    in_channels, per_group_out = weight.shape[:2]
+    blocks = weight.reshape(groups, in_channels // groups, per_group_out, -1).transpose(1, 2)
+    return blocks.reshape(groups * per_group_out, -1)
 
 
-def is_supported(layer: nn.Module) -> bool:
-    """Whether ``layer`` has a representation handler and a weight."""
-    return rows_fn_for(layer) is not None and isinstance(getattr(layer, "weight", None), Tensor)
+def _write_transposed_(groups: int, weight: Tensor, matrix: Tensor) -> None:
+    in_channels, per_group_out = weight.shape[:2]
+    blocks = matrix.reshape(groups, per_group_out, in_channels // groups, -1).transpose(1, 2)
+    weight.copy_(blocks.reshape(weight.shape))
 
 
-def layer_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
-    """Representation rows of ``layer`` for the given input batch.
-
-    Raises:
-        TypeError: if the layer type has no handler in :data:`REPRESENTATIONS`.
-    """
-    fn = rows_fn_for(layer)
-    if fn is None:
-        supported = ", ".join(cls.__name__ for cls in REPRESENTATIONS)
-        raise TypeError(
-            f"No representation for layer type {type(layer).__name__}; supported: {supported}."
-        )
-    return fn(layer, inputs)
-
-
-def representation_dim(layer: nn.Module) -> int:
-    """Dimension ``d`` of the layer's rows, equal to ``weight[0].numel()``."""
-    return int(layer.weight[0].numel())  # type: ignore[index]
-
-
-def weight_as_matrix(weight: Tensor) -> Tensor:
-    """View a weight (or its gradient) as ``out x d``, matching the order of the rows."""
-    return weight.reshape(weight.shape[0], -1)
-
-
-# -- weight-level interface (the engine's view of a layer) ------------------------------------
-@dataclass(frozen=True)
-class WeightRows:
-    """One constrained weight of a layer and the input rows it multiplies.
-
-    Attributes:
-        parameter: attribute path of the weight relative to the layer (``"weight"``).
-        suffix: ``""`` for a layer's single weight (its basis is keyed by the layer name), else
-            a short tag appended to the layer name (``"q"``, ``"out"``).
-        rows: ``(layer, args, kwargs) -> (N, d)`` rows from a forward pre-hook, sample-major.
-        to_matrix: weight-shaped tensor -> ``(out, d)`` matrix ``M`` with ``output = rows @ Mᵀ``.
-        write_matrix_: writes an ``(out, d)`` matrix back into a weight-shaped tensor in place.
-        dim: row dimension ``d``.
-    """
-
-    parameter: str
-    suffix: str
-    rows: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Tensor]
-    to_matrix: Callable[[Tensor], Tensor]
-    write_matrix_: Callable[[Tensor, Tensor], None]
-    dim: int
-
-
-Handler = Callable[[nn.Module], list[WeightRows]]
-
-
-def _write_reshaped_(tensor: Tensor, matrix: Tensor) -> None:
-    tensor.copy_(matrix.reshape_as(tensor))
-
-
-def _single_weight(layer: nn.Module) -> list[WeightRows]:
-    fn = rows_fn_for(layer)
-    assert fn is not None
-
-    def rows(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        return fn(module, args[0] if args else next(iter(kwargs.values())))
-
+@register_representation(nn.ConvTranspose1d)
+@register_representation(nn.ConvTranspose2d)
+@register_representation(nn.ConvTranspose3d)
+def conv_transpose_representation(layer: nn.Module) -> list[WeightRows]:
+    """The weight ``(in, out/groups, k...)`` of a transposed convolution, as ``(out, d)``."""
+    conv = cast(nn.modules.conv._ConvTransposeNd, layer)
+    groups = int(conv.groups)
+    dim = conv.in_channels // groups * math.prod(conv.kernel_size)
     return [
         WeightRows(
-            "weight", "", rows, weight_as_matrix, _write_reshaped_, representation_dim(layer)
+            "weight",
+            "",
+            _conv_transpose_forward_rows,
+            functools.partial(_transposed_as_matrix, groups),
+            functools.partial(_write_transposed_, groups),
+            dim,
         )
     ]
 
 
+# --------------------------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------------------------
+
+
+def embedding_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """Rows of an Embedding: one-hot vectors of the looked-up indices, in input order.
+
+    Returns:
+        Tensor ``(N, num_embeddings)`` in the weight's dtype, ``N = inputs.numel()``.
+    """
+    embedding = cast(nn.Embedding, layer)
+    one_hot = F.one_hot(inputs.reshape(-1), embedding.num_embeddings)
+    return one_hot.to(embedding.weight.dtype)
+
+
+def _embedding_forward_rows(
+    layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor:
+    return embedding_rows(layer, _forward_input(args, kwargs))
+
+
+def _transpose(weight: Tensor) -> Tensor:
+    return weight.t()
+
+
+def _write_transpose_(weight: Tensor, matrix: Tensor) -> None:
+    weight.copy_(matrix.t())
+
+
+@register_representation(nn.Embedding)
+def embedding_representation(layer: nn.Module) -> list[WeightRows]:
+    """An Embedding's output is ``one_hot(index) @ W``, so ``M = W.T`` and ``d = num_embeddings``.
+
+    With ``max_norm`` the layer renormalises the looked-up weight rows in place during forward;
+    the rows stay exact for the weight as renormalised. Sparse gradients cannot be written back
+    in place.
+    """
+    embedding = cast(nn.Embedding, layer)
+    return [
+        WeightRows(
+            "weight",
+            "",
+            _embedding_forward_rows,
+            _transpose,
+            _write_transpose_,
+            int(embedding.num_embeddings),
+        )
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-head attention
+# --------------------------------------------------------------------------------------------
+
+
+_FORWARD_SIGNATURES: dict[type[nn.Module], inspect.Signature] = {}
+
+
+def _forward_signature(layer_type: type[nn.Module]) -> inspect.Signature:
+    # binding runs on every forward of the remaining-data pass: inspect each type once
+    if layer_type not in _FORWARD_SIGNATURES:
+        _FORWARD_SIGNATURES[layer_type] = inspect.signature(layer_type.forward)
+    return _FORWARD_SIGNATURES[layer_type]
+
+
+def _attention_arguments(
+    layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    # Bind like the call itself did, so positional and keyword masks/flags are read alike.
+    bound = _forward_signature(type(layer)).bind(layer, *args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _sample_major_tokens(layer: nn.MultiheadAttention, tokens: Tensor) -> Tensor:
+    # batch_first=False gives (L, B, E): samples must come first for per-sample row blocks
+    if tokens.dim() == 3 and not layer.batch_first:
+        tokens = tokens.transpose(0, 1)
+    return tokens.reshape(-1, tokens.shape[-1])
+
+
+def _attention_input_rows(name: str) -> RowsFn:
+    def rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        tokens = cast(Tensor, _attention_arguments(layer, args, kwargs)[name]).detach()
+        return _sample_major_tokens(cast(nn.MultiheadAttention, layer), tokens)
+
+    return rows
+
+
+def attention_output_rows(
+    layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor:
+    """Rows of ``out_proj.weight``: the attention output before the output projection.
+
+    Recomputes the attention of the call ``layer(*args, **kwargs)`` with the layer's own
+    projections, ``bias_k``/``bias_v``, ``add_zero_attn`` and masks (``key_padding_mask``,
+    ``attn_mask``, ``is_causal``, ``need_weights`` as passed), an identity output projection
+    without bias, and dropout off (the remaining-data pass runs in eval mode).
+
+    Returns:
+        Tensor ``(B * L, embed_dim)``, sample-major.
+    """
+    attention = cast(nn.MultiheadAttention, layer)
+    call = _attention_arguments(layer, args, kwargs)
+    query, key, value = (cast(Tensor, call[name]) for name in ("query", "key", "value"))
+    batched = query.dim() == 3
+    if batched and attention.batch_first:
+        query, key, value = (tokens.transpose(0, 1) for tokens in (query, key, value))
+    embed_dim = attention.embed_dim
+    identity = torch.eye(embed_dim, dtype=query.dtype, device=query.device)
+    with torch.no_grad():
+        output, _ = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            embed_dim,
+            attention.num_heads,
+            attention.in_proj_weight,
+            attention.in_proj_bias,
+            attention.bias_k,
+            attention.bias_v,
+            attention.add_zero_attn,
+            0.0,
+            identity,
+            None,
+            training=False,
+            key_padding_mask=call["key_padding_mask"],
+            need_weights=call["need_weights"],
+            attn_mask=call["attn_mask"],
+            use_separate_proj_weight=not attention._qkv_same_embed_dim,
+            q_proj_weight=attention.q_proj_weight,
+            k_proj_weight=attention.k_proj_weight,
+            v_proj_weight=attention.v_proj_weight,
+            average_attn_weights=call["average_attn_weights"],
+            # the layer's fast path (eval, no grad, self-attention) ignores `is_causal` without
+            # `attn_mask`, where the slow path raises: follow the path that did not raise
+            is_causal=call["is_causal"] and call["attn_mask"] is not None,
+        )
+    if batched:
+        output = output.transpose(0, 1)
+    return output.reshape(-1, embed_dim)
+
+
+def _block(start: int, stop: int, weight: Tensor) -> Tensor:
+    return weight[start:stop]
+
+
+def _write_block_(start: int, stop: int, weight: Tensor, matrix: Tensor) -> None:
+    weight[start:stop].copy_(matrix)
+
+
+@register_representation(nn.MultiheadAttention)
+def attention_representation(layer: nn.Module) -> list[WeightRows]:
+    """Query/key/value projections (packed blocks or separate weights) and the output projection.
+
+    The q/k/v rows are the inputs to the projections, exact also with ``bias_k``/``bias_v`` and
+    ``add_zero_attn``: those append key/value tokens *after* the projection, from raw parameters
+    that are frozen rather than projected. The output projection's rows are
+    :func:`attention_output_rows`.
+    """
+    attention = cast(nn.MultiheadAttention, layer)
+    embed_dim = attention.embed_dim
+    inputs = (
+        ("q", "query", embed_dim),
+        ("k", "key", attention.kdim),
+        ("v", "value", attention.vdim),
+    )
+    representations = []
+    for block, (suffix, name, dim) in enumerate(inputs):
+        if attention._qkv_same_embed_dim:
+            start, stop = block * embed_dim, (block + 1) * embed_dim
+            representation = WeightRows(
+                "in_proj_weight",
+                suffix,
+                _attention_input_rows(name),
+                functools.partial(_block, start, stop),
+                functools.partial(_write_block_, start, stop),
+                int(dim),
+            )
+        else:
+            representation = WeightRows(
+                f"{suffix}_proj_weight",
+                suffix,
+                _attention_input_rows(name),
+                _same_matrix,
+                _write_same_,
+                int(dim),
+            )
+        representations.append(representation)
+    representations.append(
+        WeightRows(
+            "out_proj.weight", "out", attention_output_rows, _same_matrix, _write_same_, embed_dim
+        )
+    )
+    return representations
+
+
+# --------------------------------------------------------------------------------------------
+# Lookup
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_parameter(layer: nn.Module, path: str) -> Tensor | None:
+    """The tensor at ``path`` (e.g. ``"out_proj.weight"``) below ``layer``, or ``None``."""
+    target: Any = layer
+    for attribute in path.split("."):
+        target = getattr(target, attribute, None)
+    return target if isinstance(target, Tensor) else None
+
+
 def representations_of(layer: nn.Module) -> list[WeightRows] | None:
-    """The weights of ``layer`` with their rows, or ``None`` for an unsupported layer."""
-    if not is_supported(layer):
-        return None
-    return _single_weight(layer)
+    """The constrained weights of ``layer`` and their rows.
+
+    Uses the handler of the layer's exact type, else of its nearest registered base class.
+
+    Returns:
+        The list of :class:`WeightRows`, or ``None`` when no handler applies or a weight it names
+        is missing (e.g. a subclass that set ``weight = None``).
+    """
+    for cls in type(layer).__mro__:
+        if cls in REPRESENTATIONS:
+            representations = REPRESENTATIONS[cls](layer)
+            if all(resolve_parameter(layer, r.parameter) is not None for r in representations):
+                return representations
+            return None
+    return None
+
+
+def is_supported(layer: nn.Module) -> bool:
+    """Whether ``layer`` has a representation handler and the weights it names."""
+    return representations_of(layer) is not None
+
+
+def supported_layer_types() -> str:
+    """Comma-separated names of the layer types with a handler."""
+    return ", ".join(cls.__name__ for cls in REPRESENTATIONS)
+
+
+def _single_representation(layer: nn.Module) -> WeightRows:
+    representations = representations_of(layer)
+    if representations is None:
+        raise TypeError(
+            f"No representation for layer type {type(layer).__name__}; supported: "
+            f"{supported_layer_types()}."
+        )
+    if len(representations) != 1:
+        weights = ", ".join(r.parameter for r in representations)
+        raise TypeError(
+            f"Layer type {type(layer).__name__} has several constrained weights ({weights}); "
+            "use `representations_of(layer)` for their rows."
+        )
+    return representations[0]
+
+
+def layer_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """Representation rows of a single-weight ``layer`` for the input batch ``inputs``.
+
+    Raises:
+        TypeError: if the layer type has no handler, or has several constrained weights.
+    """
+    return _single_representation(layer).rows(layer, (inputs,), {})
+
+
+def representation_dim(layer: nn.Module) -> int:
+    """Dimension ``d`` of the rows of a single-weight ``layer`` (``weight[0].numel()`` for
+    Linear and convolutions, ``num_embeddings`` for an Embedding).
+
+    Raises:
+        TypeError: if the layer type has no handler, or has several constrained weights.
+    """
+    return _single_representation(layer).dim
