@@ -297,14 +297,13 @@ class NullSpaceEngine:
     def estimate_bytes(self, groups: int = 1) -> int:
         """Peak bytes of the covariance sums and bases with ``groups`` classes held at once.
 
-        The per-class rule holds ``groups`` float64 ``d x d`` sums per basis, one pooled sum (for
-        the energy report) and the basis (at most ``d x d``); the pooled rule one sum and the
-        basis. The number of classes itself never enters: classes beyond ``groups`` cost passes
-        over the data, not memory.
+        Per basis: ``groups`` float64 ``d x d`` sums (one for the pooled rule) and the basis
+        itself (at most ``d x d``). The number of classes never enters: classes beyond
+        ``groups`` cost passes over the data, not memory.
         """
         square = sum(d * d for d in self.dims.values()) * 8
         held = groups if self.rule == "per_class" else 1
-        return square * (held + (2 if self.rule == "per_class" else 1))
+        return square * (held + 1)
 
     def _group_size(self, device: torch.device) -> int:
         budget = self.memory_budget
@@ -592,6 +591,7 @@ class _BasisPass:
         self.seen_keys: set[str] = set()
         self.seen_classes: set[int] = set()
         self.class_samples: dict[int, int] = {}
+        self.bases: dict[str, Tensor] = {}
         self.peak = 0
 
     def _pass(
@@ -679,21 +679,25 @@ class _BasisPass:
                 "pass a DataLoader or a list, or raise `memory_budget`."
             )
         groups = [classes[i : i + group_size] for i in range(0, len(classes), group_size)]
-        pooled = {
-            k: torch.zeros(d, d, dtype=torch.float64, device=self.device)
-            for k, d in self.dims.items()
-        }
-        bases = {
+        bases = self.bases = {
             k: torch.zeros(d, 0, dtype=torch.float64, device=self.device)
             for k, d in self.dims.items()
         }
+        energy = dict.fromkeys(self.dims, 0.0)  # captured energy, summed over groups
+        total = dict.fromkeys(self.dims, 0.0)
         for index, group in enumerate(groups):
             if index == 0:
-                accumulator = slots.aligned(first, group)
+                # per-class sums in slot order; a copy aligned to ``group`` only when another
+                # process may hold other slots (the all-reduce needs the same layout everywhere)
+                if self.reduce is None and sorted(slots.classes) == group:
+                    accumulator, group = first, list(slots.classes)
+                else:
+                    accumulator = slots.aligned(first, group)
+                del first
             else:
                 accumulator = self._pass(batches, _Slots(len(group), fixed=group), False)
             self._account(accumulator, group)
-            self._extend(bases, pooled, accumulator, group, per_class)
+            self._extend(bases, energy, total, accumulator, group, per_class)
             del accumulator
         samples = sum(self.class_samples.values())
         if samples == 0:
@@ -707,16 +711,19 @@ class _BasisPass:
                 f"Layers {unseen} received no input while running the remaining data through "
                 "the model; exclude them (`exclude_layers=`) or make `forward` use them."
             )
-        result: dict[str, tuple[Tensor, BasisInfo]] = {}
-        for key, total in pooled.items():
-            if not per_class:
-                result[key] = pooled_basis(total, _threshold_for(engine.threshold, key))
-                continue
-            basis = bases[key]
-            trace = float(torch.trace(total))
-            kept = float(torch.trace(basis.T @ total @ basis)) if basis.shape[1] else 0.0
-            info = BasisInfo(self.dims[key], basis.shape[1], kept / trace if trace > 0 else 1.0)
-            result[key] = (basis, info)
+        # one group: the energy the final basis captures; several: each group's energy as
+        # captured right after it (a lower bound: later directions only add)
+        result = {
+            key: (
+                basis,
+                BasisInfo(
+                    self.dims[key],
+                    basis.shape[1],
+                    energy[key] / total[key] if total[key] > 0 else 1.0,
+                ),
+            )
+            for key, basis in bases.items()
+        }
         counts = sorted(self.class_samples.items())
         engine.label_digest = hashlib.sha256(json.dumps(counts).encode()).hexdigest()[:16]
         report = BuildReport(
@@ -743,7 +750,8 @@ class _BasisPass:
     def _extend(
         self,
         bases: dict[str, Tensor],
-        pooled: dict[str, Tensor],
+        energy: dict[str, float],
+        total: dict[str, float],
         accumulator: CovarianceAccumulator,
         group: list[int],
         per_class: bool,
@@ -751,24 +759,23 @@ class _BasisPass:
         engine = self.engine
         for key in self.dims:
             sums = accumulator.sums[key]
-            pooled[key] += sums.sum(0)
-            if not per_class:
-                continue
             eps = _threshold_for(engine.threshold, key)
-            schedule = class_threshold_schedule(eps, engine.class_threshold_step)
-            covariances = {k: sums[i] for i, k in enumerate(group)}
-            bases[key], _ = per_class_basis(covariances, schedule, basis=bases[key])
-        self._peak(accumulator, bases, pooled)
+            if per_class:
+                schedule = class_threshold_schedule(eps, engine.class_threshold_step)
+                covariances = {k: sums[i] for i, k in enumerate(group)}
+                bases[key], info = per_class_basis(covariances, schedule, basis=bases[key])
+            else:
+                bases[key], info = pooled_basis(sums[0], eps)
+            trace = float(sums.diagonal(dim1=-2, dim2=-1).sum())
+            energy[key] += info.energy * trace
+            total[key] += trace
+            self._peak(accumulator, bases)
 
     def _peak(
-        self,
-        accumulator: CovarianceAccumulator,
-        bases: Mapping[str, Tensor] | None = None,
-        pooled: Mapping[str, Tensor] | None = None,
+        self, accumulator: CovarianceAccumulator, bases: Mapping[str, Tensor] | None = None
     ) -> None:
         held = sum(t.numel() for t in accumulator.sums.values())
-        held += sum(t.numel() for t in (bases or {}).values())
-        held += sum(t.numel() for t in (pooled or {}).values())
+        held += sum(t.numel() for t in (bases if bases is not None else self.bases).values())
         self.peak = max(self.peak, held * 8)
 
 

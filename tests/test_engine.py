@@ -1,0 +1,296 @@
+"""NullSpaceEngine: plain loop vs callback, classes from labels, class-grouped passes, memory,
+tied weights, batch adapters, parameter accounting and model-level drift."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    IN_FEATURES,
+    BoringClassifier,
+    logits_of,
+    make_subspace_problem,
+    max_relative_change,
+    mlp,
+    quiet_trainer,
+)
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from unsc_lightning import NullSpaceCalibration
+from unsc_lightning.nullspace import NullSpaceEngine, NullSpaceEngineError
+from unsc_lightning.nullspace.basis import class_threshold_schedule, per_class_basis
+
+
+def _projector(basis: Tensor) -> Tensor:
+    return basis.double() @ basis.double().T
+
+
+class PlainModule(L.LightningModule):
+    """What a user writes: forward, training_step, configure_optimizers. No `num_classes`."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.1) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_plain_loop_gives_the_weights_of_the_callback_in_a_trainer():
+    problem = make_subspace_problem()
+    torch.manual_seed(0)
+    model = mlp()
+    plain = copy.deepcopy(model)
+    callback = NullSpaceCalibration(threshold=0.97, retain_dataloader=problem.retain_loader())
+    forget = TensorDataset(problem.forget_x, problem.forget_y)
+    quiet_trainer(2, [callback]).fit(PlainModule(model), DataLoader(forget, batch_size=8))
+
+    engine = NullSpaceEngine(plain, threshold=0.97)
+    engine.build(problem.retain_loader())
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    loader = DataLoader(forget, batch_size=8)
+    with engine.guard():
+        for _ in range(2):
+            for x, y in loader:
+                optimizer.zero_grad()
+                F.cross_entropy(plain(x), y).backward()
+                engine.project_gradients_()
+                optimizer.step()
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    assert all(p.requires_grad for p in plain.parameters())  # the guard restored everything
+    assert set(engine.bases) == {"0", "2", "4"}
+    for key, basis in engine.bases.items():
+        assert torch.allclose(
+            _projector(basis), _projector(callback.bases[f"model.{key}"]), atol=1e-5
+        )
+
+
+def test_per_class_rule_takes_classes_from_labels_without_num_classes():
+    problem = make_subspace_problem()
+    model = mlp()
+    callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=problem.retain_loader())
+    before = logits_of(model, problem.retain_x)
+    quiet_trainer(3, [callback]).fit(PlainModule(model, lr=0.5), problem.forget_loader())
+    assert callback.engine is not None and callback.engine.report is not None
+    assert callback.engine.report.classes == [0, 1, 2, 3]
+    assert max_relative_change(before, logits_of(model, problem.retain_x)) < 1e-4
+    assert callback.model_drift is not None and callback.model_drift < 1e-4
+
+
+def test_unlabelled_retain_data_fall_back_to_the_pooled_rule():
+    problem = make_subspace_problem()
+    unlabelled = NullSpaceEngine(mlp(), threshold=0.97)
+    unlabelled.build(problem.retain_loader(labels=False))
+    pooled = NullSpaceEngine(copy.deepcopy(unlabelled.model), threshold=0.97, rule="pooled")
+    pooled.build(problem.retain_loader())
+    assert unlabelled.report is not None and unlabelled.report.classes == []
+    for key, basis in unlabelled.bases.items():
+        assert torch.allclose(_projector(basis), _projector(pooled.bases[key]), atol=1e-5)
+
+
+@pytest.mark.parametrize("step", [0.0, 0.01])
+def test_class_groups_in_several_passes_equal_one_pass(step):
+    problem = make_subspace_problem()
+    model = mlp()
+    one = NullSpaceEngine(model, threshold=0.9, class_threshold_step=step)
+    one.build(problem.retain_loader())
+    grouped = NullSpaceEngine(model, threshold=0.9, class_threshold_step=step)
+    grouped.memory_budget = grouped.estimate_bytes(1)  # one class's sums at a time
+    grouped.build(problem.retain_loader())
+    assert one.report is not None and grouped.report is not None
+    assert (one.report.passes, grouped.report.passes) == (1, 4)
+    assert grouped.report.peak_bytes <= grouped.report.estimate_bytes
+    for key, basis in one.bases.items():
+        assert basis.shape == grouped.bases[key].shape
+        assert torch.allclose(_projector(basis), _projector(grouped.bases[key]), atol=1e-5)
+        # one group: energy of the final basis; several: a lower bound
+        assert grouped.layer_infos[key].energy <= one.layer_infos[key].energy + 1e-9
+
+
+def test_per_class_engine_equals_the_direct_algorithm_1():
+    problem = make_subspace_problem()
+    model = nn.Sequential(nn.Linear(IN_FEATURES, 8))
+    engine = NullSpaceEngine(model, threshold=0.95, class_threshold_step=0.01)
+    engine.build(problem.retain_loader(batch_size=5))
+    x, y = problem.retain_x.double(), problem.retain_y
+    covariances = {int(k): x[y == k].T @ x[y == k] for k in y.unique()}
+    expected, _ = per_class_basis(covariances, class_threshold_schedule(0.95, 0.01))
+    assert torch.allclose(_projector(engine.bases["0"]), _projector(expected), atol=1e-5)
+
+
+def test_hundred_classes_stay_within_the_estimate_below_three_squares():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=generator)
+    y = torch.arange(500) % 100
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 100))
+    engine = NullSpaceEngine(model, threshold=0.97)
+    engine.memory_budget = engine.estimate_bytes(1)
+    squares = sum(d * d for d in engine.dims.values())
+    assert engine.estimate_bytes(1) < 3 * squares * 8  # float64 elements
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        engine.build(
+            DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True, generator=generator)
+        )
+    assert engine.report is not None
+    assert engine.report.classes == list(range(100)) and engine.report.passes == 100
+    assert engine.report.peak_bytes <= engine.report.estimate_bytes
+    # the dense per-class layout would hold 100 x sum(d^2) float64 at once
+    largest = max(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert largest < engine.report.estimate_bytes
+    dense = NullSpaceEngine(model, threshold=0.97)
+    dense.build(DataLoader(TensorDataset(x, y), batch_size=50))
+    for key, basis in dense.bases.items():
+        assert torch.allclose(_projector(basis), _projector(engine.bases[key]), atol=1e-4)
+
+
+def test_budget_below_one_class_names_the_figure_and_the_way_out():
+    engine = NullSpaceEngine(mlp(), memory_budget=1000)
+    with pytest.raises(NullSpaceEngineError, match=r"needs about .* MiB .* Raise `memory_budget`"):
+        engine.build(make_subspace_problem().retain_loader())
+
+
+def test_max_samples_per_class_uses_that_many_samples():
+    problem = make_subspace_problem()
+    engine = NullSpaceEngine(mlp(), max_samples_per_class=3)
+    engine.build(problem.retain_loader())
+    assert engine.report is not None and engine.report.samples == 12  # 4 classes x 3
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(IN_FEATURES, IN_FEATURES, bias=False)
+        self.b = nn.Linear(IN_FEATURES, IN_FEATURES, bias=False)
+        self.b.weight = self.a.weight  # one parameter, two layers
+        self.head = nn.Linear(IN_FEATURES, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "update"])
+def test_tied_weight_keeps_the_outputs_of_every_layer_using_it(optimizer):
+    problem = make_subspace_problem()
+    torch.manual_seed(0)
+    model = _Tied()
+    factory = (lambda p: torch.optim.Adam(p, lr=0.05)) if optimizer == "adam" else None
+    mode = "update" if optimizer == "update" else "auto"
+    callback = NullSpaceCalibration(
+        threshold=1.0, retain_dataloader=problem.retain_loader(), mode=mode
+    )
+    before = logits_of(model, problem.retain_x)
+    quiet_trainer(3, [callback]).fit(
+        BoringClassifier(model, lr=0.5, optimizer=factory), problem.forget_loader()
+    )
+    assert callback.engine is not None
+    assert list(callback.engine.bases) == ["model.a", "model.head"]  # one basis for a and b
+    assert max_relative_change(before, logits_of(model, problem.retain_x)) < 1e-4
+
+
+class _DictModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, pixel_values: Tensor, scale: Tensor) -> Tensor:
+        return self.net(pixel_values * scale)
+
+
+class _DictModule(PlainModule):
+    def forward(self, pixel_values: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        return self.model(pixel_values, scale)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch["pixel_values"], batch["scale"]), batch["labels"])
+
+
+def _dict_loader(x: Tensor, y: Tensor) -> DataLoader:
+    items = [{"pixel_values": a, "scale": torch.ones(1), "labels": b} for a, b in zip(x, y)]
+    return DataLoader(items, batch_size=8)
+
+
+def test_dict_batches_with_keyword_inputs_work_at_defaults():
+    problem = make_subspace_problem()
+    model = _DictModel()
+    callback = NullSpaceCalibration(
+        threshold=1.0, retain_dataloader=_dict_loader(problem.retain_x, problem.retain_y)
+    )
+    before = logits_of(model.net, problem.retain_x)
+    quiet_trainer(2, [callback]).fit(
+        _DictModule(model, lr=0.5), _dict_loader(problem.forget_x, problem.forget_y)
+    )
+    assert callback.engine is not None and callback.engine.report is not None
+    assert callback.engine.report.classes == [0, 1, 2, 3]
+    assert max_relative_change(before, logits_of(model.net, problem.retain_x)) < 1e-4
+
+
+def test_batch_adapter_maps_a_custom_batch():
+    problem = make_subspace_problem()
+    batches = [{"inputs": (x,), "target": y} for x, y in problem.retain_loader()]
+    engine = NullSpaceEngine(mlp())
+    engine.build(batches, batch_adapter=lambda b: (b["inputs"], b["target"]))
+    assert engine.report is not None and engine.report.samples == len(problem.retain_x)
+
+
+class _TokenModel(nn.Module):
+    """Class token and position embedding (raw parameters) around a Linear encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 4))
+        self.pos = nn.Parameter(torch.randn(1, 6, 4))
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.reshape(len(x), 5, 4)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], 1) + self.pos
+        return self.head(self.norm(self.proj(tokens))[:, 0])
+
+
+def test_every_trainable_parameter_is_constrained_or_frozen_and_restored():
+    problem = make_subspace_problem()
+    model = _TokenModel()
+    callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=problem.retain_loader())
+    before = logits_of(model, problem.retain_x)
+    with pytest.warns(
+        UserWarning, match=r"`model\.cls_token` \(unsupported\), `model\.pos` \(unsupported\)"
+    ):
+        quiet_trainer(3, [callback]).fit(PlainModule(model, lr=0.5), problem.forget_loader())
+    engine = callback.engine
+    assert engine is not None
+    names = {f"model.{n}" for n, _ in model.named_parameters()}
+    assert set(engine.constrained_parameters) | set(engine.frozen_parameters) == names
+    assert set(engine.constrained_parameters) == {"model.proj.weight", "model.head.weight"}
+    assert not engine.free_parameters
+    assert all(p.requires_grad for p in model.parameters())
+    assert max_relative_change(before, logits_of(model, problem.retain_x)) < 1e-4
+
+
+def test_model_drift_warns_when_free_parameters_move_remaining_outputs():
+    problem = make_subspace_problem()
+    model = _TokenModel()
+    callback = NullSpaceCalibration(
+        threshold=1.0, retain_dataloader=problem.retain_loader(), freeze_unconstrained=False
+    )
+    with pytest.warns(UserWarning, match=r"logits on remaining data moved by"):
+        quiet_trainer(5, [callback]).fit(PlainModule(model, lr=1.0), problem.forget_loader())
+    assert callback.model_drift is not None and callback.model_drift > 0.05
