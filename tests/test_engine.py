@@ -294,3 +294,9 @@ def test_model_drift_warns_when_free_parameters_move_remaining_outputs():
     with pytest.warns(UserWarning, match=r"logits on remaining data moved by"):
         quiet_trainer(5, [callback]).fit(PlainModule(model, lr=1.0), problem.forget_loader())
     assert callback.model_drift is not None and callback.model_drift > 0.05
+
+
+def test_schedule_reaching_one_warns_with_the_classes():
+    engine = NullSpaceEngine(mlp(), threshold=0.97, class_threshold_step=0.01)
+    with pytest.warns(UserWarning, match=r"reaches 1\.0 for classes \[3\]"):
+        engine.build(make_subspace_problem().retain_loader())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -592,6 +593,7 @@ class _BasisPass:
         self.seen_classes: set[int] = set()
         self.class_samples: dict[int, int] = {}
         self.bases: dict[str, Tensor] = {}
+        self.saturated: set[str] = set()
         self.peak = 0
 
     def _pass(
@@ -761,6 +763,16 @@ class _BasisPass:
             sums = accumulator.sums[key]
             eps = _threshold_for(engine.threshold, key)
             if per_class:
+                saturated = [k for k in group if eps + engine.class_threshold_step * k >= 1.0]
+                if engine.class_threshold_step and saturated and key not in self.saturated:
+                    self.saturated.add(key)
+                    warnings.warn(
+                        f"NullSpaceEngine: the per-class schedule `threshold + "
+                        f"class_threshold_step * k` reaches 1.0 for classes {saturated} of "
+                        f"`{key}`: their whole span is kept, leaving less room to forget. Lower "
+                        "`class_threshold_step` for data with many classes.",
+                        stacklevel=2,
+                    )
                 schedule = class_threshold_schedule(eps, engine.class_threshold_step)
                 covariances = {k: sums[i] for i, k in enumerate(group)}
                 bases[key], info = per_class_basis(covariances, schedule, basis=bases[key])
