@@ -10,12 +10,10 @@ increase measured is the basis pass's own (per-batch rows and the ``d x d`` sums
 Variants (``--variants``):
 
 - ``legacy``: per-class accumulation as before this benchmark (a boolean mask and a copy per
-  class and layer, a finiteness pass with a device sync per layer), ``F.unfold`` rows;
+  class and layer, a finiteness pass with a device sync per layer), the library's rows;
 - ``per_class``: the library's per-class accumulation (batches sorted by label, one ``addmm_``
-  per class on a view, finiteness checked on the diagonal once per batch), ``F.unfold`` rows;
-- ``per_class_strided`` / ``pooled_strided``: the same with the proposed strided-view rows of
-  ``benchmarks/strided_rows.py`` instead of ``F.unfold`` (im2col);
-- ``pooled``: one pooled covariance, ``F.unfold`` rows.
+  per class on a view, finiteness checked on the diagonal once per batch), the library's rows;
+- ``pooled``: one pooled covariance, the library's rows.
 
 Models (``--model``): ``mnist1d`` (MNIST1DConvNet, inputs 1 x 40, default) or ``allcnn``
 (AllCNN at the paper's width 0.5, inputs 3 x 32 x 32).
@@ -30,7 +28,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +60,7 @@ MODELS = {
     "mnist1d": (lambda: MNIST1DConvNet(num_classes=NUM_CLASSES), (1, 40), 512),
     "allcnn": (lambda: AllCNN(num_classes=NUM_CLASSES), (3, 32, 32), 128),
 }
-VARIANTS = ("legacy", "per_class", "pooled", "per_class_strided", "pooled_strided")
+VARIANTS = ("legacy", "per_class", "pooled")
 
 
 class SyntheticLoader:
@@ -113,22 +110,19 @@ def legacy_accumulate(
 def worker(
     model_name: str, n: int, variant: str, device: torch.device, repeats: int
 ) -> dict[str, Any]:
-    import strided_rows
-
     factory, shape, batch_size = MODELS[model_name]
     torch.manual_seed(0)
     model = factory().to(device).eval()
     layers = select_layers(model).layers
     loader = SyntheticLoader(n, batch_size, shape, device)
     per_class = not variant.startswith("pooled")
-    rows_context = strided_rows.installed if variant.endswith("strided") else nullcontext
 
     def covariance_pass() -> CovarianceAccumulator:
         cls = LegacyAccumulator if variant == "legacy" else CovarianceAccumulator
         accumulator = cls(
             layer_dims(layers), num_classes=NUM_CLASSES if per_class else None, device=device
         )
-        with rows_context():
+        if True:
             if variant == "legacy":
                 legacy_accumulate(model, layers, loader, accumulator)
             else:

@@ -22,7 +22,6 @@ import lightning.pytorch as L
 import torch
 from _common import machine, parser, setup, table, write_json
 
-import unsc_lightning.callback as calibration_module
 from unsc_lightning.data import ForgetSpec
 from unsc_lightning.experiment import (
     EMBEDDED,
@@ -52,28 +51,6 @@ class PhaseTimer(L.Callback):
         self.stamps["train_end"] = time.perf_counter()
 
 
-class EigenTimer:
-    """Wraps the callback's `build_bases` to time the eigendecompositions."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.original = calibration_module.build_bases
-
-    def __enter__(self) -> EigenTimer:
-        def timed_build_bases(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return self.original(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        calibration_module.build_bases = timed_build_bases  # type: ignore[assignment]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        calibration_module.build_bases = self.original  # type: ignore[assignment]
-
-
 @torch.no_grad()
 def plain_pass_seconds(model: torch.nn.Module, loader: Any) -> float:
     """A plain no-grad forward pass over ``loader`` (data loading included): the cost floor."""
@@ -92,21 +69,12 @@ def main() -> None:
     args.add_argument(
         "--unlearn-epochs", type=int, default=None, help="override the recipe's epochs"
     )
-    args.add_argument(
-        "--rows",
-        choices=["unfold", "strided"],
-        default="unfold",
-        help="conv rows: the library's F.unfold or the proposed strided view",
-    )
     options = args.parse_args()
     device = setup(options)
     if device.type != "cpu":
         print(
             "note: unsc_lightning.experiment trains on the CPU (make_trainer); --device is recorded only"
         )
-    import strided_rows
-
-    rows_context = strided_rows.installed if options.rows == "strided" else nullcontext
     forget = ForgetSpec(kind="class", classes=[options.forget_class])
     data = {"num_samples": options.num_samples}
     seed = options.seed
@@ -126,7 +94,7 @@ def main() -> None:
 
     timer = PhaseTimer()
     start = time.perf_counter()
-    with EigenTimer() as eigen, rows_context():
+    with nullcontext():
         unlearned, unsc_fit_s, callback = run_unsc(
             original, "mnist1d", forget, seed, recipe=recipe, callbacks=[timer], data_options=data
         )
@@ -142,8 +110,8 @@ def main() -> None:
     stamps = timer.stamps
     bases_s = stamps["fit_start"] - stamps["setup"]
     breakdown = {
-        "covariance_pass_s": bases_s - eigen.seconds,
-        "eigendecomposition_s": eigen.seconds,
+        "covariance_pass_s": bases_s - callback.engine.timings["bases"],
+        "eigendecomposition_s": callback.engine.timings["bases"],
         "unlearning_epochs_s": stamps["train_end"] - stamps["train_start"],
     }
     # the rest: data module and Trainer construction, model copy, Lightning's fit set-up/teardown
@@ -194,7 +162,6 @@ def main() -> None:
             "dataset": "mnist1d",
             "forget_class": options.forget_class,
             "seed": seed,
-            "rows_impl": options.rows,
             "num_samples": options.num_samples,
             "splits": sizes,
             "unlearn_recipe": vars(recipe) if hasattr(recipe, "__dict__") else str(recipe),

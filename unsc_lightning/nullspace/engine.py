@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -241,6 +242,8 @@ class NullSpaceEngine:
         self.accounting: Accounting = account_parameters(model, layers, exclude_layers)
         self.layer_infos: dict[str, BasisInfo] = {}
         self.report: BuildReport | None = None
+        #: seconds of the last build: ``"total"`` and ``"bases"`` (the eigendecompositions)
+        self.timings: dict[str, float] = {}
         self.label_digest: str | None = None
         self._bases: dict[str, Tensor] = {}
         self._projectors: dict[str, NullSpaceProjector] = {}
@@ -354,8 +357,11 @@ class NullSpaceEngine:
         forward = forward or self.model
         modes = {module: module.training for module in self.model.modules()}
         self.model.eval()
+        start = time.perf_counter()
+        self.timings = {"bases": 0.0}
         try:
             bases, report = _BasisPass(self, device, adapter, forward, reduce).run(batches)
+            self.timings["total"] = time.perf_counter() - start
         finally:
             for module, training in modes.items():
                 module.train(training)
@@ -759,6 +765,7 @@ class _BasisPass:
         per_class: bool,
     ) -> None:
         engine = self.engine
+        start = time.perf_counter()
         for key in self.dims:
             sums = accumulator.sums[key]
             eps = _threshold_for(engine.threshold, key)
@@ -782,6 +789,7 @@ class _BasisPass:
             energy[key] += info.energy * trace
             total[key] += trace
             self._peak(accumulator, bases)
+        engine.timings["bases"] += time.perf_counter() - start
 
     def _peak(
         self, accumulator: CovarianceAccumulator, bases: Mapping[str, Tensor] | None = None
