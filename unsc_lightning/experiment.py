@@ -17,9 +17,10 @@ from torch import nn
 
 from unsc_lightning.callback import NullSpaceCalibration
 from unsc_lightning.data import ForgetSpec, UnlearningDataModule
+from unsc_lightning.evaluation import ForgetEvaluation
 from unsc_lightning.metrics import MIAEfficacy
 from unsc_lightning.models import DigitsConvNet, MNIST1DConvNet
-from unsc_lightning.module import ClassifierModule, ForgetEvaluation, UnlearningModule
+from unsc_lightning.module import ClassifierModule, UnlearningModule
 
 ProgressFn = Callable[[int, int], None]
 
@@ -284,7 +285,7 @@ def run_unsc_variant(
 def evaluate(model: nn.Module, dm: UnlearningDataModule) -> dict[str, Any]:
     """Test-set accuracy in percent: ``acc_r`` / ``acc_f`` (macro over classes) and per class.
 
-    Uses the same :class:`~unsc_lightning.module.ForgetEvaluation` as the modules' test step, on
+    Uses the same :class:`~unsc_lightning.evaluation.ForgetEvaluation` as the modules' test step, on
     the DataModule's ``retain`` and ``forget`` test loaders.
     """
     evaluation = ForgetEvaluation(dm.num_classes, dm.forget_classes)
