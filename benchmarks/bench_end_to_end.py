@@ -24,7 +24,7 @@ from _common import machine, parser, setup, table, write_json
 
 import unsc_lightning.callback as calibration_module
 from unsc_lightning.data import ForgetSpec
-from unsc_lightning.experiment import (
+from unsc_lightning.lab.runs import (
     EMBEDDED,
     evaluate,
     make_datamodule,

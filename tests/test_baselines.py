@@ -13,28 +13,30 @@ from torch import nn
 
 from unsc_lightning import ForgetSpec, UnlearningConfigError
 from unsc_lightning.baselines import (
-    BASELINE_RECIPES,
-    METHODS,
     SCRUB,
-    UNLEARNING_METHODS,
     BoundaryShrink,
     FineTune,
     GradientAscent,
     L1Sparse,
-    MethodRecipe,
     RandomLabels,
     RetrainFromScratch,
     SalUn,
     StopAtHeldOutAccuracy,
     distillation_kl,
     loader_accuracy,
-    method_recipe,
-    run_method,
     saliency_masks,
     unsc_no_nullspace,
     unsc_random_labels,
 )
-from unsc_lightning.experiment import (
+from unsc_lightning.lab.recipes import (
+    BASELINE_RECIPES,
+    METHODS,
+    UNLEARNING_METHODS,
+    MethodRecipe,
+    method_recipe,
+    run_method,
+)
+from unsc_lightning.lab.runs import (
     EMBEDDED,
     evaluate,
     make_datamodule,

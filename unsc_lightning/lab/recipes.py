@@ -165,7 +165,7 @@ def run_method(
         ``(unlearned model in eval mode, wall-clock seconds of the fit)``; the seconds include
         everything the method computes before training (UNSC bases, SalUn saliency).
     """
-    from unsc_lightning.experiment import (
+    from unsc_lightning.lab.runs import (
         EpochProgress,
         make_datamodule,
         make_trainer,

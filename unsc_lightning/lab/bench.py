@@ -38,17 +38,17 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from unsc_lightning.baselines import (
+from unsc_lightning.baselines import StopAtHeldOutAccuracy
+from unsc_lightning.data import ForgetSpec
+from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.lab.recipes import (
     BASELINE_RECIPES,
     METHOD_NAMES,
     METHODS,
     UNLEARNING_METHODS,
-    StopAtHeldOutAccuracy,
     run_method,
 )
-from unsc_lightning.data import ForgetSpec
-from unsc_lightning.errors import UnlearningConfigError
-from unsc_lightning.experiment import (
+from unsc_lightning.lab.runs import (
     EMBEDDED,
     TrainRecipe,
     evaluate,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from unsc_lightning.data import ForgetSpec
-from unsc_lightning.experiment import (
+from unsc_lightning.lab.runs import (
     EMBEDDED,
     evaluate,
     make_datamodule,
