@@ -1,6 +1,6 @@
 """UNSC end to end (bases + unlearning) against retraining from scratch, on MNIST-1D.
 
-Uses :mod:`unsc_lightning.experiment` exactly as the ``bench`` command does: the original model
+Uses :mod:`unsc_lightning.lab` exactly as the ``bench`` command does: the original model
 is trained on all training data, the retrained model on the remaining data only (same recipe),
 and UNSC unlearns a copy of the original with the MNIST-1D recipe (``UnlearnRecipe``). Reported:
 wall time of each (the whole call and the ``Trainer.fit`` part), remaining- and forgotten-class
@@ -24,13 +24,9 @@ from _common import machine, parser, setup, table, write_json
 
 import unsc_lightning.callback as calibration_module
 from unsc_lightning.data import ForgetSpec
-from unsc_lightning.lab.runs import (
-    EMBEDDED,
-    evaluate,
-    make_datamodule,
-    run_unsc,
-    train_classifier,
-)
+from unsc_lightning.lab.recipes import EMBEDDED
+from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
+from unsc_lightning.lab.scoring import evaluate
 
 
 class PhaseTimer(L.Callback):
@@ -102,7 +98,7 @@ def main() -> None:
     device = setup(options)
     if device.type != "cpu":
         print(
-            "note: unsc_lightning.experiment trains on the CPU (make_trainer); --device is recorded only"
+            "note: unsc_lightning.lab trains on the CPU (make_trainer); --device is recorded only"
         )
     import strided_rows
 
@@ -127,8 +123,15 @@ def main() -> None:
     timer = PhaseTimer()
     start = time.perf_counter()
     with EigenTimer() as eigen, rows_context():
-        unlearned, unsc_fit_s, callback = run_unsc(
-            original, "mnist1d", forget, seed, recipe=recipe, callbacks=[timer], data_options=data
+        unlearned, unsc_fit_s, callback = run_method(
+            "unsc",
+            original,
+            "mnist1d",
+            forget,
+            seed,
+            recipe=recipe,
+            callbacks=[timer],
+            data_options=data,
         )
     unsc_wall = time.perf_counter() - start
 

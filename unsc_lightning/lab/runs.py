@@ -1,14 +1,20 @@
-"""Experiment pipeline shared by the `demo` and `bench` commands: train, cache, unlearn, evaluate."""
+"""Train, cache and unlearn: the runs every experiment is made of.
+
+:func:`train_classifier` trains (or reads from the cache) the original and the retrained model;
+:func:`run_method` unlearns a copy of the original with UNSC, one of its ablations or a
+baseline, all through the same steps. :mod:`unsc_lightning.lab.scoring` scores the results.
+"""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple
 
 import lightning.pytorch as L
 import torch
@@ -17,57 +23,20 @@ from torch import nn
 
 from unsc_lightning.callback import NullSpaceCalibration
 from unsc_lightning.data import ForgetSpec, UnlearningDataModule
-from unsc_lightning.evaluation import ForgetEvaluation
-from unsc_lightning.metrics import MIAEfficacy
-from unsc_lightning.models import DigitsConvNet, MNIST1DConvNet
+from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.lab.recipes import (
+    EMBEDDED,
+    METHODS,
+    UNLEARNING_METHODS,
+    MethodInfo,
+    MethodRecipe,
+    TrainRecipe,
+    UnlearnRecipe,
+    method_recipe,
+)
 from unsc_lightning.module import ClassifierModule, UnlearningModule
 
 ProgressFn = Callable[[int, int], None]
-
-
-@dataclass
-class TrainRecipe:
-    """Original / retrain recipe (the authors' schedule, scaled to the embedded data)."""
-
-    epochs: int = 30
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    milestones: list[int] = field(default_factory=lambda: [15, 25])
-    gamma: float = 0.2
-    batch_size: int = 128
-
-
-@dataclass
-class UnlearnRecipe:
-    """UNSC forget-stage settings (plain SGD on forget data, null-space projection).
-
-    The MNIST-1D defaults were tuned on seeds 0-2, forgetting class 3 (lr 0.5-4, 20-40 epochs,
-    per-class 0.97 + 0.003 k, pooled 0.96-0.995, lower thresholds on the head); a lower head
-    threshold destroys remaining accuracy, a lower lr leaves 1-2.5 % forgotten-class accuracy.
-    """
-
-    epochs: int = 20
-    lr: float = 2.0
-    batch_size: int = 128
-    threshold: float = 0.97
-    class_threshold_step: float = 0.003
-    rule: str = "per_class"
-
-
-EMBEDDED: dict[str, dict[str, Any]] = {
-    "mnist1d": {
-        "model": lambda num_classes: MNIST1DConvNet(num_classes=num_classes),
-        "train": TrainRecipe(),
-        "unlearn": UnlearnRecipe(),
-    },
-    "digits": {
-        "model": lambda num_classes: DigitsConvNet(num_classes=num_classes),
-        "train": TrainRecipe(epochs=30, lr=0.05, milestones=[15, 25], batch_size=64),
-        "unlearn": UnlearnRecipe(epochs=20, lr=0.5, batch_size=64),
-    },
-}
 
 
 class EpochProgress(Callback):
@@ -192,134 +161,138 @@ def train_classifier(
     return model, seconds, False
 
 
-def run_unsc(
+class UnlearningRun(NamedTuple):
+    """What :func:`run_method` returns."""
+
+    #: The unlearned copy of the original, in eval mode.
+    model: nn.Module
+    #: Wall-clock seconds of the whole fit, including what the method computes before training
+    #: (UNSC bases, SalUn saliency).
+    seconds: float
+    #: The null-space callback of UNSC and its random-label ablation, else ``None``.
+    calibration: NullSpaceCalibration | None
+
+
+def run_method(
+    method: str,
     model: nn.Module,
     dataset: str,
     forget: ForgetSpec,
     seed: int,
-    recipe: UnlearnRecipe | None = None,
-    progress: ProgressFn | None = None,
-    callbacks: list[Callback] | None = None,
-    data_options: dict[str, Any] | None = None,
-) -> tuple[nn.Module, float, NullSpaceCalibration]:
-    """Unlearn ``forget`` from a copy of ``model`` with UNSC; returns (model, seconds, callback).
-
-    ``callbacks`` are added to the trainer (e.g. a stopping rule); ``data_options`` go to the
-    data module. ``seconds`` covers the whole fit: basis construction and unlearning.
-    """
-    unlearned, seconds, callback = run_unsc_variant(
-        model,
-        dataset,
-        forget,
-        seed,
-        recipe,
-        progress,
-        callbacks=callbacks,
-        data_options=data_options,
-    )
-    return unlearned, seconds, cast(NullSpaceCalibration, callback)
-
-
-def run_unsc_variant(
-    model: nn.Module,
-    dataset: str,
-    forget: ForgetSpec,
-    seed: int,
-    recipe: UnlearnRecipe | None = None,
-    progress: ProgressFn | None = None,
     *,
-    pseudo_labels: str = "unsc",
-    null_space: bool = True,
+    recipe: UnlearnRecipe | MethodRecipe | None = None,
     callbacks: list[Callback] | None = None,
     data_options: dict[str, Any] | None = None,
-) -> tuple[nn.Module, float, NullSpaceCalibration | None]:
-    """UNSC or one of its ablations, all with the same recipe.
+    progress: ProgressFn | None = None,
+) -> UnlearningRun:
+    """Unlearn ``forget`` from a copy of the trained ``model`` with one method.
+
+    UNSC, its ablations and the baselines go through the same steps: the data module of the
+    split the method trains on, the seed, a copy of the model, the method's module (and, for
+    UNSC, the :class:`~unsc_lightning.NullSpaceCalibration` callback), one timed fit.
 
     Args:
-        model: trained original; a copy is unlearned.
+        method: a name of :data:`~unsc_lightning.lab.recipes.METHODS` other than
+            ``"original"`` and ``"retrain"``.
+        model: the trained original; it is not modified.
         dataset: embedded data set name.
         forget: what to forget.
-        seed: seed of the data splits and of training.
-        recipe: forget-stage settings; ``EMBEDDED[dataset]["unlearn"]`` (read now) by default.
+        seed: seed of the splits and of training.
+        recipe: an :class:`~unsc_lightning.lab.recipes.UnlearnRecipe` for UNSC and its ablations
+            (default ``EMBEDDED[dataset]["unlearn"]``, read now), a
+            :class:`~unsc_lightning.lab.recipes.MethodRecipe` for a baseline (default
+            :func:`~unsc_lightning.lab.recipes.method_recipe`).
+        callbacks: extra trainer callbacks (e.g. a stopping rule).
+        data_options: data module arguments (e.g. ``{"num_samples": 1000}``).
         progress: ``progress(epoch_done, max_epochs)`` after every epoch.
-        pseudo_labels: ``"unsc"`` or ``"random"`` (random remaining labels, the paper's ablation).
-        null_space: attach :class:`NullSpaceCalibration`; ``False`` trains toward the
-            pseudo-labels without the null-space constraint (the other ablation).
-        callbacks: extra trainer callbacks.
-        data_options: data module arguments (e.g. ``num_samples``).
 
     Returns:
-        ``(model, seconds, callback)``; ``callback`` is ``None`` when ``null_space=False``.
-    """
-    import copy
+        The unlearned model, the seconds of the fit and the null-space callback (if any).
 
-    recipe = recipe or EMBEDDED[dataset]["unlearn"]
-    dm = make_datamodule(dataset, forget, seed, "forget", recipe.batch_size, **(data_options or {}))
+    Raises:
+        UnlearningConfigError: for an unknown or reference method, or a recipe of the wrong kind.
+    """
+    info = _unlearning_method(method)
+    settings = _recipe_of(method, info, dataset, recipe)
+    train_on = "forget" if info.module is None else info.module.train_on
+    dm = make_datamodule(
+        dataset, forget, seed, train_on, settings.batch_size, **(data_options or {})
+    )
     L.seed_everything(seed, workers=True, verbose=False)
     unlearned = copy.deepcopy(model)
-    module = UnlearningModule(
-        unlearned,
-        num_classes=dm.num_classes,
-        forget_classes=forget.forgotten_classes or None,
-        lr=recipe.lr,
-        pseudo_labels=pseudo_labels,  # type: ignore[arg-type]
-        seed=seed,
-    )
-    callback = None
-    if null_space:
-        callback = NullSpaceCalibration(
-            threshold=recipe.threshold,
-            class_threshold_step=recipe.class_threshold_step,
-            rule=recipe.rule,  # type: ignore[arg-type]
-        )
-    extra = [callback] if callback is not None else []
-    trainer = make_trainer(recipe.epochs, [*extra, *(callbacks or []), EpochProgress(progress)])
+    module, calibration = _build(info, unlearned, dm.num_classes, forget, seed, settings)
+    extra: list[Callback] = [calibration] if calibration is not None else []
+    trainer = make_trainer(settings.epochs, [*extra, *(callbacks or []), EpochProgress(progress)])
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     unlearned.eval()
-    return unlearned, seconds, callback
+    return UnlearningRun(unlearned, seconds, calibration)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dm: UnlearningDataModule) -> dict[str, Any]:
-    """Test-set accuracy in percent: ``acc_r`` / ``acc_f`` (macro over classes) and per class.
-
-    Uses the same :class:`~unsc_lightning.evaluation.ForgetEvaluation` as the modules' test step, on
-    the DataModule's ``retain`` and ``forget`` test loaders.
-    """
-    evaluation = ForgetEvaluation(dm.num_classes, dm.forget_classes)
-    model.eval()
-    for name, loader in zip(("retain", "forget"), dm.test_dataloader()[:2]):
-        for inputs, targets in loader:
-            evaluation.update(name, model(inputs), targets)
-    results = evaluation.compute("test")
-    nan = torch.tensor(float("nan"))
-    values = evaluation.per_class.per_class()
-    return {
-        "acc_r": 100 * float(results.get("test/retain_acc", nan)),
-        "acc_f": 100 * float(results.get("test/forget_acc", nan)),
-        "per_class": [None if torch.isnan(v) else 100 * float(v) for v in values],
-    }
+def _unlearning_method(method: str) -> MethodInfo:
+    if method not in METHODS or METHODS[method].kind == "reference":
+        raise UnlearningConfigError(
+            f"Expected `method` to be one of {list(UNLEARNING_METHODS)}, got {method!r} "
+            "(the original and retrained models come from `train_classifier`)."
+        )
+    return METHODS[method]
 
 
-@torch.no_grad()
-def mia_efficacy_of(
-    model: nn.Module, dm: UnlearningDataModule, attacker: str = "svc", seed: int = 0
-) -> float:
-    """MIA-efficacy in percent (REFERENCE.md protocol).
+def _recipe_of(
+    method: str, info: MethodInfo, dataset: str, recipe: UnlearnRecipe | MethodRecipe | None
+) -> UnlearnRecipe | MethodRecipe:
+    expected = UnlearnRecipe if info.kind == "unsc" else MethodRecipe
+    if recipe is None:
+        return (
+            EMBEDDED[dataset]["unlearn"] if info.kind == "unsc" else method_recipe(method, dataset)
+        )
+    if not isinstance(recipe, expected):
+        raise UnlearningConfigError(
+            f"Expected `recipe` to be a {expected.__name__} for `method={method!r}`, "
+            f"got {type(recipe).__name__}."
+        )
+    return recipe
 
-    Members are the remaining training samples, non-members the test samples of the remaining
-    classes (forgotten classes removed), the attack is applied to the forgotten training samples.
-    """
-    metric = MIAEfficacy(attacker=attacker, seed=seed)  # type: ignore[arg-type]
-    model.eval()
-    loaders = {
-        "retain": dm.retain_dataloader(),
-        "test": dm.test_dataloader()[0],
-        "forget": dm.forget_dataloader(),
-    }
-    for split, loader in loaders.items():
-        for inputs, targets in loader:
-            metric.update(model(inputs), targets, split)
-    return 100 * float(metric.compute())
+
+def _build(
+    info: MethodInfo,
+    model: nn.Module,
+    num_classes: int,
+    forget: ForgetSpec,
+    seed: int,
+    recipe: UnlearnRecipe | MethodRecipe,
+) -> tuple[L.LightningModule, NullSpaceCalibration | None]:
+    """The method's LightningModule around ``model`` and, for UNSC, its null-space callback."""
+    forget_classes = forget.forgotten_classes or None
+    if isinstance(recipe, UnlearnRecipe):
+        module = UnlearningModule(
+            model,
+            num_classes=num_classes,
+            forget_classes=forget_classes,
+            lr=recipe.lr,
+            pseudo_labels=info.pseudo_labels,  # type: ignore[arg-type]
+            seed=seed,
+        )
+        if not info.null_space:
+            return module, None
+        calibration = NullSpaceCalibration(
+            threshold=recipe.threshold,
+            class_threshold_step=recipe.class_threshold_step,
+            rule=recipe.rule,  # type: ignore[arg-type]
+        )
+        return module, calibration
+    if info.module is None:
+        raise UnlearningConfigError(f"`{info.label}` names no module to run.")
+    # Lightning keeps the modes it is given: the baselines train the copy in train mode (their
+    # `norm_eval` then keeps normalisation layers in eval mode); UNSC's copy keeps the original's
+    # eval mode, as it always has.
+    model.train()
+    return info.module(
+        model,
+        num_classes=num_classes,
+        forget_classes=forget_classes,
+        lr=recipe.lr,
+        seed=seed,
+        **recipe.options,
+    ), None
