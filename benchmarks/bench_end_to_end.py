@@ -1,6 +1,6 @@
 """UNSC end to end (bases + unlearning) against retraining from scratch, on MNIST-1D.
 
-Uses :mod:`unsc_lightning.experiment` exactly as the ``bench`` command does: the original model
+Uses :mod:`unsc_lightning.lab` exactly as the ``bench`` command does: the original model
 is trained on all training data, the retrained model on the remaining data only (same recipe),
 and UNSC unlearns a copy of the original with the MNIST-1D recipe (``UnlearnRecipe``). Reported:
 wall time of each (the whole call and the ``Trainer.fit`` part), remaining- and forgotten-class
@@ -23,13 +23,9 @@ import torch
 from _common import machine, parser, setup, table, write_json
 
 from unsc_lightning.data import ForgetSpec
-from unsc_lightning.experiment import (
-    EMBEDDED,
-    evaluate,
-    make_datamodule,
-    run_unsc,
-    train_classifier,
-)
+from unsc_lightning.lab.recipes import EMBEDDED
+from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
+from unsc_lightning.lab.scoring import evaluate
 
 
 class PhaseTimer(L.Callback):
@@ -73,7 +69,7 @@ def main() -> None:
     device = setup(options)
     if device.type != "cpu":
         print(
-            "note: unsc_lightning.experiment trains on the CPU (make_trainer); --device is recorded only"
+            "note: unsc_lightning.lab trains on the CPU (make_trainer); --device is recorded only"
         )
     forget = ForgetSpec(kind="class", classes=[options.forget_class])
     data = {"num_samples": options.num_samples}
@@ -95,8 +91,15 @@ def main() -> None:
     timer = PhaseTimer()
     start = time.perf_counter()
     with nullcontext():
-        unlearned, unsc_fit_s, callback = run_unsc(
-            original, "mnist1d", forget, seed, recipe=recipe, callbacks=[timer], data_options=data
+        unlearned, unsc_fit_s, callback = run_method(
+            "unsc",
+            original,
+            "mnist1d",
+            forget,
+            seed,
+            recipe=recipe,
+            callbacks=[timer],
+            data_options=data,
         )
     unsc_wall = time.perf_counter() - start
 

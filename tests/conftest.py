@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import ClassifierModule, UnlearningDataModule
 from unsc_lightning.data import MNIST1DDataModule
-from unsc_lightning.experiment import make_trainer
+from unsc_lightning.lab.runs import make_trainer
 from unsc_lightning.models import MNIST1DConvNet
 
 IN_FEATURES = 20

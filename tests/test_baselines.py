@@ -13,34 +13,37 @@ from torch import nn
 
 from unsc_lightning import ForgetSpec, UnlearningConfigError
 from unsc_lightning.baselines import (
-    BASELINE_RECIPES,
-    METHODS,
     SCRUB,
-    UNLEARNING_METHODS,
     BoundaryShrink,
     FineTune,
     GradientAscent,
     L1Sparse,
-    MethodRecipe,
     RandomLabels,
     RetrainFromScratch,
     SalUn,
     StopAtHeldOutAccuracy,
     distillation_kl,
     loader_accuracy,
-    method_recipe,
-    run_method,
     saliency_masks,
     unsc_no_nullspace,
     unsc_random_labels,
 )
-from unsc_lightning.experiment import (
+from unsc_lightning.lab.recipes import (
+    BASELINE_RECIPES,
     EMBEDDED,
-    evaluate,
+    METHODS,
+    UNLEARNING_METHODS,
+    MethodRecipe,
+    method_recipe,
+)
+from unsc_lightning.lab.runs import (
+    UnlearningRun,
     make_datamodule,
     make_trainer,
+    run_method,
     train_classifier,
 )
+from unsc_lightning.lab.scoring import evaluate
 from unsc_lightning.models import DigitsConvNet
 
 DATASET = "digits"
@@ -92,14 +95,12 @@ def test_every_method_has_a_label_and_recipe() -> None:
 
 
 @pytest.fixture(scope="module")
-def unlearned(original: nn.Module) -> dict[str, tuple[nn.Module, float]]:
-    """Lazily filled ``{method: (model, seconds)}`` so that tests share the expensive runs."""
+def unlearned(original: nn.Module) -> dict[str, UnlearningRun]:
+    """Lazily filled ``{method: run}`` so that tests share the expensive runs."""
     return {}
 
 
-def _unlearn(
-    method: str, original: nn.Module, cache: dict[str, tuple[nn.Module, float]]
-) -> tuple[nn.Module, float]:
+def _unlearn(method: str, original: nn.Module, cache: dict[str, UnlearningRun]) -> UnlearningRun:
     if method not in cache:
         cache[method] = run_method(
             method, original, DATASET, FORGET, seed=0, recipe=TINY_RECIPES.get(method)
@@ -113,9 +114,10 @@ def test_method_unlearns_the_forgotten_class(
 ) -> None:
     before = evaluate(original, test_dm)
     state = copy.deepcopy(original.state_dict())
-    model, seconds = _unlearn(method, original, unlearned)
+    model, seconds, calibration = _unlearn(method, original, unlearned)
     after = evaluate(model, test_dm)
     assert seconds > 0
+    assert (calibration is not None) == (method in ("unsc", "unsc_random_labels"))
     assert after["acc_f"] < before["acc_f"] - 20, (method, before["acc_f"], after["acc_f"])
     assert not model.training
     # the original is left untouched
@@ -136,6 +138,21 @@ def test_reference_methods_are_not_run_by_run_method(original: nn.Module) -> Non
         run_method("retrain", original, DATASET, FORGET, seed=0)
     with pytest.raises(UnlearningConfigError, match="recipe for `method='unsc'`"):
         method_recipe("unsc", DATASET)
+
+
+@pytest.mark.parametrize(
+    ("method", "recipe", "expected"),
+    [
+        ("unsc", TINY_RECIPES["ft"], "UnlearnRecipe"),
+        ("unsc_no_nullspace", TINY_RECIPES["ft"], "UnlearnRecipe"),
+        ("ft", EMBEDDED[DATASET]["unlearn"], "MethodRecipe"),
+    ],
+)
+def test_run_method_refuses_a_recipe_of_the_other_kind(
+    original: nn.Module, method: str, recipe: Any, expected: str
+) -> None:
+    with pytest.raises(UnlearningConfigError, match=f"`recipe` to be a {expected}"):
+        run_method(method, original, DATASET, FORGET, seed=0, recipe=recipe)
 
 
 def test_random_labels_are_never_the_own_label(original: nn.Module) -> None:
@@ -231,7 +248,7 @@ def test_stop_at_held_out_accuracy_for_random_forgetting(original: nn.Module) ->
     spec = ForgetSpec(kind="random", fraction=0.1, seed=0)
     dm = make_datamodule(DATASET, spec, 0, "forget", 64)
     stop = StopAtHeldOutAccuracy()
-    model, _ = run_method("unsc", original, DATASET, spec, seed=0, callbacks=[stop])
+    model = run_method("unsc", original, DATASET, spec, seed=0, callbacks=[stop]).model
     assert stop.stopped_at_step is not None
     target = loader_accuracy(original, dm.val_dataloader()[0], torch.device("cpu"))
     forget_accuracy = loader_accuracy(model, dm.forget_dataloader(), torch.device("cpu"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from unsc_lightning import UnlearningConfigError
-from unsc_lightning.bench import main, resolve_methods, summarize
 from unsc_lightning.cli import main as cli_main
+from unsc_lightning.lab.bench import main, resolve_methods, summarize
 
 TINY = ["--dataset", "mnist1d", "--num-samples", "600", "--train-epochs", "3", "--seeds", "0"]
 SCHEMA = ("acc_r_mean", "acc_r_std", "acc_f_mean", "acc_f_std", "mia_efficacy_mean", "seconds_mean")

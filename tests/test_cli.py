@@ -80,12 +80,14 @@ def test_help_lists_every_command(capsys):
 
 def test_demo_and_bench_dispatch_as_before(monkeypatch):
     calls = []
-    import unsc_lightning.demo
+    import unsc_lightning.lab.demo
 
-    monkeypatch.setattr(unsc_lightning.demo, "main", lambda argv: calls.append(("demo", argv)) or 0)
-    bench = types.ModuleType("unsc_lightning.bench")
+    monkeypatch.setattr(
+        unsc_lightning.lab.demo, "main", lambda argv: calls.append(("demo", argv)) or 0
+    )
+    bench = types.ModuleType("unsc_lightning.lab.bench")
     bench.main = lambda argv: calls.append(("bench", argv)) or 3  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "unsc_lightning.bench", bench)
+    monkeypatch.setitem(sys.modules, "unsc_lightning.lab.bench", bench)
     assert main(["demo", "--dataset", "digits"]) == 0
     assert main(["bench", "--quick"]) == 3
     assert calls == [("demo", ["--dataset", "digits"]), ("bench", ["--quick"])]

@@ -224,7 +224,7 @@ def test_paper_recipes(setting: str):
 
 @pytest.mark.parametrize("setting", EMBEDDED)
 def test_embedded_configs_follow_the_demo_recipe(setting: str):
-    from unsc_lightning.experiment import EMBEDDED as RECIPES
+    from unsc_lightning.lab.recipes import EMBEDDED as RECIPES
 
     train, unlearn = RECIPES[setting]["train"], RECIPES[setting]["unlearn"]
     for stage in ("original", "retrain"):

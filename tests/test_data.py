@@ -11,8 +11,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from unsc_lightning import ForgetSpec, UnlearningDataModule
-from unsc_lightning.data import DigitsDataModule, MNIST1DDataModule, dataset_targets, mnist1d_bundle
+from unsc_lightning import ForgetSpec, UnlearningConfigError, UnlearningDataModule
+from unsc_lightning.data import (
+    PAPER_DATAMODULES,
+    DigitsDataModule,
+    MNIST1DDataModule,
+    dataset_targets,
+    mnist1d_bundle,
+)
+from unsc_lightning.data.registry import DATAMODULES, register_datamodule
 
 NUM_TRAIN = 300
 NUM_TEST = 120
@@ -256,3 +263,20 @@ def test_digits_load_offline(no_network):
     assert inputs.shape[1:] == (1, 8, 8)
     assert float(inputs.min()) >= 0.0 and float(inputs.max()) <= 1.0
     assert 3 not in targets.tolist()
+
+
+def test_from_name_builds_every_registered_data_module() -> None:
+    assert {"mnist1d": MNIST1DDataModule, "digits": DigitsDataModule} | dict(
+        PAPER_DATAMODULES
+    ) == DATAMODULES
+    for name, cls in DATAMODULES.items():
+        dm = UnlearningDataModule.from_name(name, forget_classes=[3])
+        assert type(dm) is cls and dm.forget_classes == [3]
+
+
+def test_register_datamodule_refuses_a_taken_name() -> None:
+    with pytest.raises(
+        UnlearningConfigError, match="`name='digits'` already names DigitsDataModule"
+    ):
+        register_datamodule("digits")(MNIST1DDataModule)
+    assert register_datamodule("digits")(DigitsDataModule) is DigitsDataModule

@@ -319,9 +319,15 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ),
     (
         "dm-from-name",
-        lambda: UnlearningDataModule.from_name("cifar10"),
+        lambda: UnlearningDataModule.from_name("imagenet"),
         CONFIG,
-        r"`name` to be one of \['digits', 'mnist1d'\], got 'cifar10'",
+        r"`name` to be one of \['cifar10', 'cifar100', 'digits', 'fmnist', 'mnist1d', 'svhn'\], got 'imagenet'",
+    ),
+    (
+        "dm-from-name-other-family",
+        lambda: MNIST1DDataModule.from_name("digits"),
+        CONFIG,
+        r"`name='digits'` names DigitsDataModule, which is not a MNIST1DDataModule",
     ),
     (
         "mnist1d-num-samples",

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from unsc_lightning import ClassifierModule, NullSpaceCalibration, UnlearningModule
 from unsc_lightning.data import MNIST1DDataModule
-from unsc_lightning.experiment import evaluate
+from unsc_lightning.lab.scoring import evaluate
 from unsc_lightning.pseudo_labels import random_pseudo_labels, unsc_pseudo_labels
 
 pytestmark = pytest.mark.filterwarnings(

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from unsc_lightning import ForgetSpec, UnlearningConfigError, UnlearningDataModule
-from unsc_lightning.bench import BenchConfig, forget_settings
 from unsc_lightning.data.embedded import DIGIT_GROUPS, coarse_of, digits_bundle
+from unsc_lightning.lab.bench import BenchConfig, forget_settings
 
 MNIST1D_SMALL = {"num_samples": 1000}
 

@@ -157,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
-        from unsc_lightning.demo import main as demo_main
+        from unsc_lightning.lab.demo import main as demo_main
 
         return demo_main(argv[1:])
     if argv and argv[0] == "bench":
-        from unsc_lightning.bench import main as bench_main
+        from unsc_lightning.lab.bench import main as bench_main
 
         return bench_main(argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:

@@ -15,8 +15,8 @@ name                   method                                                   
 ``unsc_no_nullspace``  :func:`unsc_no_nullspace` (UNSC ablation)                forget
 =====================  =======================================================  ==============
 
-Tuned defaults on the embedded data: :data:`BASELINE_RECIPES`; :func:`run_method` runs any of
-them (and UNSC) the way ``unsc-lightning bench`` does.
+Their tuned settings on the embedded data and the runner of ``unsc-lightning bench`` are
+experiment code: :mod:`unsc_lightning.lab.recipes` and :mod:`unsc_lightning.lab.runs`.
 """
 
 from unsc_lightning.baselines.ablations import unsc_no_nullspace, unsc_random_labels
@@ -25,41 +25,23 @@ from unsc_lightning.baselines.boundary_shrink import BoundaryShrink
 from unsc_lightning.baselines.finetune import FineTune, L1Sparse
 from unsc_lightning.baselines.gradient_ascent import GradientAscent
 from unsc_lightning.baselines.random_labels import RandomLabels, SalUn, saliency_masks
-from unsc_lightning.baselines.registry import (
-    BASELINE_RECIPES,
-    METHOD_NAMES,
-    METHODS,
-    UNLEARNING_METHODS,
-    MethodInfo,
-    MethodRecipe,
-    method_recipe,
-    run_method,
-)
 from unsc_lightning.baselines.retrain import RetrainFromScratch
 from unsc_lightning.baselines.scrub import SCRUB, distillation_kl
 from unsc_lightning.baselines.stopping import StopAtHeldOutAccuracy, loader_accuracy
 
 __all__ = [
-    "BASELINE_RECIPES",
-    "METHODS",
-    "METHOD_NAMES",
     "SCRUB",
-    "UNLEARNING_METHODS",
     "BaselineModule",
     "BoundaryShrink",
     "FineTune",
     "GradientAscent",
     "L1Sparse",
-    "MethodInfo",
-    "MethodRecipe",
     "RandomLabels",
     "RetrainFromScratch",
     "SalUn",
     "StopAtHeldOutAccuracy",
     "distillation_kl",
     "loader_accuracy",
-    "method_recipe",
-    "run_method",
     "saliency_masks",
     "unsc_no_nullspace",
     "unsc_random_labels",

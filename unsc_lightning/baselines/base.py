@@ -11,11 +11,11 @@ from torch.utils.data import DataLoader
 
 from unsc_lightning.data.forget import validate_forget_classes
 from unsc_lightning.errors import UnlearningConfigError
-from unsc_lightning.module import _EvaluationMixin
+from unsc_lightning.evaluation import EvaluationMixin
 from unsc_lightning.nullspace.layers import NORM_LAYERS
 
 
-class BaselineModule(_EvaluationMixin):
+class BaselineModule(EvaluationMixin):
     """Base class of the baselines: one trained classifier, unlearned in place.
 
     Baselines use the same :class:`~unsc_lightning.UnlearningDataModule` as UNSC: the trainer's

@@ -11,7 +11,7 @@ class RetrainFromScratch(ClassifierModule):
 
     Identical to :class:`~unsc_lightning.ClassifierModule`; pass a *freshly initialised* model
     and a DataModule built with ``train_on="retain"`` (checked in ``setup``). The bench trains it
-    with :func:`unsc_lightning.experiment.train_classifier` (``train_on="retain"``, cached).
+    with ``unsc_lightning.lab.runs.train_classifier`` (``train_on="retain"``, cached).
 
     Example:
         >>> from unsc_lightning.models import MNIST1DConvNet

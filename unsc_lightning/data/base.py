@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as L
 import torch
@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from unsc_lightning.data.forget import ForgetSpec
+from unsc_lightning.data.registry import datamodule_class
 from unsc_lightning.errors import UnlearningConfigError
 
 TrainOn = Literal["forget", "retain", "all"]
@@ -142,15 +143,24 @@ class UnlearningDataModule(L.LightningDataModule):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_name(cls, name: str, **kwargs: object) -> UnlearningDataModule:
-        """An embedded, offline data set by name: ``"mnist1d"`` or ``"digits"``."""
-        from unsc_lightning.data.embedded import EMBEDDED_DATAMODULES
+    def from_name(cls, name: str, **kwargs: Any) -> UnlearningDataModule:
+        """A registered data module by name, built with ``kwargs``.
 
-        if name not in EMBEDDED_DATAMODULES:
+        The embedded, offline data sets are ``"mnist1d"`` and ``"digits"``; the paper's
+        ``"fmnist"``, ``"cifar10"``, ``"svhn"`` and ``"cifar100"`` read torchvision files (see
+        :mod:`unsc_lightning.data.torchvision_data`). Register more with
+        :func:`~unsc_lightning.data.registry.register_datamodule`.
+
+        Raises:
+            UnlearningConfigError: for an unknown name, or one whose class is not a ``cls``.
+        """
+        datamodule_cls = datamodule_class(name)
+        if not issubclass(datamodule_cls, cls):
             raise UnlearningConfigError(
-                f"Expected `name` to be one of {sorted(EMBEDDED_DATAMODULES)}, got {name!r}."
+                f"`name={name!r}` names {datamodule_cls.__qualname__}, which is not a "
+                f"{cls.__qualname__}."
             )
-        return EMBEDDED_DATAMODULES[name](**kwargs)  # type: ignore[arg-type]
+        return datamodule_cls(**kwargs)
 
     def build_datasets(self) -> DatasetBundle:
         """Return the datasets to split; subclasses load or generate them here."""

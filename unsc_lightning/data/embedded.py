@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 
 from unsc_lightning.data.base import DatasetBundle, UnlearningDataModule
 from unsc_lightning.data.forget import ForgetSpec
+from unsc_lightning.data.registry import register_datamodule
 from unsc_lightning.errors import UnlearningConfigError
 
 #: Coarse classes of the embedded digit data sets: coarse class ``i`` holds the digits
@@ -144,6 +145,7 @@ def digits_bundle(
     )
 
 
+@register_datamodule("mnist1d")
 class MNIST1DDataModule(UnlearningDataModule):
     """MNIST-1D forget/retain splits, generated offline with a fixed seed.
 
@@ -189,6 +191,7 @@ class MNIST1DDataModule(UnlearningDataModule):
         return mnist1d_bundle(self.num_samples, self.data_seed, coarse_labels=self.coarse_labels)
 
 
+@register_datamodule("digits")
 class DigitsDataModule(UnlearningDataModule):
     """scikit-learn digits forget/retain splits (8x8 images, one channel).
 
@@ -227,9 +230,3 @@ class DigitsDataModule(UnlearningDataModule):
 
     def build_datasets(self) -> DatasetBundle:
         return digits_bundle(self.test_fraction, coarse_labels=self.coarse_labels)
-
-
-EMBEDDED_DATAMODULES: dict[str, type[UnlearningDataModule]] = {
-    "mnist1d": MNIST1DDataModule,
-    "digits": DigitsDataModule,
-}

@@ -37,6 +37,7 @@ from torchvision import transforms as T
 
 from unsc_lightning.data.base import DatasetBundle, UnlearningDataModule
 from unsc_lightning.data.forget import ForgetSpec
+from unsc_lightning.data.registry import register_datamodule
 
 Transform = Callable[[Image.Image], Any]
 
@@ -312,6 +313,7 @@ def _crop() -> Transform:
     return T.RandomCrop(32, padding=4)
 
 
+@register_datamodule("fmnist")
 class FashionMNISTDataModule(TorchvisionDataModule):
     """Fashion-MNIST (60k/10k 28x28 grey images) resized to 32x32 for the AlexNet variant.
 
@@ -385,6 +387,7 @@ class FashionMNISTDataModule(TorchvisionDataModule):
         return [_crop(), T.RandomHorizontalFlip()]
 
 
+@register_datamodule("cifar10")
 class CIFAR10DataModule(TorchvisionDataModule):
     """CIFAR-10 (50k/10k 32x32 colour images) from the python pickle batches.
 
@@ -429,6 +432,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
         return [_crop(), T.RandomHorizontalFlip()]
 
 
+@register_datamodule("cifar100")
 class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100 (50k/10k 32x32 colour images, 100 fine classes) from the python pickles.
 
@@ -456,6 +460,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
         CIFAR100(self.root, train=True, download=True)
 
 
+@register_datamodule("svhn")
 class SVHNDataModule(TorchvisionDataModule):
     """SVHN cropped digits (73,257 train / 26,032 test 32x32 colour images), labels 0-9.
 

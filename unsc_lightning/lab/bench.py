@@ -1,7 +1,7 @@
 """`unsc-lightning bench`: UNSC against retraining and the baselines, over seeds, on embedded data.
 
 For every seed the original and the retrained model are trained (or read from the cache) with
-:func:`unsc_lightning.experiment.train_classifier`, every selected method unlearns the same
+:func:`unsc_lightning.lab.runs.train_classifier`, every selected method unlearns the same
 original, and each model is scored on the test splits: remaining- and forgotten-class accuracy
 (macro over classes, %), MIA-efficacy with the SVC attacker (%), the average gap to the
 retrained model over those three numbers, and wall-clock seconds. ``DIR/results.json``,
@@ -38,24 +38,20 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from unsc_lightning.baselines import (
+from unsc_lightning.baselines import StopAtHeldOutAccuracy
+from unsc_lightning.data import ForgetSpec
+from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.lab.recipes import (
     BASELINE_RECIPES,
+    EMBEDDED,
     METHOD_NAMES,
     METHODS,
     UNLEARNING_METHODS,
-    StopAtHeldOutAccuracy,
-    run_method,
-)
-from unsc_lightning.data import ForgetSpec
-from unsc_lightning.errors import UnlearningConfigError
-from unsc_lightning.experiment import (
-    EMBEDDED,
     TrainRecipe,
-    evaluate,
-    make_datamodule,
-    mia_efficacy_of,
-    train_classifier,
 )
+from unsc_lightning.lab.render import markdown_report, plot_accuracy, run_line, sweep_markdown
+from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
+from unsc_lightning.lab.scoring import GAP_METRICS, score
 
 SCENARIOS = ("class", "multiclass", "subclass", "random")
 #: Nested forgotten sets of the multi-class sweep (the paper's CIFAR-10 sets), by size.
@@ -66,8 +62,6 @@ MULTICLASS_SETS: dict[int, list[int]] = {
     4: [1, 3, 5, 7],
     5: [1, 2, 3, 5, 7],
 }
-#: Metrics averaged into the gap to the retrained model.
-GAP_METRICS = ("acc_r", "acc_f", "mia_efficacy")
 
 Printer = Callable[[str], None]
 
@@ -234,28 +228,6 @@ def _train_recipe(config: BenchConfig) -> TrainRecipe:
     return replace(recipe, epochs=config.train_epochs, milestones=milestones)
 
 
-def _score(model: Any, dm: Any, seconds: float, **extra: Any) -> dict[str, Any]:
-    accuracy = evaluate(model, dm)
-    state = model.state_dict().values()
-    diverged = not all(torch.isfinite(t).all() for t in state if t.is_floating_point())
-    mia = None
-    if not diverged:
-        try:
-            mia = mia_efficacy_of(model, dm, attacker="svc")
-        except RuntimeError:  # NaN confidences: the logits overflowed
-            diverged = True
-    # a diverged model has no confidence to attack: its MIA-efficacy is left out
-    return {
-        "acc_r": accuracy["acc_r"],
-        "acc_f": accuracy["acc_f"],
-        "mia_efficacy": mia,
-        "seconds": seconds,
-        "per_class": accuracy["per_class"],
-        "diverged": diverged,
-        **extra,
-    }
-
-
 def run_seed(
     config: BenchConfig,
     forget: ForgetSpec,
@@ -284,8 +256,8 @@ def run_seed(
         )
         models[name] = model
         cpu = None if cached else time.process_time() - cpu_start
-        results[name] = _score(model, dm, seconds, cached=cached, cpu_seconds=cpu)
-        say(_line(seed, name, results[name]))
+        results[name] = score(model, dm, seconds, cached=cached, cpu_seconds=cpu)
+        say(run_line(seed, name, results[name]))
         advance()
     for name in methods:
         stop = (
@@ -293,7 +265,7 @@ def run_seed(
         )
         callbacks: list[Callback] = [stop] if stop is not None else []
         cpu_start = time.process_time()
-        model, seconds = run_method(
+        run = run_method(
             name,
             models["original"],
             config.dataset,
@@ -304,25 +276,12 @@ def run_seed(
         )
         stopped = stop.stopped_at_step if stop is not None else None
         cpu = time.process_time() - cpu_start
-        results[name] = _score(
-            model, dm, seconds, cached=False, stopped_at_step=stopped, cpu_seconds=cpu
+        results[name] = score(
+            run.model, dm, run.seconds, cached=False, stopped_at_step=stopped, cpu_seconds=cpu
         )
-        say(_line(seed, name, results[name]))
+        say(run_line(seed, name, results[name]))
         advance()
     return results
-
-
-def _line(seed: int, name: str, scores: dict[str, Any]) -> str:
-    note = " (cached)" if scores.get("cached") else ""
-    if scores.get("stopped_at_step") is not None:
-        note += f" (stopped after {scores['stopped_at_step']} steps)"
-    if scores.get("diverged"):
-        note += " (diverged)"
-    mia = "n/a" if scores["mia_efficacy"] is None else f"{scores['mia_efficacy']:6.2f}"
-    return (
-        f"seed {seed} {METHODS[name].label:<20} Acc_r {scores['acc_r']:6.2f}  Acc_f {scores['acc_f']:6.2f}  "
-        f"MIA {mia:>6}  {scores['seconds']:6.1f}s{note}"
-    )
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -410,107 +369,6 @@ def _ratio(summary: dict[str, Any], numerator: str, denominator: str, metric: st
     return None if top is None or not bottom else top / bottom
 
 
-# -- reports ----------------------------------------------------------------------------------
-def _describe(report: dict[str, Any]) -> str:
-    forget = report["forget"]
-    if forget["kind"] == "class":
-        return f"forget class{'es' if len(forget['classes']) > 1 else ''} {forget['classes']}"
-    if forget["kind"] == "subclass":
-        return f"forget fine digit(s) {forget['subclasses']} inside their coarse classes"
-    return f"forget a random {100 * forget['fraction']:.0f} % of the training set"
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """The paper-style table: one row per method, mean ± std over seeds."""
-    head = (
-        "| Method | Acc_r (%) | Acc_f (%) | MIA-efficacy, SVC (%) | Avg. gap to retrain | Seconds |"
-    )
-    lines = [head, "|---|---|---|---|---|---|"]
-    for entry in report["methods"].values():
-        cells = [_cell(entry, m) for m in (*GAP_METRICS, "avg_gap")]
-        seconds = f"{entry['seconds_mean']:.2f}" + (" (cached)" if entry.get("cached") else "")
-        label = entry["label"] + (
-            f" (diverged: seeds {entry['diverged_seeds']})" if entry.get("diverged_seeds") else ""
-        )
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds} |")
-    return "\n".join(lines)
-
-
-def _cell(entry: dict[str, Any], metric: str) -> str:
-    mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
-    return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
-
-
-def markdown_report(report: dict[str, Any]) -> str:
-    ratio = report.get("unsc_seconds_over_retrain")
-    cpu_ratio = report.get("unsc_cpu_seconds_over_retrain")
-    notes = [
-        f"# {report['dataset']}: {_describe(report)}",
-        "",
-        f"Seeds {report['seeds']}; mean ± std (population) over seeds. Acc_r / Acc_f: test accuracy on "
-        "the remaining / forgotten classes, macro over classes"
-        + (
-            " (Acc_f: on the forgotten training samples themselves)"
-            if report["forget"]["kind"] == "random"
-            else ""
-        )
-        + ". MIA-efficacy: SVC attacker (C=3, RBF) on true-class confidence, share of forgotten samples "
-        "called non-members. Avg. gap: mean of |method − retrain| over Acc_r, Acc_f and MIA-efficacy, per "
-        "seed. Seconds: wall time of training (original, retrain) or of the whole unlearning fit "
-        "(UNSC: bases + unlearning).",
-        "",
-        markdown_table(report),
-        "",
-    ]
-    if ratio is not None:
-        cpu = "" if cpu_ratio is None else f"; CPU time of this process: {100 * cpu_ratio:.1f} %"
-        notes.append(f"UNSC wall time / retrain wall time: {100 * ratio:.1f} %{cpu}.")
-    if report.get("stop_at_held_out"):
-        notes.append(
-            "Unlearning methods stop once the forgotten samples' accuracy falls to the original model's "
-            "held-out (validation) accuracy."
-        )
-    return "\n".join(notes) + "\n"
-
-
-def plot_accuracy(report: dict[str, Any], path: Path) -> None:
-    """Remaining vs forgotten accuracy per method (bars with std error bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = report["methods"]
-    labels = [entry["label"] for entry in methods.values()]
-    xs = range(len(labels))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 3.8))
-    for offset, metric, name in (
-        (-0.2, "acc_r", "remaining (Acc_r)"),
-        (0.2, "acc_f", "forgotten (Acc_f)"),
-    ):
-        ax.bar(
-            [x + offset for x in xs],
-            [e[f"{metric}_mean"] for e in methods.values()],
-            width=0.4,
-            yerr=[e[f"{metric}_std"] for e in methods.values()],
-            capsize=2,
-            label=name,
-        )
-    if "retrain" in methods:
-        ax.axhline(
-            methods["retrain"]["acc_f_mean"], color="gray", lw=0.8, ls="--", label="retrain Acc_f"
-        )
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"{report['dataset']}: {_describe(report)} (seeds {report['seeds']})", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def sweep_report(config: BenchConfig, reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Summary of a multi-class sweep: one row per forgotten set."""
     rows = []
@@ -523,32 +381,9 @@ def sweep_report(config: BenchConfig, reports: list[dict[str, Any]]) -> dict[str
         "seeds": config.seeds,
         "settings": rows,
     }
-    lines = [
-        f"# {config.dataset}: multi-class forgetting, seeds {config.seeds}",
-        "",
-        "Acc_r (%) of the remaining classes, mean ± std over seeds; UNSC's Acc_f in the last column.",
-        "",
-        "| forgotten classes | Original | Retrain | UNSC | UNSC Acc_f |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
-        m = row["methods"]
-
-        def acc(name: str, metric: str = "acc_r", m: dict[str, Any] = m) -> str:
-            return (
-                f"{m[name][f'{metric}_mean']:.2f} ± {m[name][f'{metric}_std']:.2f}"
-                if name in m
-                else "–"
-            )
-
-        lines.append(
-            f"| {row['forget_classes']} | {acc('original')} | {acc('retrain')} | {acc('unsc')} | {acc('unsc', 'acc_f')} |"
-        )
-    for report in reports:
-        lines += ["", f"## forget {report['forget_classes']}", "", markdown_table(report)]
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "results.json").write_text(json.dumps(summary, indent=2))
-    (config.out / "results.md").write_text("\n".join(lines) + "\n")
+    (config.out / "results.md").write_text(sweep_markdown(config.dataset, config.seeds, reports))
     return summary
 
 
@@ -599,6 +434,11 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
+def _write_line(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``unsc-lightning bench``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -608,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UnlearningConfigError(f"Expected `--threads` >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
         config = config_from_args(args)
-        run_bench(config, say=lambda line: print(line, flush=True))
+        run_bench(config, say=_write_line)
     except UnlearningConfigError as error:
         sys.stderr.write(f"unsc-lightning bench: error: {error}\n")
         return 2
-    print((config.out / "results.md").read_text(), flush=True)
+    _write_line((config.out / "results.md").read_text())
     return 0

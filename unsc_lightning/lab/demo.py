@@ -10,16 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from unsc_lightning.data import ForgetSpec
-from unsc_lightning.experiment import (
-    EMBEDDED,
-    evaluate,
-    make_datamodule,
-    mia_efficacy_of,
-    run_unsc,
-    train_classifier,
-)
+from unsc_lightning.lab.recipes import EMBEDDED, METHODS
+from unsc_lightning.lab.render import demo_table, plot_per_class
+from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
+from unsc_lightning.lab.scoring import score
 
-METHOD_LABELS = {"original": "Original", "retrain": "Retrain", "unsc": "UNSC"}
+#: The models the demo compares, in table order.
+DEMO_METHODS = ("original", "retrain", "unsc")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -40,34 +37,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def plot_per_class(report: dict[str, Any], path: Path) -> None:
-    """Grouped bar chart of per-class test accuracy for every method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = report["methods"]
-    num_classes = len(next(iter(methods.values()))["per_class"])
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    for i, (name, result) in enumerate(methods.items()):
-        xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(num_classes)]
-        ys = [v if v is not None else 0.0 for v in result["per_class"]]
-        ax.bar(xs, ys, width=width, label=METHOD_LABELS.get(name, name))
-    for k in report["forget_classes"]:
-        ax.axvspan(k - 0.45, k + 0.45, color="red", alpha=0.08)
-    ax.set_xticks(range(num_classes))
-    ax.set_xlabel("class (shaded: forgotten)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"{report['dataset']}: per-class accuracy, forget {report['forget_classes']}")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_demo(
     dataset: str,
     forget_classes: list[int],
@@ -79,7 +48,6 @@ def run_demo(
     """Run the three models, write ``report.json`` and ``per_class_accuracy.png`` under ``out``."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     console = Console(quiet=not show)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,39 +69,26 @@ def run_demo(
         console=console,
         transient=False,
     ) as progress:
-        tasks = {name: progress.add_task(label, total=1) for name, label in METHOD_LABELS.items()}
+        tasks = {name: progress.add_task(METHODS[name].label, total=1) for name in DEMO_METHODS}
 
         def reporter(name: str) -> Any:
             return lambda done, total: progress.update(tasks[name], completed=done, total=total)
 
         test_dm = make_datamodule(dataset, forget, seed, "forget", 128)
-        original, seconds, cached = train_classifier(
-            dataset, forget, seed, "all", cache_dir, progress=reporter("original")
+        models = {}
+        for name, train_on in (("original", "all"), ("retrain", "retain")):
+            model, seconds, cached = train_classifier(
+                dataset, forget, seed, train_on, cache_dir, progress=reporter(name)
+            )
+            models[name] = model
+            results[name] = score(model, test_dm, seconds, mia_seed=seed, cached=cached)
+        unsc = run_method(
+            "unsc", models["original"], dataset, forget, seed, progress=reporter("unsc")
         )
-        results["original"] = {
-            **evaluate(original, test_dm),
-            "mia_efficacy": mia_efficacy_of(original, test_dm, seed=seed),
-            "seconds": seconds,
-            "cached": cached,
-        }
-        retrained, seconds, cached = train_classifier(
-            dataset, forget, seed, "retain", cache_dir, progress=reporter("retrain")
-        )
-        results["retrain"] = {
-            **evaluate(retrained, test_dm),
-            "mia_efficacy": mia_efficacy_of(retrained, test_dm, seed=seed),
-            "seconds": seconds,
-            "cached": cached,
-        }
-        unlearned, seconds, callback = run_unsc(
-            original, dataset, forget, seed, progress=reporter("unsc")
-        )
-        results["unsc"] = {
-            **evaluate(unlearned, test_dm),
-            "mia_efficacy": mia_efficacy_of(unlearned, test_dm, seed=seed),
-            "seconds": seconds,
-            "cached": False,
-        }
+        results["unsc"] = score(unsc.model, test_dm, unsc.seconds, mia_seed=seed, cached=False)
+    callback = unsc.calibration
+    if callback is None:  # "unsc" always runs with the null-space callback
+        raise RuntimeError("UNSC ran without its NullSpaceCalibration callback.")
     report = {
         "dataset": dataset,
         "forget_classes": forget.forgotten_classes,
@@ -149,21 +104,7 @@ def run_demo(
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_per_class(report, out / "per_class_accuracy.png")
-    table = Table(
-        title=f"{dataset}, forget {forget.forgotten_classes}, seed {seed} (test accuracy, %)"
-    )
-    for column in ("method", "remaining acc", "forgotten acc", "MIA-efficacy (SVC)", "seconds"):
-        table.add_column(column, justify="right" if column != "method" else "left")
-    for name, result in results.items():
-        note = " (cached)" if result["cached"] else ""
-        table.add_row(
-            METHOD_LABELS[name],
-            f"{result['acc_r']:.2f}",
-            f"{result['acc_f']:.2f}",
-            f"{result['mia_efficacy']:.2f}",
-            f"{result['seconds']:.1f}{note}",
-        )
-    console.print(table)
+    console.print(demo_table(report))
     console.print(f"wrote {out / 'report.json'} and {out / 'per_class_accuracy.png'}")
     return report
 

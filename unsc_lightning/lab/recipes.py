@@ -1,29 +1,75 @@
-"""Every method the bench compares, with its defaults on the embedded data, and one way to run it.
+"""What every experiment runs with: training recipes, UNSC's settings and each method's defaults.
 
-Defaults were tuned per embedded data set, forgetting class 3 (see :data:`BASELINE_RECIPES`);
-the modules' constructor defaults are the MNIST-1D values. UNSC and its two ablations always use
-the UNSC recipe ``experiment.EMBEDDED[dataset]["unlearn"]``, read when they run.
+:data:`EMBEDDED` holds, per embedded data set, the model and the recipes of the original /
+retrained model and of UNSC (the ``demo`` uses them, the embedded ``configs/`` follow them);
+:data:`METHODS` lists every method the ``bench`` compares, and :data:`BASELINE_RECIPES` the
+baselines' tuned defaults. UNSC and its two ablations always use ``EMBEDDED[dataset]["unlearn"]``.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-import lightning.pytorch as L
-from lightning.pytorch.callbacks import Callback
-from torch import nn
-
-from unsc_lightning.baselines.base import BaselineModule
-from unsc_lightning.baselines.boundary_shrink import BoundaryShrink
-from unsc_lightning.baselines.finetune import FineTune, L1Sparse
-from unsc_lightning.baselines.gradient_ascent import GradientAscent
-from unsc_lightning.baselines.random_labels import RandomLabels, SalUn
-from unsc_lightning.baselines.scrub import SCRUB
-from unsc_lightning.data import ForgetSpec
+from unsc_lightning.baselines import (
+    SCRUB,
+    BaselineModule,
+    BoundaryShrink,
+    FineTune,
+    GradientAscent,
+    L1Sparse,
+    RandomLabels,
+    SalUn,
+)
 from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.models import DigitsConvNet, MNIST1DConvNet
+
+
+@dataclass
+class TrainRecipe:
+    """Original / retrain recipe (the authors' schedule, scaled to the embedded data)."""
+
+    epochs: int = 30
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    milestones: list[int] = field(default_factory=lambda: [15, 25])
+    gamma: float = 0.2
+    batch_size: int = 128
+
+
+@dataclass
+class UnlearnRecipe:
+    """UNSC forget-stage settings (plain SGD on forget data, null-space projection).
+
+    The MNIST-1D defaults were tuned on seeds 0-2, forgetting class 3 (lr 0.5-4, 20-40 epochs,
+    per-class 0.97 + 0.003 k, pooled 0.96-0.995, lower thresholds on the head); a lower head
+    threshold destroys remaining accuracy, a lower lr leaves 1-2.5 % forgotten-class accuracy.
+    """
+
+    epochs: int = 20
+    lr: float = 2.0
+    batch_size: int = 128
+    threshold: float = 0.97
+    class_threshold_step: float = 0.003
+    rule: str = "per_class"
+
+
+EMBEDDED: dict[str, dict[str, Any]] = {
+    "mnist1d": {
+        "model": lambda num_classes: MNIST1DConvNet(num_classes=num_classes),
+        "train": TrainRecipe(),
+        "unlearn": UnlearnRecipe(),
+    },
+    "digits": {
+        "model": lambda num_classes: DigitsConvNet(num_classes=num_classes),
+        "train": TrainRecipe(epochs=30, lr=0.05, milestones=[15, 25], batch_size=64),
+        "unlearn": UnlearnRecipe(epochs=20, lr=0.5, batch_size=64),
+    },
+}
+
 
 MethodKind = Literal["reference", "unsc", "baseline"]
 
@@ -133,82 +179,3 @@ def method_recipe(method: str, dataset: str) -> MethodRecipe:
             f"{sorted(BASELINE_RECIPES.get(dataset, {}))}, data sets: {sorted(BASELINE_RECIPES)}."
         )
     return copy.deepcopy(BASELINE_RECIPES[dataset][method])
-
-
-def run_method(
-    method: str,
-    model: nn.Module,
-    dataset: str,
-    forget: ForgetSpec,
-    seed: int,
-    *,
-    recipe: MethodRecipe | None = None,
-    callbacks: list[Callback] | None = None,
-    data_options: dict[str, Any] | None = None,
-    progress: Any = None,
-) -> tuple[nn.Module, float]:
-    """Unlearn ``forget`` from a copy of the trained ``model`` with one method.
-
-    Args:
-        method: a name of :data:`METHODS` other than ``"original"`` and ``"retrain"``.
-        model: the trained original; it is not modified.
-        dataset: embedded data set name.
-        forget: what to forget.
-        seed: seed of the splits and of training.
-        recipe: baseline recipe (default: :func:`method_recipe`); UNSC and its ablations always
-            use ``experiment.EMBEDDED[dataset]["unlearn"]``.
-        callbacks: extra trainer callbacks (e.g. :class:`StopAtHeldOutAccuracy`).
-        data_options: data module arguments (e.g. ``{"num_samples": 1000}``).
-        progress: ``progress(epoch_done, max_epochs)`` after every epoch.
-
-    Returns:
-        ``(unlearned model in eval mode, wall-clock seconds of the fit)``; the seconds include
-        everything the method computes before training (UNSC bases, SalUn saliency).
-    """
-    from unsc_lightning.experiment import (
-        EpochProgress,
-        make_datamodule,
-        make_trainer,
-        run_unsc_variant,
-    )
-
-    if method not in METHODS or METHODS[method].kind == "reference":
-        raise UnlearningConfigError(
-            f"Expected `method` to be one of {list(UNLEARNING_METHODS)}, got {method!r} "
-            "(the original and retrained models come from `experiment.train_classifier`)."
-        )
-    info = METHODS[method]
-    if info.kind == "unsc":
-        unlearned, seconds, _ = run_unsc_variant(
-            model,
-            dataset,
-            forget,
-            seed,
-            progress=progress,
-            pseudo_labels=info.pseudo_labels,
-            null_space=info.null_space,
-            callbacks=callbacks,
-            data_options=data_options,
-        )
-        return unlearned, seconds
-    recipe = recipe or method_recipe(method, dataset)
-    module_cls = cast(type[BaselineModule], info.module)  # every "baseline" entry names one
-    dm = make_datamodule(
-        dataset, forget, seed, module_cls.train_on, recipe.batch_size, **(data_options or {})
-    )
-    L.seed_everything(seed, workers=True, verbose=False)
-    unlearned = copy.deepcopy(model).train()  # Lightning keeps the modes it is given
-    module = module_cls(
-        unlearned,
-        num_classes=dm.num_classes,
-        forget_classes=forget.forgotten_classes or None,
-        lr=recipe.lr,
-        seed=seed,
-        **recipe.options,
-    )
-    trainer = make_trainer(recipe.epochs, [*(callbacks or []), EpochProgress(progress)])
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    seconds = time.perf_counter() - start
-    unlearned.eval()
-    return unlearned, seconds

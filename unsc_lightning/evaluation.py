@@ -1,0 +1,179 @@
+"""Retain/forget evaluation shared by the unlearning modules and the baselines.
+
+:class:`ForgetEvaluation` holds the metrics of one stage (retain/forget accuracy, per-class
+accuracy, MIA-efficacy, forget-vs-test AUROC); :class:`EvaluationMixin` is the validation/test
+loop of :class:`~unsc_lightning.UnlearningModule`, :class:`~unsc_lightning.ClassifierModule` and
+:class:`~unsc_lightning.baselines.BaselineModule`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor, nn
+
+from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.metrics import ClassSubsetAccuracy, ForgetVsTestAUROC, MIAEfficacy
+
+DEFAULT_EVAL_LOADERS = ("retain", "forget", "member", "forget_train")
+
+
+class ForgetEvaluation(nn.Module):
+    """Retain/forget accuracy, per-class accuracy, MIA-efficacy and the forget-vs-test AUROC.
+
+    Accuracies are macro averages over classes (as the paper reports). Evaluation loaders are
+    named by the DataModule's ``eval_loader_names`` (default ``("retain", "forget", "member",
+    "forget_train")``): ``retain`` holds held-out samples of the remaining classes (accuracy and
+    MIA non-members), ``forget`` held-out samples of what is forgotten (accuracy), ``member``
+    remaining *training* samples (MIA members) and ``forget_train`` the forgotten training
+    samples the attack is applied to. Loaders a DataModule does not provide are skipped, and so
+    are the metrics that need them.
+
+    Args:
+        num_classes: number of classes.
+        forget_classes: forgotten classes (empty for sample-level forgetting).
+        mia_attacker: ``"threshold"`` (cheap, used during validation) or ``"svc"`` (the field's
+            standard, used at test); the logged key is ``{stage}/mia_efficacy`` either way, so
+            validation and test MIA numbers must not be mixed in one table.
+
+    Example:
+        >>> import torch
+        >>> evaluation = ForgetEvaluation(num_classes=3, forget_classes=[2])
+        >>> evaluation.update("retain", torch.eye(3)[[0, 1]], torch.tensor([0, 1]))
+        >>> evaluation.update("forget", torch.eye(3)[[0]], torch.tensor([2]))
+        >>> {k: float(v) for k, v in evaluation.compute("test").items() if k.endswith("_acc")}
+        {'test/retain_acc': 1.0, 'test/forget_acc': 0.0}
+    """
+
+    def __init__(
+        self, num_classes: int, forget_classes: list[int], mia_attacker: str = "threshold"
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.forget_classes = list(forget_classes)
+        remaining = [k for k in range(num_classes) if k not in self.forget_classes]
+        self.retain = ClassSubsetAccuracy(num_classes, classes=remaining)
+        self.forget = ClassSubsetAccuracy(num_classes, classes=self.forget_classes or None)
+        self.per_class = ClassSubsetAccuracy(num_classes)
+        self.mia = MIAEfficacy(attacker=mia_attacker)  # type: ignore[arg-type]
+        self.auroc = ForgetVsTestAUROC()
+
+    def update(self, loader: str, logits: Tensor, targets: Tensor) -> None:
+        """Add a batch of ``logits`` from the evaluation loader named ``loader``."""
+        if loader == "retain":
+            self.retain.update(logits, targets)
+            self.per_class.update(logits, targets)
+            self.mia.update(logits, targets, "test")
+            self.auroc.update(logits, targets, "test")
+        elif loader == "forget":
+            self.forget.update(logits, targets)
+            if self.forget_classes:  # class-wise: forgotten classes have their own bars
+                self.per_class.update(logits, targets)
+        elif loader == "member":
+            self.mia.update(logits, targets, "retain")
+        elif loader == "forget_train":
+            self.mia.update(logits, targets, "forget")
+            self.auroc.update(logits, targets, "forget")
+
+    def compute(self, prefix: str) -> dict[str, Tensor]:
+        """Every metric with data, keyed ``{prefix}/<name>`` (e.g. ``test/retain_acc``)."""
+        results: dict[str, Tensor] = {}
+        if int(self.retain.total.sum()) > 0:
+            results[f"{prefix}/retain_acc"] = self.retain.compute()
+        if int(self.forget.total.sum()) > 0:
+            results[f"{prefix}/forget_acc"] = self.forget.compute()
+        if all(
+            len(getattr(self.mia, f"{split}_features")) for split in ("retain", "test", "forget")
+        ):
+            results[f"{prefix}/mia_efficacy"] = self.mia.compute()
+        if len(self.auroc.forget_scores) and len(self.auroc.test_scores):
+            results[f"{prefix}/forget_test_auroc"] = self.auroc.compute()
+        if int(self.per_class.total.sum()) > 0:
+            per_class = self.per_class.per_class()
+            for k in range(self.num_classes):
+                if not torch.isnan(per_class[k]):
+                    results[f"{prefix}/acc_class_{k}"] = per_class[k]
+        return results
+
+    def reset(self) -> None:
+        """Forget every batch seen so far."""
+        for metric in (self.retain, self.forget, self.per_class, self.mia, self.auroc):
+            metric.reset()
+
+
+class EvaluationMixin(L.LightningModule):
+    """Validation and test loops shared by every unlearning module: one :class:`ForgetEvaluation`
+    per stage, fed by the DataModule's named evaluation loaders and logged at epoch end.
+
+    Subclasses call :meth:`_init_evaluation` in their constructor and
+    :meth:`_check_forget_classes` in ``setup``; ``validation_step``, ``test_step`` and the
+    epoch-end logging come from here, so UNSC, the ablations and the baselines log the same keys
+    (``{val|test}/retain_acc``, ``/forget_acc``, ``/mia_efficacy``, ``/forget_test_auroc``,
+    ``/acc_class_k``).
+    """
+
+    @property
+    def _hp(self) -> Any:
+        """``hparams`` with attribute access typed for mypy."""
+        return self.hparams
+
+    val_evaluation: ForgetEvaluation
+    test_evaluation: ForgetEvaluation
+
+    def _init_evaluation(self, num_classes: int, forget_classes: list[int]) -> None:
+        self.val_evaluation = ForgetEvaluation(
+            num_classes, forget_classes, mia_attacker="threshold"
+        )
+        self.test_evaluation = ForgetEvaluation(num_classes, forget_classes, mia_attacker="svc")
+
+    def _check_forget_classes(self) -> None:
+        """Raise when the attached DataModule forgets other classes than this module."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        theirs = getattr(datamodule, "forget_classes", None)
+        ours = getattr(self, "forget_classes", None)
+        if theirs is not None and ours is not None and sorted(theirs) != ours:
+            raise UnlearningConfigError(
+                f"`forget_classes={ours}` of the module differs from the DataModule's "
+                f"{sorted(theirs)}; pass the same classes to both."
+            )
+
+    def _loader_name(self, dataloader_idx: int) -> str:
+        datamodule = (
+            getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        )
+        names = getattr(datamodule, "eval_loader_names", DEFAULT_EVAL_LOADERS)
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"loader_{dataloader_idx}"
+
+    def _eval_step(self, evaluation: ForgetEvaluation, batch: Any, dataloader_idx: int) -> Tensor:
+        inputs, targets = batch[0], batch[1]
+        logits = self(inputs)
+        evaluation.update(self._loader_name(dataloader_idx), logits, targets)
+        return logits
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.val_evaluation, batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.test_evaluation, batch, dataloader_idx)
+
+    def _log_evaluation(self, evaluation: ForgetEvaluation, prefix: str) -> None:
+        results = evaluation.compute(prefix)
+        for name, value in results.items():
+            self.log(
+                name,
+                value,
+                prog_bar=name.endswith(("retain_acc", "forget_acc")),
+                add_dataloader_idx=False,
+                # already reduced by the metrics; the mean of identical values is a no-op that
+                # keeps Lightning from warning under DDP
+                sync_dist=self.trainer.world_size > 1,
+            )
+        evaluation.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation(self.val_evaluation, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation(self.test_evaluation, "test")

@@ -1,0 +1,200 @@
+"""Tables and plots of the ``demo`` and the ``bench``, from their JSON reports.
+
+Plots use matplotlib's object API (a :class:`~matplotlib.figure.Figure` of its own, saved with
+``savefig``): no pyplot state and no display backend, so they are safe in any process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from rich.table import Table
+
+from unsc_lightning.lab.recipes import METHODS
+from unsc_lightning.lab.scoring import GAP_METRICS
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def demo_table(report: dict[str, Any]) -> Table:
+    """The demo's console table: accuracy, MIA-efficacy and seconds per method."""
+    table = Table(
+        title=f"{report['dataset']}, forget {report['forget_classes']}, seed {report['seed']} "
+        "(test accuracy, %)"
+    )
+    for column in ("method", "remaining acc", "forgotten acc", "MIA-efficacy (SVC)", "seconds"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    for name, result in report["methods"].items():
+        note = " (cached)" if result["cached"] else ""
+        table.add_row(
+            METHODS[name].label,
+            f"{result['acc_r']:.2f}",
+            f"{result['acc_f']:.2f}",
+            f"{result['mia_efficacy']:.2f}",
+            f"{result['seconds']:.1f}{note}",
+        )
+    return table
+
+
+def plot_per_class(report: dict[str, Any], path: Path) -> None:
+    """Grouped bar chart of per-class test accuracy for every method of a demo report."""
+    methods = report["methods"]
+    num_classes = len(next(iter(methods.values()))["per_class"])
+    width = 0.8 / len(methods)
+    fig = Figure(figsize=(9, 3.5))
+    ax = fig.subplots()
+    for i, (name, result) in enumerate(methods.items()):
+        xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(num_classes)]
+        ys = [v if v is not None else 0.0 for v in result["per_class"]]
+        ax.bar(xs, ys, width=width, label=METHODS[name].label)
+    for k in report["forget_classes"]:
+        ax.axvspan(k - 0.45, k + 0.45, color="red", alpha=0.08)
+    ax.set_xticks(range(num_classes))
+    ax.set_xlabel("class (shaded: forgotten)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{report['dataset']}: per-class accuracy, forget {report['forget_classes']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# -- bench --------------------------------------------------------------------------------------
+def run_line(seed: int, name: str, scores: dict[str, Any]) -> str:
+    """One line of the bench's running log: a method's scores on one seed."""
+    note = " (cached)" if scores.get("cached") else ""
+    if scores.get("stopped_at_step") is not None:
+        note += f" (stopped after {scores['stopped_at_step']} steps)"
+    if scores.get("diverged"):
+        note += " (diverged)"
+    mia = "n/a" if scores["mia_efficacy"] is None else f"{scores['mia_efficacy']:6.2f}"
+    return (
+        f"seed {seed} {METHODS[name].label:<20} Acc_r {scores['acc_r']:6.2f}  Acc_f {scores['acc_f']:6.2f}  "
+        f"MIA {mia:>6}  {scores['seconds']:6.1f}s{note}"
+    )
+
+
+def describe(report: dict[str, Any]) -> str:
+    """What a bench report forgets, in words."""
+    forget = report["forget"]
+    if forget["kind"] == "class":
+        return f"forget class{'es' if len(forget['classes']) > 1 else ''} {forget['classes']}"
+    if forget["kind"] == "subclass":
+        return f"forget fine digit(s) {forget['subclasses']} inside their coarse classes"
+    return f"forget a random {100 * forget['fraction']:.0f} % of the training set"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The paper-style table: one row per method, mean ± std over seeds."""
+    head = (
+        "| Method | Acc_r (%) | Acc_f (%) | MIA-efficacy, SVC (%) | Avg. gap to retrain | Seconds |"
+    )
+    lines = [head, "|---|---|---|---|---|---|"]
+    for entry in report["methods"].values():
+        cells = [_cell(entry, m) for m in (*GAP_METRICS, "avg_gap")]
+        seconds = f"{entry['seconds_mean']:.2f}" + (" (cached)" if entry.get("cached") else "")
+        label = entry["label"] + (
+            f" (diverged: seeds {entry['diverged_seeds']})" if entry.get("diverged_seeds") else ""
+        )
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds} |")
+    return "\n".join(lines)
+
+
+def _cell(entry: dict[str, Any], metric: str) -> str:
+    mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
+    return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """``results.md`` of one forgotten set: what was measured, the table and the time ratio."""
+    ratio = report.get("unsc_seconds_over_retrain")
+    cpu_ratio = report.get("unsc_cpu_seconds_over_retrain")
+    notes = [
+        f"# {report['dataset']}: {describe(report)}",
+        "",
+        f"Seeds {report['seeds']}; mean ± std (population) over seeds. Acc_r / Acc_f: test accuracy on "
+        "the remaining / forgotten classes, macro over classes"
+        + (
+            " (Acc_f: on the forgotten training samples themselves)"
+            if report["forget"]["kind"] == "random"
+            else ""
+        )
+        + ". MIA-efficacy: SVC attacker (C=3, RBF) on true-class confidence, share of forgotten samples "
+        "called non-members. Avg. gap: mean of |method − retrain| over Acc_r, Acc_f and MIA-efficacy, per "
+        "seed. Seconds: wall time of training (original, retrain) or of the whole unlearning fit "
+        "(UNSC: bases + unlearning).",
+        "",
+        markdown_table(report),
+        "",
+    ]
+    if ratio is not None:
+        cpu = "" if cpu_ratio is None else f"; CPU time of this process: {100 * cpu_ratio:.1f} %"
+        notes.append(f"UNSC wall time / retrain wall time: {100 * ratio:.1f} %{cpu}.")
+    if report.get("stop_at_held_out"):
+        notes.append(
+            "Unlearning methods stop once the forgotten samples' accuracy falls to the original model's "
+            "held-out (validation) accuracy."
+        )
+    return "\n".join(notes) + "\n"
+
+
+def sweep_markdown(dataset: str, seeds: list[int] | None, reports: list[dict[str, Any]]) -> str:
+    """``results.md`` of a multi-class sweep: one row per forgotten set, then each set's table."""
+    lines = [
+        f"# {dataset}: multi-class forgetting, seeds {seeds}",
+        "",
+        "Acc_r (%) of the remaining classes, mean ± std over seeds; UNSC's Acc_f in the last column.",
+        "",
+        "| forgotten classes | Original | Retrain | UNSC | UNSC Acc_f |",
+        "|---|---|---|---|---|",
+    ]
+    for report in reports:
+        m = report["methods"]
+
+        def acc(name: str, metric: str = "acc_r", m: dict[str, Any] = m) -> str:
+            return (
+                f"{m[name][f'{metric}_mean']:.2f} ± {m[name][f'{metric}_std']:.2f}"
+                if name in m
+                else "–"
+            )
+
+        lines.append(
+            f"| {report['forget_classes']} | {acc('original')} | {acc('retrain')} | {acc('unsc')} | {acc('unsc', 'acc_f')} |"
+        )
+    for report in reports:
+        lines += ["", f"## forget {report['forget_classes']}", "", markdown_table(report)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(report: dict[str, Any], path: Path) -> None:
+    """Remaining vs forgotten accuracy per method of a bench report (bars with std error bars)."""
+    methods = report["methods"]
+    labels = [entry["label"] for entry in methods.values()]
+    xs = range(len(labels))
+    fig = Figure(figsize=(max(6.0, 0.9 * len(labels)), 3.8))
+    ax = fig.subplots()
+    for offset, metric, name in (
+        (-0.2, "acc_r", "remaining (Acc_r)"),
+        (0.2, "acc_f", "forgotten (Acc_f)"),
+    ):
+        ax.bar(
+            [x + offset for x in xs],
+            [e[f"{metric}_mean"] for e in methods.values()],
+            width=0.4,
+            yerr=[e[f"{metric}_std"] for e in methods.values()],
+            capsize=2,
+            label=name,
+        )
+    if "retrain" in methods:
+        ax.axhline(
+            methods["retrain"]["acc_f_mean"], color="gray", lw=0.8, ls="--", label="retrain Acc_f"
+        )
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{report['dataset']}: {describe(report)} (seeds {report['seeds']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

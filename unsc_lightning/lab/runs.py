@@ -1,0 +1,298 @@
+"""Train, cache and unlearn: the runs every experiment is made of.
+
+:func:`train_classifier` trains (or reads from the cache) the original and the retrained model;
+:func:`run_method` unlearns a copy of the original with UNSC, one of its ablations or a
+baseline, all through the same steps. :mod:`unsc_lightning.lab.scoring` scores the results.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from unsc_lightning.callback import NullSpaceCalibration
+from unsc_lightning.data import ForgetSpec, UnlearningDataModule
+from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.lab.recipes import (
+    EMBEDDED,
+    METHODS,
+    UNLEARNING_METHODS,
+    MethodInfo,
+    MethodRecipe,
+    TrainRecipe,
+    UnlearnRecipe,
+    method_recipe,
+)
+from unsc_lightning.module import ClassifierModule, UnlearningModule
+
+ProgressFn = Callable[[int, int], None]
+
+
+class EpochProgress(Callback):
+    """Calls ``progress(epoch_done, max_epochs)`` after every training epoch."""
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self.progress = progress
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.progress is not None:
+            self.progress(trainer.current_epoch + 1, trainer.max_epochs or 1)
+
+
+def make_trainer(
+    max_epochs: int, callbacks: list[Callback] | None = None, **kwargs: Any
+) -> L.Trainer:
+    """A quiet CPU trainer: no logger, checkpoints, progress bar or model summary."""
+    options: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "deterministic": True,
+    }
+    options.update(kwargs)
+    return L.Trainer(callbacks=callbacks or [], **options)
+
+
+def make_datamodule(
+    dataset: str, forget: ForgetSpec, seed: int, train_on: str, batch_size: int, **data_options: Any
+) -> UnlearningDataModule:
+    """The embedded data module for one stage; ``data_options`` go to its constructor (e.g.
+    ``num_samples`` for MNIST-1D)."""
+    return UnlearningDataModule.from_name(
+        dataset, forget=forget, train_on=train_on, seed=seed, batch_size=batch_size, **data_options
+    )
+
+
+def _cache_key(
+    dataset: str,
+    forget: ForgetSpec,
+    seed: int,
+    train_on: str,
+    recipe: TrainRecipe,
+    data_options: dict[str, Any] | None = None,
+) -> str:
+    payload: dict[str, Any] = {
+        "dataset": dataset,
+        "seed": seed,
+        "train_on": train_on,
+        "recipe": asdict(recipe),
+    }
+    if train_on == "retain":
+        payload["forget"] = {
+            k: v for k, v in asdict(forget).items() if v != []
+        }  # stable for old specs
+    if forget.kind == "subclass":  # the model learns coarse labels: a different original
+        payload["labels"] = "coarse"
+    if data_options:
+        payload["data"] = data_options
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_classifier(
+    dataset: str,
+    forget: ForgetSpec,
+    seed: int,
+    train_on: str,
+    cache_dir: Path | None = None,
+    recipe: TrainRecipe | None = None,
+    progress: ProgressFn | None = None,
+    data_options: dict[str, Any] | None = None,
+) -> tuple[nn.Module, float, bool]:
+    """Train (or load from cache) the original (``train_on="all"``) or retrained model.
+
+    ``data_options`` are passed to the data module (e.g. ``{"num_samples": 1000}``) and are part
+    of the cache key.
+
+    Returns:
+        ``(model, seconds, cached)``; for a cached model ``seconds`` is the training time
+        recorded when it was trained.
+    """
+    spec = EMBEDDED[dataset]
+    recipe = recipe or spec["train"]
+    key = _cache_key(dataset, forget, seed, train_on, recipe, data_options)
+    path = None if cache_dir is None else Path(cache_dir) / f"{dataset}_{train_on}_{key}.pt"
+    dm = make_datamodule(dataset, forget, seed, train_on, recipe.batch_size, **(data_options or {}))
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = spec["model"](dm.num_classes)
+    if path is not None and path.exists():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(stored["state_dict"])
+        if progress is not None:
+            progress(1, 1)
+        return model, float(stored["seconds"]), True
+    module = ClassifierModule(
+        model,
+        num_classes=dm.num_classes,
+        forget_classes=forget.forgotten_classes or None,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        warmup_epochs=recipe.warmup_epochs,
+        milestones=recipe.milestones,
+        gamma=recipe.gamma,
+    )
+    trainer = make_trainer(recipe.epochs, [EpochProgress(progress)])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    model.eval()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state_dict": model.state_dict(), "seconds": seconds}, tmp)
+        tmp.replace(path)
+    return model, seconds, False
+
+
+class UnlearningRun(NamedTuple):
+    """What :func:`run_method` returns."""
+
+    #: The unlearned copy of the original, in eval mode.
+    model: nn.Module
+    #: Wall-clock seconds of the whole fit, including what the method computes before training
+    #: (UNSC bases, SalUn saliency).
+    seconds: float
+    #: The null-space callback of UNSC and its random-label ablation, else ``None``.
+    calibration: NullSpaceCalibration | None
+
+
+def run_method(
+    method: str,
+    model: nn.Module,
+    dataset: str,
+    forget: ForgetSpec,
+    seed: int,
+    *,
+    recipe: UnlearnRecipe | MethodRecipe | None = None,
+    callbacks: list[Callback] | None = None,
+    data_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> UnlearningRun:
+    """Unlearn ``forget`` from a copy of the trained ``model`` with one method.
+
+    UNSC, its ablations and the baselines go through the same steps: the data module of the
+    split the method trains on, the seed, a copy of the model, the method's module (and, for
+    UNSC, the :class:`~unsc_lightning.NullSpaceCalibration` callback), one timed fit.
+
+    Args:
+        method: a name of :data:`~unsc_lightning.lab.recipes.METHODS` other than
+            ``"original"`` and ``"retrain"``.
+        model: the trained original; it is not modified.
+        dataset: embedded data set name.
+        forget: what to forget.
+        seed: seed of the splits and of training.
+        recipe: an :class:`~unsc_lightning.lab.recipes.UnlearnRecipe` for UNSC and its ablations
+            (default ``EMBEDDED[dataset]["unlearn"]``, read now), a
+            :class:`~unsc_lightning.lab.recipes.MethodRecipe` for a baseline (default
+            :func:`~unsc_lightning.lab.recipes.method_recipe`).
+        callbacks: extra trainer callbacks (e.g. a stopping rule).
+        data_options: data module arguments (e.g. ``{"num_samples": 1000}``).
+        progress: ``progress(epoch_done, max_epochs)`` after every epoch.
+
+    Returns:
+        The unlearned model, the seconds of the fit and the null-space callback (if any).
+
+    Raises:
+        UnlearningConfigError: for an unknown or reference method, or a recipe of the wrong kind.
+    """
+    info = _unlearning_method(method)
+    settings = _recipe_of(method, info, dataset, recipe)
+    train_on = "forget" if info.module is None else info.module.train_on
+    dm = make_datamodule(
+        dataset, forget, seed, train_on, settings.batch_size, **(data_options or {})
+    )
+    L.seed_everything(seed, workers=True, verbose=False)
+    unlearned = copy.deepcopy(model)
+    module, calibration = _build(info, unlearned, dm.num_classes, forget, seed, settings)
+    extra: list[Callback] = [calibration] if calibration is not None else []
+    trainer = make_trainer(settings.epochs, [*extra, *(callbacks or []), EpochProgress(progress)])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    unlearned.eval()
+    return UnlearningRun(unlearned, seconds, calibration)
+
+
+def _unlearning_method(method: str) -> MethodInfo:
+    if method not in METHODS or METHODS[method].kind == "reference":
+        raise UnlearningConfigError(
+            f"Expected `method` to be one of {list(UNLEARNING_METHODS)}, got {method!r} "
+            "(the original and retrained models come from `train_classifier`)."
+        )
+    return METHODS[method]
+
+
+def _recipe_of(
+    method: str, info: MethodInfo, dataset: str, recipe: UnlearnRecipe | MethodRecipe | None
+) -> UnlearnRecipe | MethodRecipe:
+    expected = UnlearnRecipe if info.kind == "unsc" else MethodRecipe
+    if recipe is None:
+        return (
+            EMBEDDED[dataset]["unlearn"] if info.kind == "unsc" else method_recipe(method, dataset)
+        )
+    if not isinstance(recipe, expected):
+        raise UnlearningConfigError(
+            f"Expected `recipe` to be a {expected.__name__} for `method={method!r}`, "
+            f"got {type(recipe).__name__}."
+        )
+    return recipe
+
+
+def _build(
+    info: MethodInfo,
+    model: nn.Module,
+    num_classes: int,
+    forget: ForgetSpec,
+    seed: int,
+    recipe: UnlearnRecipe | MethodRecipe,
+) -> tuple[L.LightningModule, NullSpaceCalibration | None]:
+    """The method's LightningModule around ``model`` and, for UNSC, its null-space callback."""
+    forget_classes = forget.forgotten_classes or None
+    if isinstance(recipe, UnlearnRecipe):
+        module = UnlearningModule(
+            model,
+            num_classes=num_classes,
+            forget_classes=forget_classes,
+            lr=recipe.lr,
+            pseudo_labels=info.pseudo_labels,  # type: ignore[arg-type]
+            seed=seed,
+        )
+        if not info.null_space:
+            return module, None
+        calibration = NullSpaceCalibration(
+            threshold=recipe.threshold,
+            class_threshold_step=recipe.class_threshold_step,
+            rule=recipe.rule,  # type: ignore[arg-type]
+        )
+        return module, calibration
+    if info.module is None:
+        raise UnlearningConfigError(f"`{info.label}` names no module to run.")
+    # Lightning keeps the modes it is given: the baselines train the copy in train mode (their
+    # `norm_eval` then keeps normalisation layers in eval mode); UNSC's copy keeps the original's
+    # eval mode, as it always has.
+    model.train()
+    return info.module(
+        model,
+        num_classes=num_classes,
+        forget_classes=forget_classes,
+        lr=recipe.lr,
+        seed=seed,
+        **recipe.options,
+    ), None

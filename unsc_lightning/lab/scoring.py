@@ -1,0 +1,101 @@
+"""Scoring: what every experiment reports for a model (accuracy, MIA-efficacy, divergence)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from unsc_lightning.data import UnlearningDataModule
+from unsc_lightning.evaluation import ForgetEvaluation
+from unsc_lightning.metrics import MIAEfficacy
+
+#: Metrics averaged into the gap to the retrained model.
+GAP_METRICS = ("acc_r", "acc_f", "mia_efficacy")
+
+
+def score(
+    model: nn.Module,
+    dm: UnlearningDataModule,
+    seconds: float,
+    *,
+    mia_seed: int = 0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Every number the ``demo`` and the ``bench`` report for one model, in percent.
+
+    Args:
+        model: the model to score.
+        dm: the data module whose test and training splits are scored.
+        seconds: wall time that produced the model (recorded as is).
+        mia_seed: seed of the MIA attacker's data balancing.
+        **extra: more fields of the result (e.g. ``cached=True``).
+
+    Returns:
+        ``acc_r``, ``acc_f`` (see :func:`evaluate`), ``mia_efficacy`` (see
+        :func:`mia_efficacy_of`; ``None`` for a model whose weights or logits are not finite:
+        it has no confidence to attack), ``seconds``, ``per_class``, ``diverged`` and ``extra``.
+    """
+    accuracy = evaluate(model, dm)
+    state = model.state_dict().values()
+    diverged = not all(torch.isfinite(t).all() for t in state if t.is_floating_point())
+    mia = None
+    if not diverged:
+        try:
+            mia = mia_efficacy_of(model, dm, attacker="svc", seed=mia_seed)
+        except RuntimeError:  # NaN confidences: the logits overflowed
+            diverged = True
+    return {
+        "acc_r": accuracy["acc_r"],
+        "acc_f": accuracy["acc_f"],
+        "mia_efficacy": mia,
+        "seconds": seconds,
+        "per_class": accuracy["per_class"],
+        "diverged": diverged,
+        **extra,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dm: UnlearningDataModule) -> dict[str, Any]:
+    """Test-set accuracy in percent: ``acc_r`` / ``acc_f`` (macro over classes) and per class.
+
+    Uses the same :class:`~unsc_lightning.evaluation.ForgetEvaluation` as the modules' test step, on
+    the DataModule's ``retain`` and ``forget`` test loaders.
+    """
+    evaluation = ForgetEvaluation(dm.num_classes, dm.forget_classes)
+    model.eval()
+    for name, loader in zip(("retain", "forget"), dm.test_dataloader()[:2]):
+        for inputs, targets in loader:
+            evaluation.update(name, model(inputs), targets)
+    results = evaluation.compute("test")
+    nan = torch.tensor(float("nan"))
+    values = evaluation.per_class.per_class()
+    return {
+        "acc_r": 100 * float(results.get("test/retain_acc", nan)),
+        "acc_f": 100 * float(results.get("test/forget_acc", nan)),
+        "per_class": [None if torch.isnan(v) else 100 * float(v) for v in values],
+    }
+
+
+@torch.no_grad()
+def mia_efficacy_of(
+    model: nn.Module, dm: UnlearningDataModule, attacker: str = "svc", seed: int = 0
+) -> float:
+    """MIA-efficacy in percent (REFERENCE.md protocol).
+
+    Members are the remaining training samples, non-members the test samples of the remaining
+    classes (forgotten classes removed), the attack is applied to the forgotten training samples.
+    """
+    metric = MIAEfficacy(attacker=attacker, seed=seed)  # type: ignore[arg-type]
+    model.eval()
+    loaders = {
+        "retain": dm.retain_dataloader(),
+        "test": dm.test_dataloader()[0],
+        "forget": dm.forget_dataloader(),
+    }
+    for split, loader in loaders.items():
+        for inputs, targets in loader:
+            metric.update(model(inputs), targets, split)
+    return 100 * float(metric.compute())
