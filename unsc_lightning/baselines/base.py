@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from unsc_lightning.data.forget import validate_forget_classes
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.evaluation import EvaluationMixin
-from unsc_lightning.nullspace.layers import NORM_LAYERS
+from unsc_lightning.nullspace import NORM_LAYERS
 
 
 class BaselineModule(EvaluationMixin):
