@@ -33,13 +33,7 @@ def unsc_random_labels(
         'random'
     """
     module = UnlearningModule(
-        model,
-        num_classes,
-        forget_classes,
-        lr=lr,
-        pseudo_labels="random",
-        seed=seed,
-        stop_at_target=False,
+        model, num_classes, forget_classes, lr=lr, pseudo_labels="random", seed=seed
     )
     return module, NullSpaceCalibration(**callback_options)
 
@@ -54,6 +48,4 @@ def unsc_no_nullspace(
         >>> unsc_no_nullspace(MNIST1DConvNet(), 10, [3]).hparams.pseudo_labels
         'unsc'
     """
-    return UnlearningModule(
-        model, num_classes, forget_classes, lr=lr, pseudo_labels="unsc", stop_at_target=False
-    )
+    return UnlearningModule(model, num_classes, forget_classes, lr=lr, pseudo_labels="unsc")

@@ -1,1 +1,0 @@
-"""Models and data shared by tests and benchmarks (see :mod:`helpers.zoo`)."""
