@@ -90,6 +90,7 @@ def test_per_class_rule_takes_classes_from_labels_without_num_classes():
     assert callback.engine.report.classes == [0, 1, 2, 3]
     assert max_relative_change(before, logits_of(model, problem.retain_x)) < 1e-4
     assert callback.model_drift is not None and callback.model_drift < 1e-4
+    assert callback.prediction_change == 0.0
 
 
 def test_unlabelled_retain_data_fall_back_to_the_pooled_rule():
@@ -291,9 +292,12 @@ def test_model_drift_warns_when_free_parameters_move_remaining_outputs():
     callback = NullSpaceCalibration(
         threshold=1.0, retain_dataloader=problem.retain_loader(), freeze_unconstrained=False
     )
-    with pytest.warns(UserWarning, match=r"logits on remaining data moved by"):
+    with pytest.warns(
+        UserWarning, match=r"predictions on remaining data changed for .*logits moved by"
+    ):
         quiet_trainer(5, [callback]).fit(PlainModule(model, lr=1.0), problem.forget_loader())
     assert callback.model_drift is not None and callback.model_drift > 0.05
+    assert callback.prediction_change is not None and callback.prediction_change > 0.01
 
 
 def test_schedule_reaching_one_warns_with_the_classes():

@@ -230,7 +230,8 @@ def test_without_logger_reports_nothing_and_warns(tmp_path: Path):
 def test_missing_per_class_metrics_warn_and_keep_basis_scalars(tmp_path: Path):
     report = UnlearningReport()
     callback = NullSpaceCalibration()
-    callback.layer_infos = {"fc": SimpleNamespace(dim=4, rank=2, energy=0.98)}  # type: ignore[dict-item]
+    infos = {"fc": SimpleNamespace(dim=4, rank=2, energy=0.98)}
+    callback.engine = SimpleNamespace(layer_infos=infos, bases={}, report=None)  # type: ignore[assignment]
     trainer = SimpleNamespace(
         is_global_zero=True,
         callback_metrics={"val/retain_acc": torch.tensor(0.5)},

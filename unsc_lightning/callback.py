@@ -28,8 +28,8 @@ from unsc_lightning.nullspace.engine import (
 
 ProjectionMode = Literal["auto", "gradient", "update"]
 _SUPPORTED = (SingleDeviceStrategy, DDPStrategy)
-#: Relative change of the model's logits on remaining data above which the fit end warns.
-MODEL_DRIFT_WARNING = 0.05
+#: Share of a remaining probe whose predicted class changed above which the fit end warns.
+PREDICTION_CHANGE_WARNING = 0.01
 
 
 class NullSpaceCalibration(Callback):
@@ -142,6 +142,7 @@ class NullSpaceCalibration(Callback):
         self.retain_input_shape: tuple[int, ...] | None = None
         self.drift: dict[str, float] = {}
         self.model_drift: float | None = None
+        self.prediction_change: float | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._drift_meter: NullSpaceDrift | None = None
         self._check_shape = False
@@ -229,13 +230,16 @@ class NullSpaceCalibration(Callback):
         self._drift_meter = None
         if self.log_drift and self.engine is not None:
             self.model_drift = self.engine.output_drift(pl_module)
-        if self.model_drift is not None:
+            self.prediction_change = self.engine.prediction_change(pl_module)
+        if self.model_drift is not None and self.prediction_change is not None:
             metrics["nullspace_drift/model"] = self.model_drift
-            if self.model_drift > MODEL_DRIFT_WARNING:
+            metrics["nullspace_drift/model_predictions"] = self.prediction_change
+            if self.prediction_change > PREDICTION_CHANGE_WARNING:
                 rank_zero_warn(
-                    f"NullSpaceCalibration: the model's logits on remaining data moved by "
-                    f"{self.model_drift:.1%} (relative) during unlearning: remaining accuracy may "
-                    "have changed. Check `engine.free_parameters`, a higher `threshold`, or "
+                    f"NullSpaceCalibration: the model's predictions on remaining data changed for "
+                    f"{self.prediction_change:.1%} of a probe of remaining samples during unlearning "
+                    f"(logits moved by {self.model_drift:.1%}, relative): remaining accuracy may have "
+                    "changed. Check `engine.free_parameters`, a higher `threshold`, or "
                     "`mode='update'` for optimizers with weight decay."
                 )
         for logger in trainer.loggers:

@@ -501,6 +501,15 @@ class NullSpaceEngine:
             for module, training in modes.items():
                 module.train(training)
 
+    def prediction_change(self, forward: Callable[..., Any] | None = None) -> float | None:
+        """Fraction of the remaining probe whose predicted class changed since the bases were
+        built (``None`` before :meth:`build`)."""
+        if self._probe_logits is None:
+            return None
+        now = self._logits_on_probe(forward or self.model)
+        before = self._probe_logits.to(now.device)
+        return float((now.argmax(-1) != before.argmax(-1)).float().mean())
+
     def output_drift(self, forward: Callable[..., Any] | None = None) -> float | None:
         """``||f(x) - f₀(x)|| / ||f₀(x)||`` on a fixed probe of remaining inputs (the first
         retain batch, at most 256 samples), ``f₀`` the model when the bases were built.
