@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.nullspace.accounting import Accounting
+from unsc_lightning.nullspace.representation import supported_layer_types
 
 
 def _is_int(value: Any) -> bool:
@@ -124,3 +129,55 @@ def _is_iterable(value: Any) -> bool:
     # Inspect, never call `iter()`: on a DataLoader with workers that starts worker processes
     # (kept alive with `persistent_workers=True`) when the callback is merely constructed.
     return isinstance(value, Iterable) or callable(getattr(value, "__getitem__", None))
+
+
+def check_selection(
+    accounting: Accounting,
+    model_name: str,
+    layers: list[str] | None,
+    exclude_layers: list[str],
+    threshold: float | dict[str, float],
+    freeze_unconstrained: bool,
+) -> None:
+    """Refuse a layer selection that constrains nothing or lacks thresholds; warn (once, by
+    full parameter name) about what no basis constrains."""
+    if accounting.unmatched_patterns:
+        raise UnlearningConfigError(
+            f"`layers` patterns {accounting.unmatched_patterns} match no supported layer with a "
+            f"trainable weight in {model_name}; supported layer types: "
+            f"{supported_layer_types()}. Names come from `named_modules()`."
+        )
+    if layers is None and not accounting.constraints and not exclude_layers:
+        raise UnlearningConfigError(
+            f"{model_name} has no supported layer with a trainable weight; there is nothing to "
+            "constrain."
+        )
+    if not accounting.constraints:
+        rank_zero_warn("NullSpaceCalibration: no layer selected; training is left unchanged.")
+    if isinstance(threshold, dict):
+        missing = [
+            key
+            for key in accounting.constraints
+            if not any(p == key or fnmatchcase(key, p) for p in threshold)
+        ]
+        if missing:
+            raise UnlearningConfigError(
+                f"`threshold` mapping {threshold} has no entry for layers {missing}; add "
+                "them (patterns such as '*' are allowed)."
+            )
+    others = {n: r for n, r in accounting.frozen.items() if r not in ("bias", "norm", "excluded")}
+    if not others or not accounting.constraints:
+        return
+    listing = ", ".join(f"`{n}` ({r})" for n, r in others.items())
+    if freeze_unconstrained:
+        rank_zero_warn(
+            "NullSpaceCalibration: these trainable parameters have no null-space basis and are "
+            f"frozen during unlearning (restored afterwards): {listing}. Pass "
+            "`freeze_unconstrained=False` to train them freely (remaining outputs can then move)."
+        )
+    else:
+        rank_zero_warn(
+            "NullSpaceCalibration: these trainable parameters are NOT constrained and their "
+            f"updates can change remaining outputs: {listing}. Freeze them "
+            "(`freeze_unconstrained=True`) or exclude them from the optimizer."
+        )

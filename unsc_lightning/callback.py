@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -14,9 +13,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from unsc_lightning import covariance_cache
-from unsc_lightning.arguments import validate_callback_arguments
+from unsc_lightning.arguments import check_selection, validate_callback_arguments
+from unsc_lightning.diagnostics import log_bases, model_evidence, start_layer_drift
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.metrics.drift import NullSpaceDrift
+from unsc_lightning.modes import choose_mode, gradient_mode_warnings
 from unsc_lightning.nullspace import BasisInfo
 from unsc_lightning.nullspace.engine import (
     BasisRule,
@@ -25,11 +26,16 @@ from unsc_lightning.nullspace.engine import (
     NullSpaceEngineError,
     default_batch_adapter,
 )
+from unsc_lightning.retain import (
+    RankShare,
+    RetainForward,
+    ShapeRecorder,
+    check_input_shape,
+    find_retain_loader,
+)
 
 ProjectionMode = Literal["auto", "gradient", "update"]
 _SUPPORTED = (SingleDeviceStrategy, DDPStrategy)
-#: Share of a remaining probe whose predicted class changed above which the fit end warns.
-PREDICTION_CHANGE_WARNING = 0.01
 
 
 class NullSpaceCalibration(Callback):
@@ -47,42 +53,32 @@ class NullSpaceCalibration(Callback):
 
     The work is done by :class:`~unsc_lightning.nullspace.NullSpaceEngine` (usable from any
     training loop); this callback wires it to the Trainer: bases in ``on_fit_start`` from one
-    no-grad pass over remaining data (each DDP rank reads every ``world_size``-th batch and the
-    covariances are all-reduced), projection in ``on_before_optimizer_step`` (gradients already
-    accumulated, unscaled and all-reduced, not yet clipped) or, in ``"update"`` mode, right after
-    each optimizer step. Sharded strategies (FSDP, DeepSpeed) are rejected in ``setup``. The
-    bases and a fingerprint of the model, settings and forget request are saved in checkpoints;
-    a resumed fit reuses them and refuses a state built for anything else.
+    no-grad pass over remaining data (DDP ranks read every ``world_size``-th batch and the sums
+    are all-reduced), projection in ``on_before_optimizer_step`` (gradients accumulated, unscaled,
+    all-reduced, not yet clipped) or right after each step in ``"update"`` mode. Sharded
+    strategies are rejected. Checkpoints keep the bases with a fingerprint of the model, settings
+    and forget request; a resumed fit reuses them and refuses a state built for anything else.
 
     Args:
-        threshold: energy fraction in ``(0, 1]`` kept in each basis, or ``pattern -> fraction``.
-        rule: ``"per_class"`` (the paper's Algorithm 1; classes come from the labels seen,
-            unlabelled retain data fall back to ``"pooled"``) or ``"pooled"``.
-        class_threshold_step: per-class schedule ``threshold + step * k`` (authors: 0.003).
+        threshold, rule, class_threshold_step, layers, exclude_layers, freeze_bias_and_norm,
+            freeze_unconstrained, norm_eval, max_samples_per_class, memory_budget: as in
+            :class:`~unsc_lightning.nullspace.NullSpaceEngine` (``layers`` and
+            ``exclude_layers`` also take a single pattern string; ``layers=[]`` constrains
+            nothing and leaves training unchanged).
         retain_dataloader: remaining data; defaults to the DataModule's ``retain_dataloader()``.
-        layers: ``fnmatch`` patterns of layer names to constrain (``None`` = all supported;
-            ``[]`` = none, the callback then changes nothing); a single string is one pattern.
-        exclude_layers: patterns of layer names to leave unconstrained (their parameters train freely).
-        freeze_bias_and_norm: freeze biases and normalisation parameters during the fit.
-        freeze_unconstrained: freeze every other parameter no basis constrains (default on; a
-            warning names them). ``False`` leaves them free, with a warning that remaining
-            outputs can then move.
-        norm_eval: keep normalisation layers in eval mode (running statistics unchanged).
         max_retain_batches: use at most this many retain batches (``None`` = all).
-        max_samples_per_class: use at most this many samples per class for the bases.
         mode: ``"gradient"`` (exact for SGD with or without momentum, no weight decay),
             ``"update"`` (projects each step's weight change: exact for any optimizer) or
             ``"auto"`` (``"gradient"`` for plain SGD without weight decay, else ``"update"``).
-        log_drift: log per-layer drift and the model's logit drift on a remaining probe.
+        log_drift: log per-layer drift, the model's logit drift and the share of changed
+            predictions on a remaining probe (warning when predictions changed).
         drift_every_n_steps: also log the per-layer drift every N steps (0 = only at the end).
         covariance_cache: file of per-class covariances serving later class-wise requests
             without reading data (see :mod:`unsc_lightning.covariance_cache`).
         remaining_classes: classes that remain, for ``covariance_cache``.
-        batch_adapter: ``batch -> (inputs, labels)`` for retain batches that are not ``x``,
-            ``(x, y, ...)`` or a dict with ``labels``; inputs may be a tensor, a tuple
-            (``model(*x)``) or a dict (``model(**x)``).
-        memory_budget: bytes the covariance sums may take (``None`` = half the free memory of
-            the device); classes that do not fit cost extra passes over the data, not memory.
+        batch_adapter: ``batch -> (inputs, labels)`` for retain batches other than ``x``,
+            ``(x, y, ...)`` or a dict with ``labels`` (see
+            :func:`~unsc_lightning.nullspace.engine.default_batch_adapter`).
 
     Raises:
         UnlearningConfigError: for invalid arguments (at construction) or an unusable model or
@@ -146,7 +142,6 @@ class NullSpaceCalibration(Callback):
         self._loaded_state: dict[str, Any] | None = None
         self._drift_meter: NullSpaceDrift | None = None
         self._check_shape = False
-        self._forget_accuracy: list[float] = []
 
     # -- public state -------------------------------------------------------------------------
     @property
@@ -183,14 +178,17 @@ class NullSpaceCalibration(Callback):
         engine = self._engine()
         if engine.accounting.constraints:
             if self._loaded_state is not None:
-                self._restore(trainer, pl_module, self._loaded_state)
+                self._restore(self._loaded_state)
                 self._loaded_state = None
             else:
                 self._build(trainer, pl_module)
             engine.make_projectors()
         self._check_shape = self.retain_input_shape is not None
-        self.active_mode = self._choose_mode(trainer)
-        self._warn_unexact_optimizer(trainer)
+        self.active_mode = choose_mode(self.mode, trainer.optimizers)
+        if self.active_mode == "gradient" and engine.accounting.constraints:
+            clip = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+            for message in gradient_mode_warnings(trainer.optimizers, *clip):
+                rank_zero_warn(message)
         if self.active_mode == "update":
             for optimizer in trainer.optimizers:
                 engine.attach(optimizer)
@@ -199,9 +197,9 @@ class NullSpaceCalibration(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._check_shape:
+        if self._check_shape and self.retain_input_shape is not None:
             self._check_shape = False
-            self._compare_input_shape(batch)
+            check_input_shape(self.batch_adapter, batch, self.retain_input_shape)
         self._engine().keep_norm_eval()  # Lightning switches the model to train every epoch
 
     @override
@@ -229,19 +227,10 @@ class NullSpaceCalibration(Callback):
             metrics.update({f"nullspace_drift/{k}": v for k, v in self.drift.items()})
         self._drift_meter = None
         if self.log_drift and self.engine is not None:
-            self.model_drift = self.engine.output_drift(pl_module)
-            self.prediction_change = self.engine.prediction_change(pl_module)
-        if self.model_drift is not None and self.prediction_change is not None:
-            metrics["nullspace_drift/model"] = self.model_drift
-            metrics["nullspace_drift/model_predictions"] = self.prediction_change
-            if self.prediction_change > PREDICTION_CHANGE_WARNING:
-                rank_zero_warn(
-                    f"NullSpaceCalibration: the model's predictions on remaining data changed for "
-                    f"{self.prediction_change:.1%} of a probe of remaining samples during unlearning "
-                    f"(logits moved by {self.model_drift:.1%}, relative): remaining accuracy may have "
-                    "changed. Check `engine.free_parameters`, a higher `threshold`, or "
-                    "`mode='update'` for optimizers with weight decay."
-                )
+            evidence = model_evidence(self.engine, pl_module)
+            self.model_drift = evidence.get("nullspace_drift/model")
+            self.prediction_change = evidence.get("nullspace_drift/model_predictions")
+            metrics.update(evidence)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -251,12 +240,11 @@ class NullSpaceCalibration(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._release()
+        self._release()  # idempotent; also after a failed or interrupted fit
 
     @override
     def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exc: BaseException
     ) -> None:
         self._release()
 
@@ -296,41 +284,41 @@ class NullSpaceCalibration(Callback):
             )
         except NullSpaceEngineError as error:
             raise UnlearningConfigError(str(error)) from error
-        _check_selection(engine, pl_module, self)
+        check_selection(
+            engine.accounting,
+            type(pl_module).__name__,
+            self.layers,
+            self.exclude_layers,
+            self.threshold,
+            self.freeze_unconstrained,
+        )
         return engine
 
     def _build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         engine = self._engine()
-        if type(pl_module).forward is L.LightningModule.forward:
-            raise UnlearningConfigError(
-                f"{type(pl_module).__name__} does not define `forward`; NullSpaceCalibration runs "
-                "remaining data through `pl_module(x)`. Add `def forward(self, x): return self.model(x)`."
-            )
+        forward = RetainForward(pl_module)
         if self.covariance_cache is not None and covariance_cache.serve(self, trainer, pl_module):
             return
-        batches = _RankShare(self._retain_loader(trainer), trainer, self.max_retain_batches)
+        loader = find_retain_loader(self.retain_dataloader, trainer)
+        batches = ShapeRecorder(
+            RankShare(loader, trainer, self.max_retain_batches), self.batch_adapter
+        )
         reduce = None
         if trainer.world_size > 1:
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
         try:
             with trainer.precision_plugin.forward_context():
-                engine.build(
-                    _Shapes(batches, self),
-                    forward=_RetainForward(pl_module),
-                    reduce=reduce,
-                    batch_adapter=self.batch_adapter,
-                    device=pl_module.device,
-                )
+                engine.build(batches, forward, reduce, self.batch_adapter, pl_module.device)
         except NullSpaceEngineError as error:
             raise UnlearningConfigError(str(error)) from error
+        self.retain_input_shape = batches.shape
         if trainer.world_size > 1:  # rank 0 always holds the first retain batch
             self.retain_input_shape = trainer.strategy.broadcast(self.retain_input_shape)
-        self._start_drift(pl_module)
-        self._report(trainer)
+        if self.log_drift:
+            self._drift_meter = start_layer_drift(engine, pl_module)
+        log_bases(engine, trainer, self.rule)
 
-    def _restore(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, state: Mapping[str, Any]
-    ) -> None:
+    def _restore(self, state: Mapping[str, Any]) -> None:
         try:
             self._engine().load_state_dict(state, self._request())
         except NullSpaceEngineError as error:
@@ -343,8 +331,8 @@ class NullSpaceCalibration(Callback):
 
     def _request(self) -> dict[str, Any]:
         # what the bases were built from, beyond the settings: the forget request
-        trainer = getattr(self.engine.model, "_trainer", None) if self.engine else None
-        owners = [self.engine.model if self.engine else None, getattr(trainer, "datamodule", None)]
+        model = self.engine.model if self.engine is not None else None
+        owners = [model, getattr(getattr(model, "_trainer", None), "datamodule", None)]
         forget = next((getattr(o, "forget_classes", None) for o in owners if o is not None), None)
         return {
             "max_retain_batches": self.max_retain_batches,
@@ -352,223 +340,7 @@ class NullSpaceCalibration(Callback):
             "remaining_classes": self.remaining_classes,
         }
 
-    def _retain_loader(self, trainer: L.Trainer) -> Any:
-        if self.retain_dataloader is not None:
-            return self.retain_dataloader
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and callable(getattr(datamodule, "retain_dataloader", None)):
-            return datamodule.retain_dataloader()
-        raise UnlearningConfigError(
-            "NullSpaceCalibration needs remaining (retain) data to build its bases: pass "
-            "`retain_dataloader=` to the callback or give your DataModule a `retain_dataloader()` method."
-        )
-
-    def _start_drift(self, pl_module: L.LightningModule) -> None:
-        engine = self._engine()
-        probe = engine.probe
-        layers = {
-            key: layer
-            for key, layer in engine.accounting.layers.items()
-            if type(layer) in _DRIFT_LAYERS and len(engine.accounting.constraints[key].sites) == 1
-        }
-        if not self.log_drift or not isinstance(probe, Tensor) or not layers:
-            return
-        was_training = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
-        try:
-            self._drift_meter = NullSpaceDrift.from_probe(pl_module, layers, probe)
-        finally:
-            for module, training in was_training.items():
-                module.train(training)
-
-    def _report(self, trainer: L.Trainer) -> None:
-        engine = self._engine()
-        lines = [
-            f"{name}: rank {i.rank}/{i.dim}, energy {i.energy:.4f}"
-            for name, i in engine.layer_infos.items()
-        ]
-        report = engine.report
-        passes = "" if report is None or report.passes <= 1 else f", {report.passes} passes"
-        rank_zero_info(
-            f"NullSpaceCalibration: bases from {self.retain_samples} remaining samples "
-            f"(rule={self.rule}{passes}):\n  " + "\n  ".join(lines)
-        )
-        metrics: dict[str, float] = {}
-        for name, info in engine.layer_infos.items():
-            metrics[f"nullspace/{name}/rank"] = info.rank
-            metrics[f"nullspace/{name}/dim"] = info.dim
-            metrics[f"nullspace/{name}/energy"] = info.energy
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=0)
-
-    def _compare_input_shape(self, batch: Any) -> None:
-        try:
-            inputs, _ = self.batch_adapter(batch)
-        except Exception:
-            return  # the training batches may have another layout than the retain batches
-        if isinstance(inputs, Tensor) and tuple(inputs.shape[1:]) != self.retain_input_shape:
-            raise UnlearningConfigError(
-                f"The remaining (retain) data have per-sample input shape {self.retain_input_shape} but "
-                f"the training batches have {tuple(inputs.shape[1:])}: the bases were built from inputs "
-                "other than those the model is trained on. Pass a `retain_dataloader` (or give the "
-                "DataModule a `retain_dataloader()`) that yields inputs like the training data's."
-            )
-
-    # -- projection modes -----------------------------------------------------------------------
-    def _choose_mode(self, trainer: L.Trainer) -> Literal["gradient", "update"]:
-        if self.mode != "auto":
-            return self.mode
-        chosen: Literal["gradient", "update"] = (
-            "gradient" if all(_plain_sgd(opt) for opt in trainer.optimizers) else "update"
-        )
-        names = ", ".join(type(opt).__name__ for opt in trainer.optimizers) or "none"
-        rank_zero_info(
-            f"NullSpaceCalibration: mode='auto' chose {chosen!r} projection for optimizers [{names}]."
-        )
-        return chosen
-
-    def _warn_unexact_optimizer(self, trainer: L.Trainer) -> None:
-        if self.active_mode != "gradient" or not self._engine().accounting.constraints:
-            return
-        # clipping runs after the projection: a norm clip only rescales the projected gradient,
-        # an element-wise clip moves it out of the null space
-        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
-            rank_zero_warn(
-                "NullSpaceCalibration: `gradient_clip_algorithm='value'` clips projected gradients "
-                "element-wise, which moves them out of the null space, so remaining outputs can change. "
-                "Use `mode='update'` (projects each step's weight change after clipping) or clip by "
-                "norm (`gradient_clip_algorithm='norm'`)."
-            )
-        unexact = [type(o).__name__ for o in trainer.optimizers if not _gradient_exact(o)]
-        if unexact:
-            rank_zero_warn(
-                f"NullSpaceCalibration: `mode='gradient'` is not exact for {unexact} (adaptive "
-                "steps or weight decay move the update out of the null space), so remaining outputs "
-                "can change. Use `mode='update'` or `mode='auto'`."
-            )
-
     def _release(self) -> None:
         self._drift_meter = None
         if self.engine is not None:
             self.engine.release_()
-
-
-_DRIFT_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
-
-
-def _plain_sgd(optimizer: Any) -> bool:
-    return type(optimizer) is torch.optim.SGD and all(
-        g.get("weight_decay", 0) == 0 for g in optimizer.param_groups
-    )
-
-
-def _gradient_exact(optimizer: Any) -> bool:
-    # SGD (momentum included) is linear in the gradients; anything else is checked by type
-    return _plain_sgd(optimizer) or type(optimizer).__name__ in ("LBFGS",)
-
-
-def _check_selection(
-    engine: NullSpaceEngine, pl_module: L.LightningModule, callback: NullSpaceCalibration
-) -> None:
-    accounting = engine.accounting
-    if accounting.unmatched_patterns:
-        from unsc_lightning.nullspace.representation import supported_layer_types
-
-        raise UnlearningConfigError(
-            f"`layers` patterns {accounting.unmatched_patterns} match no supported layer with a "
-            f"trainable weight in {type(pl_module).__name__}; supported layer types: "
-            f"{supported_layer_types()}. Names come from `named_modules()`."
-        )
-    if callback.layers is None and not accounting.constraints and not callback.exclude_layers:
-        raise UnlearningConfigError(
-            f"{type(pl_module).__name__} has no supported layer with a trainable weight; there is "
-            "nothing to constrain."
-        )
-    if not accounting.constraints:
-        rank_zero_warn("NullSpaceCalibration: no layer selected; training is left unchanged.")
-    if isinstance(callback.threshold, dict):
-        from fnmatch import fnmatchcase
-
-        missing = [
-            key
-            for key in accounting.constraints
-            if not any(p == key or fnmatchcase(key, p) for p in callback.threshold)
-        ]
-        if missing:
-            raise UnlearningConfigError(
-                f"`threshold` mapping {callback.threshold} has no entry for layers {missing}; add "
-                "them (patterns such as '*' are allowed)."
-            )
-    others = {n: r for n, r in accounting.frozen.items() if r not in ("bias", "norm")}
-    if others and accounting.constraints:
-        listing = ", ".join(f"`{n}` ({r})" for n, r in others.items())
-        if callback.freeze_unconstrained:
-            rank_zero_warn(
-                "NullSpaceCalibration: these trainable parameters have no null-space basis and are "
-                f"frozen during unlearning (restored afterwards): {listing}. Pass "
-                "`freeze_unconstrained=False` to train them freely (remaining outputs can then move)."
-            )
-        else:
-            rank_zero_warn(
-                "NullSpaceCalibration: these trainable parameters are NOT constrained and their "
-                f"updates can change remaining outputs: {listing}. Freeze them "
-                "(`freeze_unconstrained=True`) or exclude them from the optimizer."
-            )
-
-
-class _RankShare:
-    """The retain batches this rank reads: every ``world_size``-th, up to ``max_batches``."""
-
-    def __init__(self, loader: Any, trainer: L.Trainer, max_batches: int | None) -> None:
-        self.loader = loader
-        self.rank, self.world = trainer.global_rank, trainer.world_size
-        self.max_batches = max_batches
-
-    def __iter__(self) -> Iterator[Any]:
-        for index, batch in enumerate(self.loader):
-            if self.max_batches is not None and index >= self.max_batches:
-                break
-            if index % self.world == self.rank:  # sums are all-reduced afterwards
-                yield batch
-
-
-class _Shapes:
-    """Passes batches through and records the retain inputs' per-sample shape."""
-
-    def __init__(self, batches: Iterable[Any], callback: NullSpaceCalibration) -> None:
-        self.batches = batches
-        self.callback = callback
-
-    def __iter__(self) -> Iterator[Any]:
-        shapes: set[tuple[int, ...]] = set()
-        for batch in self.batches:
-            inputs, _ = self.callback.batch_adapter(batch)
-            if isinstance(inputs, Tensor):
-                shapes.add(tuple(inputs.shape[1:]))
-            yield batch
-        # one per-sample shape: compared with the first training batch (variable shapes: no check)
-        self.callback.retain_input_shape = next(iter(shapes)) if len(shapes) == 1 else None
-
-
-class _RetainForward:
-    """``pl_module(...)`` on retain inputs; a failure says the retain data could not be run."""
-
-    def __init__(self, pl_module: L.LightningModule) -> None:
-        self.pl_module = pl_module
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self.pl_module(*args, **kwargs)
-        except (UnlearningConfigError, torch.OutOfMemoryError):
-            raise
-        except Exception as error:
-            shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
-            dtypes = [a.dtype for a in args if isinstance(a, Tensor)]
-            shape = shapes[0] if len(shapes) == 1 else shapes
-            dtype = dtypes[0] if len(dtypes) == 1 else dtypes
-            raise RuntimeError(
-                f"The remaining (retain) data could not be run through "
-                f"`{type(self.pl_module).__name__}.forward` (a batch of inputs of shape "
-                f"{shape}, {dtype}); check that the retain dataloader yields "
-                f"inputs like the training data's. The error was {type(error).__name__}: {error}"
-            ) from error

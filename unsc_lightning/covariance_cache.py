@@ -19,10 +19,12 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from unsc_lightning.diagnostics import log_bases
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 from unsc_lightning.nullspace.engine import call_model, map_tensors
+from unsc_lightning.retain import find_retain_loader
 
 if TYPE_CHECKING:
     from unsc_lightning.callback import NullSpaceCalibration
@@ -70,7 +72,7 @@ def serve(callback: NullSpaceCalibration, trainer: L.Trainer, pl_module: L.Light
             f"NullSpaceCalibration: bases for the remaining classes {plan.remaining} from the "
             f"covariance cache {plan.path} (no pass over the data)."
         )
-    callback._report(trainer)
+    log_bases(engine, trainer, callback.rule)
     return True
 
 
@@ -173,7 +175,7 @@ def _remaining_classes(
 
 def _loaders(callback: NullSpaceCalibration, trainer: L.Trainer) -> list[Any]:
     # every class a later request may keep: the remaining *and* the forgotten training data
-    retain = callback._retain_loader(trainer)
+    retain = find_retain_loader(callback.retain_dataloader, trainer)
     forget = getattr(getattr(trainer, "datamodule", None), "forget_dataloader", None)
     if callback.retain_dataloader is None and callable(forget):
         return [retain, forget()]

@@ -158,11 +158,17 @@ def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 def batch_size_of(inputs: Any, labels: Tensor | None) -> int:
+    """Samples in a batch: the labels' count, else the leading size of the first input tensor."""
     if labels is not None:
         return int(labels.reshape(-1).shape[0])
-    found: list[int] = []
-    map_tensors(inputs, lambda t: found.append(int(t.shape[0])) or t)
-    return found[0] if found else 0
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 1
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    for value in values if isinstance(values, Iterable) else ():
+        size = batch_size_of(value, None)
+        if size:
+            return size
+    return 0
 
 
 def _select(inputs: Any, index: Tensor, batch: int) -> Any:

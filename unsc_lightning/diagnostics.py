@@ -1,0 +1,77 @@
+"""What the callback reports: the bases it built, per-layer drift and model-level evidence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from unsc_lightning.metrics.drift import NullSpaceDrift
+from unsc_lightning.nullspace.engine import NullSpaceEngine
+
+#: Share of a remaining probe whose predicted class changed above which the fit end warns.
+PREDICTION_CHANGE_WARNING = 0.01
+#: Layers whose weight is ``reshape(out, -1)`` of its rows: the per-layer drift applies.
+_DRIFT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def log_bases(engine: NullSpaceEngine, trainer: L.Trainer, rule: str) -> None:
+    """One info line per basis, and ``nullspace/<key>/{rank,dim,energy}`` to every logger."""
+    report = engine.report
+    samples = 0 if report is None else report.samples
+    passes = "" if report is None or report.passes <= 1 else f", {report.passes} passes"
+    lines = [
+        f"{k}: rank {i.rank}/{i.dim}, energy {i.energy:.4f}" for k, i in engine.layer_infos.items()
+    ]
+    rank_zero_info(
+        f"NullSpaceCalibration: bases from {samples} remaining samples "
+        f"(rule={rule}{passes}):\n  " + "\n  ".join(lines)
+    )
+    metrics: dict[str, float] = {}
+    for key, info in engine.layer_infos.items():
+        metrics[f"nullspace/{key}/rank"] = info.rank
+        metrics[f"nullspace/{key}/dim"] = info.dim
+        metrics[f"nullspace/{key}/energy"] = info.energy
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=0)
+
+
+def start_layer_drift(
+    engine: NullSpaceEngine, pl_module: L.LightningModule
+) -> NullSpaceDrift | None:
+    """Per-layer drift on the engine's remaining probe (plain Linear/Conv layers only)."""
+    probe = engine.probe
+    layers = {
+        key: layer
+        for key, layer in engine.accounting.layers.items()
+        if type(layer) in _DRIFT_LAYERS and len(engine.accounting.constraints[key].sites) == 1
+    }
+    if not isinstance(probe, Tensor) or not layers:
+        return None
+    modes = {module: module.training for module in pl_module.modules()}
+    pl_module.eval()
+    try:
+        return NullSpaceDrift.from_probe(pl_module, layers, probe)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def model_evidence(engine: NullSpaceEngine, forward: Any) -> dict[str, float]:
+    """``nullspace_drift/model`` (relative logit change on the remaining probe) and
+    ``nullspace_drift/model_predictions`` (share of the probe whose class changed); warns when
+    predictions changed."""
+    drift, changed = engine.output_drift(forward), engine.prediction_change(forward)
+    if drift is None or changed is None:
+        return {}
+    if changed > PREDICTION_CHANGE_WARNING:
+        rank_zero_warn(
+            f"NullSpaceCalibration: the model's predictions on remaining data changed for "
+            f"{changed:.1%} of a probe of remaining samples during unlearning (logits moved by "
+            f"{drift:.1%}, relative): remaining accuracy may have changed. Check "
+            "`engine.free_parameters`, a higher `threshold`, or `mode='update'` for optimizers "
+            "with weight decay."
+        )
+    return {"nullspace_drift/model": drift, "nullspace_drift/model_predictions": changed}
