@@ -33,7 +33,13 @@ def unsc_random_labels(
         'random'
     """
     module = UnlearningModule(
-        model, num_classes, forget_classes, lr=lr, pseudo_labels="random", seed=seed
+        model,
+        num_classes,
+        forget_classes,
+        lr=lr,
+        pseudo_labels="random",
+        seed=seed,
+        stop_at_target=False,
     )
     return module, NullSpaceCalibration(**callback_options)
 
@@ -48,4 +54,6 @@ def unsc_no_nullspace(
         >>> unsc_no_nullspace(MNIST1DConvNet(), 10, [3]).hparams.pseudo_labels
         'unsc'
     """
-    return UnlearningModule(model, num_classes, forget_classes, lr=lr, pseudo_labels="unsc")
+    return UnlearningModule(
+        model, num_classes, forget_classes, lr=lr, pseudo_labels="unsc", stop_at_target=False
+    )

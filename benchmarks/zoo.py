@@ -1,0 +1,167 @@
+"""UNSC at default settings on a zoo of models nobody here wrote (issue 12, "any model").
+
+For each model of ``tests/helpers/zoo.py`` (MNIST-1D CNN, digits CNN, torchvision ResNet-18 on
+digits upsampled to 32x32, a small ViT, a ConvNeXt-style net, an embedding token classifier):
+train the original on all training data and a retrain from scratch without the forgotten class
+(both with the zoo's plain LightningModule), then unlearn the class from a copy of the original
+with ``UnlearningModule(model, num_classes, forget_classes=[k])`` and ``NullSpaceCalibration()``
+at their defaults, under a Trainer whose only setting is a cap on epochs. Reported per model:
+macro test accuracy over remaining (Acc_r) and forgotten (Acc_f) classes of the three models, the
+epochs unlearning used (it stops by itself at the target) and its wall seconds (bases included).
+
+``--unlearn '{"lr": 0.05, "optimizer": "sgd"}'`` and ``--callback '{"rule": "pooled"}'`` pass
+other settings, to compare mechanisms with the same models. Trained originals and retrains are
+cached under ``--cache-dir``.
+
+Example:
+    python benchmarks/zoo.py --threads 1 --seeds 0 --callback '{"rule": "pooled"}' --json zoo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from _common import machine, parser, setup, table, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from helpers.zoo import (  # noqa: E402  (the zoo lives with the tests: one definition)
+    NUM_CLASSES,
+    ZOO,
+    ZooEntry,
+    plain_trainer,
+    train_zoo_model,
+    zoo_accuracy,
+    zoo_datamodule,
+)
+
+from unsc_lightning import NullSpaceCalibration, UnlearningModule  # noqa: E402
+
+COLUMNS = [
+    "model",
+    "seed",
+    "original_acc_r",
+    "original_acc_f",
+    "retrain_acc_r",
+    "retrain_acc_f",
+    "unsc_acc_r",
+    "unsc_acc_f",
+    "epochs",
+    "seconds",
+]
+
+
+def trained(
+    entry: ZooEntry, forget: list[int], retrain: bool, seed: int, accelerator: str, cache: Path
+) -> torch.nn.Module:
+    """The original (or retrained) model, from ``cache`` when it was trained before."""
+    kind = "retrain" if retrain else "original"
+    path = cache / f"{entry.name}-{kind}-forget{'_'.join(map(str, forget))}-seed{seed}.pt"
+    model = entry.build()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    model = train_zoo_model(entry, forget, retrain=retrain, seed=seed, accelerator=accelerator)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def freeze_raw_parameters(model: torch.nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Freeze parameters today's callback neither constrains nor freezes (until the engine
+    rewrite accounts for every trainable parameter itself)."""
+    frozen = []
+    for name, parameter in model.named_parameters():
+        if any(fnmatchcase(name, pattern) for pattern in patterns):
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def unlearn(
+    original: torch.nn.Module,
+    entry: ZooEntry,
+    forget: list[int],
+    seed: int,
+    options: argparse.Namespace,
+) -> tuple[torch.nn.Module, int, float]:
+    """UNSC on a copy of ``original``: ``(model, epochs used, seconds)``."""
+    model = copy.deepcopy(original)
+    if options.freeze_raw:
+        freeze_raw_parameters(model, entry.raw_parameters)
+    L.seed_everything(seed, verbose=False)
+    dm = zoo_datamodule(entry.data, forget, "forget", seed=seed)
+    module = UnlearningModule(model, NUM_CLASSES, forget_classes=forget, **options.unlearn)
+    callback = NullSpaceCalibration(**options.callback)
+    trainer = plain_trainer(options.max_epochs, options.accelerator, callbacks=[callback])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    return model.cpu().eval(), trainer.current_epoch, seconds
+
+
+def run(entry: ZooEntry, seed: int, options: argparse.Namespace) -> dict[str, Any]:
+    forget = [options.forget_class]
+    dm = zoo_datamodule(entry.data, forget, seed=seed)
+    original = trained(entry, forget, False, seed, options.accelerator, options.cache_dir)
+    retrain = trained(entry, forget, True, seed, options.accelerator, options.cache_dir)
+    unlearned, epochs, seconds = unlearn(original, entry, forget, seed, options)
+    row: dict[str, Any] = {"model": entry.name, "seed": seed}
+    for label, model in (("original", original), ("retrain", retrain), ("unsc", unlearned)):
+        accuracy = zoo_accuracy(model, dm)
+        row[f"{label}_acc_r"] = accuracy["acc_r"]
+        row[f"{label}_acc_f"] = accuracy["acc_f"]
+    row.update(epochs=epochs, seconds=seconds)
+    return row
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0])
+    args.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO))
+    args.add_argument("--seeds", nargs="+", type=int, default=[0])
+    args.add_argument("--forget-class", type=int, default=3)
+    args.add_argument(
+        "--max-epochs", type=int, default=100, help="the Trainer's cap on unlearning epochs"
+    )
+    args.add_argument("--unlearn", type=json.loads, default={}, help="UnlearningModule options")
+    args.add_argument(
+        "--callback", type=json.loads, default={}, help="NullSpaceCalibration options"
+    )
+    args.add_argument(
+        "--no-freeze-raw",
+        dest="freeze_raw",
+        action="store_false",
+        help="keep class tokens, positions, layer scales, embeddings trainable (frozen by default "
+        "until the callback accounts for them)",
+    )
+    args.add_argument("--cache-dir", type=Path, default=Path("/tmp/unsc_zoo_cache"))
+    options = args.parse_args()
+    device = setup(options)
+    options.accelerator = "gpu" if device.type == "cuda" else "cpu"
+    rows = []
+    for name in options.models:
+        for seed in options.seeds:
+            rows.append(run(ZOO[name], seed, options))
+            print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
+    print(table(rows, COLUMNS))
+    settings = {
+        "unlearn": options.unlearn,
+        "callback": options.callback,
+        "max_epochs": options.max_epochs,
+        "forget_class": options.forget_class,
+        "freeze_raw": options.freeze_raw,
+    }
+    write_json(options.json, {"machine": machine(device), "settings": settings, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

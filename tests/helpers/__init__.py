@@ -1,0 +1,1 @@
+"""Models and data shared by tests and benchmarks (see :mod:`helpers.zoo`)."""
