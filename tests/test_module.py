@@ -258,3 +258,120 @@ def test_classifier_module_learns_toy_problem(problem: SubspaceProblem):
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(4 * 15) == pytest.approx(0.2)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.2)
+
+
+# --------------------------------------------------------------------------------------------
+# The original labels in eval mode, whatever sets the modes (issue 12)
+# --------------------------------------------------------------------------------------------
+def test_pseudo_labels_of_a_dropout_original_are_deterministic(problem: SubspaceProblem):
+    torch.manual_seed(0)
+    module = UnlearningModule(mlp(dropout=0.5), NUM_CLASSES, [FORGET_CLASS])
+    for submodule in module.original.modules():  # as Lightning's mode restore or a user might
+        submodule.training = True
+    x, y = problem.forget_x, problem.forget_y
+
+    first, second = module.pseudo_label(x, y), module.pseudo_label(x, y)
+
+    assert torch.equal(first, second)
+    expected = reference_pseudo_labels(logits_of(module.original.eval(), x), y, [FORGET_CLASS])
+    assert torch.equal(first, expected)
+
+
+def test_batchnorm_original_keeps_its_running_statistics(problem: SubspaceProblem):
+    torch.manual_seed(0)
+    model = mlp(batch_norm=True)  # built in train mode, as users pass freshly loaded models
+    module = UnlearningModule(model, NUM_CLASSES, [FORGET_CLASS], stop_at_target=False)
+    at_fit_start = copy.deepcopy(model.state_dict())
+
+    quiet_trainer(2).fit(module, train_dataloaders=problem.forget_loader())
+
+    for name, value in module.original.state_dict().items():
+        assert torch.equal(value, at_fit_start[name]), name  # running_mean / running_var included
+    assert not torch.equal(module.model.state_dict()["0.weight"], at_fit_start["0.weight"])
+
+
+# --------------------------------------------------------------------------------------------
+# No per-model tuning: relative steps and stop-at-target (issue 12)
+# --------------------------------------------------------------------------------------------
+def test_default_step_moves_every_weight_by_relative_step_of_its_norm(problem: SubspaceProblem):
+    torch.manual_seed(0)
+    module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], relative_step=0.02)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+
+    quiet_trainer(1, limit_train_batches=1).fit(module, train_dataloaders=problem.forget_loader())
+
+    for name, param in module.model.named_parameters():
+        step = (param.detach() - before[name]).norm()
+        assert torch.isclose(step, 0.02 * before[name].norm(), rtol=1e-4), name
+
+
+def test_explicit_lr_is_a_plain_sgd_step(problem: SubspaceProblem):
+    torch.manual_seed(0)
+    module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], lr=0.05, optimizer="sgd")
+    x, y = next(iter(problem.forget_loader()))
+    loss = torch.nn.functional.cross_entropy(module(x), module.pseudo_label(x, y))
+    (grad,) = torch.autograd.grad(loss, [module.model[0].weight])
+    before = module.model[0].weight.detach().clone()
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
+    quiet_trainer(1).fit(module, train_dataloaders=loader)
+
+    torch.testing.assert_close(module.model[0].weight.detach(), before - 0.05 * grad)
+
+
+@pytest.mark.parametrize(
+    ("options", "epochs_run", "stopped_at"),
+    [
+        ({}, None, "early"),  # defaults: stops by itself at <= 1 % forget accuracy
+        ({"target_forget_acc": 1.0}, 1, 0),  # any accuracy reaches 100 %: after the first epoch
+        ({"stop_at_target": False}, 30, None),  # the paper's fixed epochs
+    ],
+)
+def test_class_wise_unlearning_stops_at_target(
+    problem: SubspaceProblem, options: dict, epochs_run: int | None, stopped_at: object
+):
+    torch.manual_seed(0)
+    module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], **options)
+    callback = NullSpaceCalibration(rule="pooled", retain_dataloader=problem.retain_loader())
+    trainer = quiet_trainer(30, callbacks=[callback])
+
+    trainer.fit(module, train_dataloaders=problem.forget_loader())
+
+    if stopped_at == "early":
+        assert module.stopped_at_epoch is not None
+        assert trainer.current_epoch == module.stopped_at_epoch + 1 < 30
+        predictions = logits_of(module.model, problem.forget_x).argmax(dim=1)
+        assert float((predictions == problem.forget_y).float().mean()) <= 0.01
+    else:
+        assert module.stopped_at_epoch == stopped_at
+        assert trainer.current_epoch == epochs_run
+
+
+def test_sample_level_unlearning_stops_at_held_out_accuracy():
+    from unsc_lightning.baselines import StopAtHeldOutAccuracy
+    from unsc_lightning.data import ForgetSpec
+
+    dm = tensor_datamodule(forget=ForgetSpec(kind="random", fraction=0.1), batch_size=8)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    module = UnlearningModule(model, num_classes=4)
+    trainer = quiet_trainer(3)
+
+    trainer.fit(module, datamodule=dm)
+
+    assert [type(c) for c in trainer.callbacks].count(StopAtHeldOutAccuracy) == 1
+
+    with pytest.warns(UserWarning, match="`stop_at_target=True` with sample-level forgetting"):
+        quiet_trainer(1).fit(UnlearningModule(model, num_classes=4), dm.train_dataloader())
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"target_forget_acc": 1.5}, r"Expected `target_forget_acc` in \[0, 1\] or None, got 1.5"),
+        ({"relative_step": 0.0}, r"Expected `relative_step` in \(0, 1\], got 0.0"),
+        ({"lr": -1.0}, r"Expected `lr` > 0, got -1.0"),
+    ],
+)
+def test_unlearning_module_rejects_bad_stopping_and_step_options(options: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], **options)
