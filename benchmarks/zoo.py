@@ -24,7 +24,6 @@ import copy
 import json
 import sys
 import time
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -76,17 +75,6 @@ def trained(
     return model
 
 
-def freeze_raw_parameters(model: torch.nn.Module, patterns: tuple[str, ...]) -> list[str]:
-    """Freeze parameters today's callback neither constrains nor freezes (until the engine
-    rewrite accounts for every trainable parameter itself)."""
-    frozen = []
-    for name, parameter in model.named_parameters():
-        if any(fnmatchcase(name, pattern) for pattern in patterns):
-            parameter.requires_grad_(False)
-            frozen.append(name)
-    return frozen
-
-
 def unlearn(
     original: torch.nn.Module,
     entry: ZooEntry,
@@ -96,8 +84,6 @@ def unlearn(
 ) -> tuple[torch.nn.Module, int, float]:
     """UNSC on a copy of ``original``: ``(model, epochs used, seconds)``."""
     model = copy.deepcopy(original)
-    if options.freeze_raw:
-        freeze_raw_parameters(model, entry.raw_parameters)
     L.seed_everything(seed, verbose=False)
     dm = zoo_datamodule(entry.data, forget, "forget", seed=seed)
     module = UnlearningModule(model, NUM_CLASSES, forget_classes=forget, **options.unlearn)
@@ -136,13 +122,6 @@ def main() -> None:
     args.add_argument(
         "--callback", type=json.loads, default={}, help="NullSpaceCalibration options"
     )
-    args.add_argument(
-        "--no-freeze-raw",
-        dest="freeze_raw",
-        action="store_false",
-        help="keep class tokens, positions, layer scales, embeddings trainable (frozen by default "
-        "until the callback accounts for them)",
-    )
     args.add_argument("--cache-dir", type=Path, default=Path("/tmp/unsc_zoo_cache"))
     options = args.parse_args()
     device = setup(options)
@@ -158,7 +137,6 @@ def main() -> None:
         "callback": options.callback,
         "max_epochs": options.max_epochs,
         "forget_class": options.forget_class,
-        "freeze_raw": options.freeze_raw,
     }
     write_json(options.json, {"machine": machine(device), "settings": settings, "rows": rows})
 

@@ -53,6 +53,7 @@ def unlearning_module(
         forget_classes=[FORGET_CLASS],
         lr=lr,
         optimizer=optimizer,
+        stop_at_target=kwargs.pop("stop_at_target", False),  # fixed epochs: changes are measured
         **kwargs,
     )
 

@@ -112,7 +112,12 @@ def max_weight_difference(first: dict[str, Tensor], second: dict[str, Tensor]) -
 def unlearning_module() -> UnlearningModule:
     torch.manual_seed(0)
     return UnlearningModule(
-        mlp(), num_classes=NUM_CLASSES, forget_classes=[FORGET_CLASS], lr=0.05, momentum=0.9
+        mlp(),
+        num_classes=NUM_CLASSES,
+        forget_classes=[FORGET_CLASS],
+        lr=0.05,
+        momentum=0.9,
+        stop_at_target=False,
     )
 
 

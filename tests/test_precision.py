@@ -49,7 +49,13 @@ BF16_RETAIN_CHANGE = 0.02
 def unlearning_module(optimizer: str = "sgd", lr: float = 0.02, **kwargs: Any) -> UnlearningModule:
     torch.manual_seed(0)
     return UnlearningModule(
-        mlp(), NUM_CLASSES, [FORGET_CLASS], lr=lr, optimizer=optimizer, **kwargs
+        mlp(),
+        NUM_CLASSES,
+        [FORGET_CLASS],
+        lr=lr,
+        optimizer=optimizer,
+        stop_at_target=False,
+        **kwargs,
     )
 
 
@@ -145,7 +151,9 @@ class _ClipProbe(UnlearningModule):
 
 def test_accumulation_and_norm_clipping_project_before_clipping(problem):
     torch.manual_seed(0)
-    module = _ClipProbe(mlp(), NUM_CLASSES, [FORGET_CLASS], lr=0.02, momentum=0.9)
+    module = _ClipProbe(
+        mlp(), NUM_CLASSES, [FORGET_CLASS], lr=0.02, momentum=0.9, stop_at_target=False
+    )
     calibration = NullSpaceCalibration(threshold=1.0, retain_dataloader=problem.retain_loader())
     module.calibration = calibration
 

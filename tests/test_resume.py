@@ -40,7 +40,9 @@ EXACT = 1e-5
 def unlearning_module(seed: int = 0) -> UnlearningModule:
     torch.manual_seed(seed)
     # momentum: the optimizer state must come back from the checkpoint too
-    return UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], lr=0.05, momentum=0.9)
+    return UnlearningModule(
+        mlp(), NUM_CLASSES, [FORGET_CLASS], lr=0.05, momentum=0.9, stop_at_target=False
+    )
 
 
 def forget_loader(problem: SubspaceProblem) -> DataLoader:

@@ -199,7 +199,9 @@ def _accumulate(
     try:
         with (
             trainer.precision_plugin.forward_context(),
-            SiteRecorder(engine.accounting.sites(), accumulator.add) as recorder,
+            SiteRecorder(
+                engine.accounting.sites(), accumulator.add, accumulator.add_shared
+            ) as recorder,
         ):
             for loader in _loaders(callback, trainer):
                 for index, batch in enumerate(loader):
@@ -219,6 +221,7 @@ def _accumulate(
                         labels, order = torch.sort(labels, stable=True)
                         inputs = inputs.index_select(0, order.to(device))
                     accumulator.set_labels(labels.to(device))
+                    recorder.batch_size = int(labels.numel())
                     call_model(pl_module, inputs)
                     accumulator.check_finite()
             seen = set(recorder.seen)

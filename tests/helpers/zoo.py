@@ -224,19 +224,13 @@ def zoo_datamodule(
 # -- the zoo -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ZooEntry:
-    """A model of the zoo: how to build it, its data, and how long :class:`PlainClassifier` trains it.
-
-    ``raw_parameters``: ``fnmatch`` patterns of the parameters today's callback neither constrains
-    nor freezes (class token, positions, layer scale, embeddings, and attention, whose
-    ``out_proj`` is used through its weight without calling the module).
-    """
+    """A model of the zoo: how to build it, its data, and how long :class:`PlainClassifier` trains it."""
 
     name: str
     data: str
     build: Callable[[], nn.Module]
     epochs: int
     lr: float = 3e-3
-    raw_parameters: tuple[str, ...] = ()
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -245,21 +239,14 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("mnist1d_conv", "mnist1d", MNIST1DConvNet, epochs=20, lr=1e-2),
         ZooEntry("digits_conv", "digits", DigitsConvNet, epochs=8),
         ZooEntry("resnet18", "digits32", torchvision_resnet18, epochs=6, lr=1e-3),
-        ZooEntry(
-            "vit",
-            "digits",
-            TinyViT,
-            epochs=20,
-            raw_parameters=("cls_token", "pos_embed", "*.attn.*"),
-        ),
-        ZooEntry("convnext", "digits", TinyConvNeXt, epochs=15, raw_parameters=("*.gamma",)),
+        ZooEntry("vit", "digits", TinyViT, epochs=20),
+        ZooEntry("convnext", "digits", TinyConvNeXt, epochs=15),
         ZooEntry(
             "tokens",
             "digits_tokens",
             TokenClassifier,
             epochs=30,
             lr=1e-2,
-            raw_parameters=("token_embed.weight", "pos_embed.weight"),
         ),
     )
 }
@@ -301,7 +288,7 @@ def train_zoo_model(
 @torch.no_grad()
 def zoo_accuracy(model: nn.Module, dm: UnlearningDataModule) -> dict[str, float]:
     """Macro test accuracy (percent) over remaining (``acc_r``) and forgotten (``acc_f``) classes."""
-    from unsc_lightning.experiment import evaluate
+    from unsc_lightning.lab.scoring import evaluate
 
     model = copy.deepcopy(model).cpu()
     results = evaluate(model, dm)

@@ -213,6 +213,22 @@ class CovarianceAccumulator:
                 target[cls].addmm_(block.T, block)
                 start += count * rows_per_sample
 
+    def add_shared(self, name: str, rows: Tensor) -> None:
+        """Add rows that every sample of the batch shares (a layer fed an input without the
+        batch dimension, e.g. ``position_embedding(arange(L))``): each sample contributes them."""
+        target = self.sums[name]
+        rows = rows.to(device=target.device, dtype=self.dtype)
+        gram = rows.T @ rows
+        pooled = [1 if self._labels is None else int(self._labels.numel())]
+        counts = self._class_counts if self.per_class else pooled
+        self.rows_seen[name] += rows.shape[0] * int(sum(counts))
+        if not self.per_class:
+            target.add_(gram, alpha=max(1, int(sum(counts))))
+            return
+        for cls, count in enumerate(counts):
+            if count:
+                target[cls].add_(gram, alpha=count)
+
     def check_finite(self) -> None:
         """Raise if any layer received NaN or inf inputs (one device synchronisation in all).
 
@@ -333,9 +349,20 @@ class SiteRecorder:
     Args:
         sites: ``(key, layer, spec)`` triples; one hook per layer serves all its sites.
         on_rows: called as ``on_rows(key, rows)``.
+        on_shared_rows: called instead for a layer whose input has no batch dimension (neither
+            its first nor second dimension is :attr:`batch_size`): its rows belong to every
+            sample of the batch.
     """
 
-    def __init__(self, sites: Iterable[Site], on_rows: RowsCallback) -> None:
+    def __init__(
+        self,
+        sites: Iterable[Site],
+        on_rows: RowsCallback,
+        on_shared_rows: RowsCallback | None = None,
+    ) -> None:
+        self.on_shared_rows = on_shared_rows
+        #: samples of the batch being forwarded (set by the caller; ``None`` = unknown)
+        self.batch_size: int | None = None
         self.by_layer: dict[nn.Module, list[tuple[str, WeightRows]]] = {}
         for key, layer, spec in sites:
             self.by_layer.setdefault(layer, []).append((key, spec))
@@ -347,9 +374,14 @@ class SiteRecorder:
         self, specs: list[tuple[str, WeightRows]]
     ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            shared = self.on_shared_rows is not None and _without_batch(args, kwargs, self.batch_size)
             for key, spec in specs:
                 self.seen.add(key)
-                self.on_rows(key, spec.rows(module, args, kwargs).detach())
+                rows = spec.rows(module, args, kwargs).detach()
+                if shared and self.on_shared_rows is not None:
+                    self.on_shared_rows(key, rows)
+                else:
+                    self.on_rows(key, rows)
 
         return hook
 
@@ -370,3 +402,16 @@ class SiteRecorder:
         """Remove every hook this recorder registered (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
+
+
+def _without_batch(args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int | None) -> bool:
+    # the first tensor input carries the batch in dimension 0 (or 1, sequence-first); positions
+    # such as ``arange(L)`` or ``(1, L)`` carry none
+    if batch_size is None:
+        return False
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+    if first is None:
+        return False
+    if first.dim() == 0:
+        return True
+    return first.shape[0] != batch_size and (first.dim() < 2 or first.shape[1] != batch_size)

@@ -623,7 +623,8 @@ class _BasisPass:
         accumulator = CovarianceAccumulator(self.dims, num_classes=0, device=self.device)
         slots.bind(accumulator)
         engine = self.engine
-        with SiteRecorder(engine.accounting.sites(), accumulator.add) as recorder:
+        sites = engine.accounting.sites()
+        with SiteRecorder(sites, accumulator.add, accumulator.add_shared) as recorder:
             for batch in batches:
                 inputs, labels = self.adapter(batch)
                 size = batch_size_of(inputs, labels)
@@ -648,6 +649,7 @@ class _BasisPass:
                     slot, order = torch.sort(slot, stable=True)
                     inputs = inputs.index_select(0, order.to(inputs.device))
                 accumulator.set_labels(slot.to(self.device))
+                recorder.batch_size = int(slot.numel())
                 call_model(self.forward, inputs)
                 accumulator.check_finite()
                 self._peak(accumulator)
