@@ -21,7 +21,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 PACKAGE = "unsc_lightning"
 CONFIG = ROOT / "pyproject.toml"
 #: `lint-imports` is a console script; run its entry point with this interpreter instead.

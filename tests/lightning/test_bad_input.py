@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import (
+from helpers.problems import (
     FORGET_CLASS,
     IN_FEATURES,
     NUM_CLASSES,
@@ -22,39 +22,12 @@ from conftest import (
     mlp,
     quiet_trainer,
 )
-from test_errors import CASES
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import NullSpaceCalibration, UnlearningConfigError, UnlearningModule
 
 PROBLEM = make_subspace_problem()
-
-# issue item -> id of the `test_errors.CASES` entry that checks its message
-COVERED_IN_TEST_ERRORS = {
-    "forget class out of range": "module-forget-out-of-range",
-    "forget classes duplicated": "module-forget-duplicated",
-    "forget classes empty": "dm-forget-empty",
-    "forget classes are all classes": "module-forget-all",
-    "empty forget set": "dm-empty-forget-set",
-    "empty remaining data": "empty-retain-data",
-    "missing remaining data": "no-retain-data",
-    "no supported layer": "no-supported-layer",
-    "threshold zero": "threshold-zero",
-    "threshold above one": "threshold-above-one",
-    "NaN activations": "nan-activations",
-    "sharded strategy": "sharded-strategy",
-}
-CASES_BY_ID = {case[0]: case[1:] for case in CASES}
-
-
-@pytest.mark.parametrize(
-    "case_id", COVERED_IN_TEST_ERRORS.values(), ids=COVERED_IN_TEST_ERRORS.keys()
-)
-def test_covered_in_test_errors(case_id):
-    make, error, match = CASES_BY_ID[case_id]
-    with pytest.raises(error, match=match):
-        make()
 
 
 def fit(

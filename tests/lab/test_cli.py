@@ -28,7 +28,7 @@ from unsc_lightning.data.torchvision_data import CIFAR10DataModule
 from unsc_lightning.models import MLP, MNIST1DConvNet
 from unsc_lightning.models.paper import AllCNN
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # A tiny MNIST-1D problem and one epoch per stage: the workflow, not the accuracy, is under test.
 SMALL = [
     "--data.init_args.num_samples=400",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakedata import (  # writers of the on-disk formats, independent of the package's readers
+from helpers.fakedata import (  # writers of the on-disk formats, independent of the package's readers
     N_TEST,
     N_TRAIN,
     write_cifar10,

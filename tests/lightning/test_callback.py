@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import (
+from helpers.problems import (
     FORGET_CLASS,
     IN_FEATURES,
     NUM_CLASSES,

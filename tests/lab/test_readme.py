@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 BLOCKS = [(language, body) for language, body in BLOCK.findall((ROOT / "README.md").read_text())]
 PIP_PREFIX = re.compile(r"^pip install [^&]+&&\s*")

@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import (
+from helpers.problems import (
     FORGET_CLASS,
     NUM_CLASSES,
     BoringClassifier,

@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from conftest import (
+from helpers.problems import (
     FORGET_CLASS,
     NUM_CLASSES,
     SubspaceProblem,

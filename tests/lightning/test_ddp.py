@@ -22,7 +22,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import (
+from helpers.problems import (
     FORGET_CLASS,
     IN_FEATURES,
     NUM_CLASSES,

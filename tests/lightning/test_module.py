@@ -7,7 +7,7 @@ import copy
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import (
+from helpers.problems import (
     FORGET_CLASS,
     MNIST1D_FORGET,
     MNIST1D_SAMPLES,

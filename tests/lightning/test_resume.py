@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import (
+from helpers.problems import (
     FORGET_CLASS,
     NUM_CLASSES,
     NUM_RETAIN,

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from fakedata import WRITERS
+from helpers.fakedata import WRITERS
 
 from unsc_lightning.cli import UnlearningCLI, main
 from unsc_lightning.models.paper import PAPER_MODELS
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 EMBEDDED = ("mnist1d", "digits")
 PAPER = ("fmnist_alexnet", "cifar10_allcnn", "svhn_vgg11", "cifar100_resnet18")

@@ -10,7 +10,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers.problems import (
     IN_FEATURES,
     BoringClassifier,
     logits_of,

@@ -14,7 +14,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers.problems import (
     FORGET_CLASS,
     NUM_CLASSES,
     NUM_RETAIN,

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as L
 import pytest
 import torch
-from conftest import (
+from helpers.problems import (
     IN_FEATURES,
     NUM_CLASSES,
     BoringClassifier,
