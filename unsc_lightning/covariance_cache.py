@@ -234,6 +234,10 @@ def _accumulate(
         flags = torch.tensor([float(k in seen) for k in engine.dims], device=device)
         flags = trainer.strategy.reduce(flags, reduce_op="sum")
         seen = {k for k, f in zip(engine.dims, flags.tolist()) if f > 0}
+        # every rank must bound the ranks alike (the bases must be identical on all ranks)
+        rows = [float(accumulator.rows_per_sample.get(k, 0)) for k in engine.dims]
+        rows_t = trainer.strategy.reduce(torch.tensor(rows, device=device), reduce_op="sum")
+        accumulator.rows_per_sample = dict(zip(engine.dims, map(int, rows_t.tolist())))
     unseen = [k for k in engine.dims if k not in seen]
     if unseen:
         raise RuntimeError(

@@ -896,3 +896,43 @@ def test_projected_sgd_leaves_remaining_logits_unchanged(dtype, tolerance):
         assert (model(x_forget).argmax(1) == targets).float().mean() > 0.9
     # compare to vanilla: without projection the same steps move the remaining logits a lot
     assert relative_change(vanilla, x_remain, remain_before) > 1e-1
+
+
+# --------------------------------------------------------------------------------------------
+# Rank-bounded eigendecomposition (fewer rows than dimensions)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_basis", [False, True])
+def test_rank_bounded_eigh_equals_the_full_one_on_low_rank_covariances(with_basis):
+    from unsc_lightning.nullspace.basis import eigh_descending
+
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(12, 90, generator=generator, dtype=torch.float64) * torch.logspace(
+        0, -4, 12, dtype=torch.float64
+    ).unsqueeze(1)
+    cov = rows.T @ rows
+    basis = None
+    if with_basis:
+        basis, _ = torch.linalg.qr(torch.randn(90, 4, generator=generator, dtype=torch.float64))
+    full_values, full_vectors = eigh_descending(cov, basis=basis)
+    values, vectors = eigh_descending(cov, rank_bound=12, basis=basis)
+    assert vectors.shape[1] == 20  # 12 + 8 columns, not 90
+    rank = int((full_values > 1e-10 * full_values.sum()).sum())
+    assert rank == 12
+    torch.testing.assert_close(values[:rank], full_values[:rank], rtol=1e-9, atol=0)
+    top, full_top = vectors[:, :rank], full_vectors[:, :rank]
+    torch.testing.assert_close(top @ top.T, full_top @ full_top.T, rtol=0, atol=1e-8)
+    if basis is not None:
+        assert float((basis.T @ top).abs().max()) < 1e-10
+
+
+def test_per_class_basis_with_rank_bounds_equals_without():
+    generator = torch.Generator().manual_seed(4)
+    covariances, bounds = {}, {}
+    for k, n in enumerate((5, 9, 3)):
+        rows = torch.randn(n, 64, generator=generator, dtype=torch.float64)
+        covariances[k], bounds[k] = rows.T @ rows, n
+    schedule = class_threshold_schedule(0.95, 0.01)
+    plain, plain_info = per_class_basis(covariances, schedule)
+    bounded, bounded_info = per_class_basis(covariances, schedule, rank_bounds=bounds)
+    assert plain.shape == bounded.shape and plain_info.rank == bounded_info.rank
+    torch.testing.assert_close(bounded @ bounded.T, plain @ plain.T, rtol=0, atol=1e-8)

@@ -36,14 +36,38 @@ def _symmetric(cov: Tensor) -> Tensor:
     return (cov + cov.T) / 2
 
 
-def eigh_descending(cov: Tensor) -> tuple[Tensor, Tensor]:
+def _residual(cov: Tensor, basis: Tensor | None) -> Tensor:
+    # (I - UUᵀ) C (I - UUᵀ) in O(d² r), never forming the dense d x d projector
+    if basis is None or not basis.shape[1]:
+        return cov
+    cu = cov @ basis
+    inner = basis.T @ cu
+    return cov - basis @ cu.T - cu @ basis.T + basis @ inner @ basis.T
+
+
+def eigh_descending(
+    cov: Tensor, rank_bound: int | None = None, basis: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix.
 
     Works in float64 on a trace-normalised copy. ``torch.linalg.eigh`` can fail to converge on
     covariances with many exactly-zero eigenvalues (dead ReLU channels); the SVD of a symmetric
     PSD matrix gives the same decomposition, so it is the fallback.
+
+    Args:
+        cov: ``d x d`` symmetric PSD matrix.
+        rank_bound: an upper bound on ``rank(cov)`` (e.g. the number of rows it was summed
+            from). When it is well below ``d``, the range of ``cov`` is found exactly from
+            ``cov Ω`` with a Gaussian ``Ω`` of ``rank_bound + 8`` columns and only a small
+            eigenproblem is solved: ``O(d² m)`` instead of ``O(d³)``. Only the eigenpairs in
+            that range are returned (the others are zero).
+        basis: orthonormal ``U``: decompose the residual ``(I - UUᵀ) cov (I - UUᵀ)`` instead.
     """
     cov = _symmetric(cov)
+    dim = cov.shape[0]
+    if rank_bound is not None and 3 * (rank_bound + 8) < dim:
+        return _low_rank_eigh(cov, rank_bound + 8, basis)
+    cov = _symmetric(_residual(cov, basis))
     # For PSD ``cov`` the trace bounds every entry, so this is the trace; a residual covariance
     # that is pure rounding noise can have trace <= 0, and dividing by ``tiny`` would overflow.
     scale = torch.maximum(torch.trace(cov), cov.abs().max())
@@ -55,6 +79,30 @@ def eigh_descending(cov: Tensor) -> tuple[Tensor, Tensor]:
     except (torch.linalg.LinAlgError, RuntimeError):
         vectors, values, _ = torch.linalg.svd(normalised)
     return values.clamp_min(0) * scale, vectors
+
+
+def _low_rank_eigh(cov: Tensor, columns: int, basis: Tensor | None) -> tuple[Tensor, Tensor]:
+    # rank(cov) < columns: range(cov Ω) = range(cov) for a Gaussian Ω (with probability one),
+    # so the eigenpairs of the small matrix Qᵀ cov Q are those of cov.
+    def project_out(matrix: Tensor) -> Tensor:
+        if basis is None or not basis.shape[1]:
+            return matrix
+        return matrix - basis @ (basis.T @ matrix)
+
+    generator = torch.Generator().manual_seed(0)
+    omega = torch.randn(cov.shape[0], columns, generator=generator, dtype=torch.float64)
+    sample = project_out(cov @ project_out(omega.to(cov.device)))
+    q, _ = torch.linalg.qr(sample)
+    q = project_out(q)  # rounding in the QR may leave a trace of the old basis
+    q, _ = torch.linalg.qr(q)
+    small = _symmetric(q.T @ cov @ q)
+    scale = torch.trace(small).abs().clamp_min(torch.finfo(torch.float64).tiny)
+    try:
+        values, vectors = torch.linalg.eigh(small / scale)
+        values, vectors = values.flip(0), vectors.flip(1)
+    except (torch.linalg.LinAlgError, RuntimeError):
+        vectors, values, _ = torch.linalg.svd(small / scale)
+    return values.clamp_min(0) * scale, q @ vectors
 
 
 def energy_rank(values: Tensor, threshold: float, total: float, captured: float = 0.0) -> int:
@@ -80,13 +128,20 @@ def energy_rank(values: Tensor, threshold: float, total: float, captured: float 
     return int(reached[0]) + 1 if reached.numel() else significant
 
 
-def pooled_basis(cov: Tensor, threshold: float) -> tuple[Tensor, BasisInfo]:
+def pooled_basis(
+    cov: Tensor, threshold: float, rank_bound: int | None = None
+) -> tuple[Tensor, BasisInfo]:
     """Top eigenvectors of one covariance reaching ``threshold`` of its energy.
+
+    Args:
+        cov: the covariance.
+        threshold: energy fraction.
+        rank_bound: upper bound on ``rank(cov)`` (see :func:`eigh_descending`).
 
     Returns:
         ``(U, info)`` with ``U`` float64 ``d x r`` orthonormal.
     """
-    values, vectors = eigh_descending(cov)
+    values, vectors = eigh_descending(cov, rank_bound)
     total = float(values.sum())
     rank = energy_rank(values, threshold, total)
     energy = float(values[:rank].sum() / total) if total > 0 else 1.0
@@ -106,6 +161,7 @@ def per_class_basis(
     class_covariances: Mapping[int, Tensor],
     threshold: Threshold,
     basis: Tensor | None = None,
+    rank_bounds: Mapping[int, int] | None = None,
 ) -> tuple[Tensor, BasisInfo]:
     """The paper's Algorithm 1: grow one basis class by class, in ascending class id.
 
@@ -118,6 +174,8 @@ def per_class_basis(
         threshold: energy fraction per class, a float or ``k -> fraction``.
         basis: an orthonormal ``d x r`` basis from earlier (lower) classes to extend; classes
             can then be processed in ascending groups, one group's covariances at a time.
+        rank_bounds: ``class id -> upper bound on rank(C_k)`` (rows summed into it): classes
+            with fewer rows than ``d`` then need only a small eigenproblem each.
 
     Returns:
         ``(U, info)`` where ``info.energy`` is the captured fraction of the given classes' energy.
@@ -132,14 +190,13 @@ def per_class_basis(
     if basis is None:
         basis = torch.zeros(dim, 0, dtype=torch.float64, device=device)
     basis = basis.to(device=device, dtype=torch.float64)
-    identity = torch.eye(dim, dtype=torch.float64, device=basis.device)
     for k in classes:
         cov = _symmetric(class_covariances[k].to(basis.device))
         total = float(torch.trace(cov))
         captured = float(torch.trace(basis.T @ cov @ basis)) if basis.shape[1] else 0.0
         eps = threshold(k) if callable(threshold) else threshold
-        residual_projector = identity - basis @ basis.T
-        values, vectors = eigh_descending(residual_projector @ cov @ residual_projector)
+        bound = None if rank_bounds is None else rank_bounds.get(k)
+        values, vectors = eigh_descending(cov, bound, basis)
         rank = energy_rank(values, min(eps, 1.0), total, captured)
         rank = min(rank, dim - basis.shape[1])
         if rank:

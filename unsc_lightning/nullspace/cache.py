@@ -113,6 +113,8 @@ class ClassCovarianceCache:
         self.samples_per_class = samples_per_class.detach().to("cpu", torch.long).clone()
         self.fingerprint = str(fingerprint)
         self.rows_seen = {name: int((rows_seen or {}).get(name, 0)) for name in self.sums}
+        #: most rows one sample gave each layer (bounds each class's rank; 0 = unknown)
+        self.rows_per_sample = {name: 0 for name in self.sums}
 
     # -- what the cache holds -------------------------------------------------------------------
     @property
@@ -155,7 +157,7 @@ class ClassCovarianceCache:
             accumulator.samples_per_class,
             fingerprint,
             accumulator.rows_seen,
-        )
+        )._with_rows_per_sample(accumulator.rows_per_sample)
 
     @classmethod
     @torch.no_grad()
@@ -203,6 +205,10 @@ class ClassCovarianceCache:
             accumulate_covariances(forward or model, layers, batches(), accumulator)
         return cls.from_accumulator(accumulator, model_fingerprint(model, settings))
 
+    def _with_rows_per_sample(self, rows: Mapping[str, int]) -> ClassCovarianceCache:
+        self.rows_per_sample = {name: int(rows.get(name, 0)) for name in self.sums}
+        return self
+
     def update_(self, other: ClassCovarianceCache) -> ClassCovarianceCache:
         """Take every class ``other`` holds samples of from ``other`` (same model and layers)."""
         if other.fingerprint != self.fingerprint or other.num_classes != self.num_classes:
@@ -215,6 +221,9 @@ class ClassCovarianceCache:
             self.samples_per_class[k] = other.samples_per_class[k]
         for name in self.rows_seen:
             self.rows_seen[name] = max(self.rows_seen[name], other.rows_seen[name])
+            self.rows_per_sample[name] = max(
+                self.rows_per_sample[name], other.rows_per_sample[name]
+            )
         return self
 
     def drop_classes_(self, classes: Iterable[int]) -> ClassCovarianceCache:
@@ -229,11 +238,13 @@ class ClassCovarianceCache:
     def accumulator(self, layers: Iterable[str] | None = None) -> CovarianceAccumulator:
         """A :class:`CovarianceAccumulator` view of the sums (no copy), optionally of some layers."""
         names = list(self.sums) if layers is None else list(layers)
-        return CovarianceAccumulator.from_sums(
+        accumulator = CovarianceAccumulator.from_sums(
             {name: self.sums[name] for name in names},
             self.samples_per_class,
             {name: self.rows_seen[name] for name in names},
         )
+        accumulator.rows_per_sample = {name: self.rows_per_sample[name] for name in names}
+        return accumulator
 
     def bases(
         self,
@@ -280,6 +291,7 @@ class ClassCovarianceCache:
             "fingerprint": self.fingerprint,
             "samples_per_class": self.samples_per_class,
             "rows_seen": self.rows_seen,
+            "rows_per_sample": self.rows_per_sample,
             "sums": {name: total.to("cpu") for name, total in self.sums.items()},
         }
         try:
@@ -310,4 +322,4 @@ class ClassCovarianceCache:
             payload["samples_per_class"],
             payload["fingerprint"],
             payload["rows_seen"],
-        )
+        )._with_rows_per_sample(payload.get("rows_per_sample", {}))

@@ -119,6 +119,8 @@ class CovarianceAccumulator:
             for name, d in self.dims.items()
         }
         self.rows_seen: dict[str, int] = dict.fromkeys(self.dims, 0)
+        #: the most rows one sample contributed per layer: ``samples x this`` bounds a rank
+        self.rows_per_sample: dict[str, int] = dict.fromkeys(self.dims, 0)
         self.samples_per_class = torch.zeros(num_classes or 1, dtype=torch.long)
         self._labels: Tensor | None = None
         self._class_counts: list[int] = []
@@ -203,6 +205,7 @@ class CovarianceAccumulator:
                 "samples; a per-class covariance needs the layer's input batch to be the samples'."
             )
         rows_per_sample = rows.shape[0] // samples
+        self.rows_per_sample[name] = max(self.rows_per_sample[name], rows_per_sample)
         if self._order is not None:
             order = self._order.to(rows.device)
             rows = rows.reshape(samples, -1).index_select(0, order).reshape(-1, rows.shape[1])
@@ -219,6 +222,7 @@ class CovarianceAccumulator:
         target = self.sums[name]
         rows = rows.to(device=target.device, dtype=self.dtype)
         gram = rows.T @ rows
+        self.rows_per_sample[name] = max(self.rows_per_sample[name], rows.shape[0])
         pooled = [1 if self._labels is None else int(self._labels.numel())]
         counts = self._class_counts if self.per_class else pooled
         self.rows_seen[name] += rows.shape[0] * int(sum(counts))
@@ -374,7 +378,9 @@ class SiteRecorder:
         self, specs: list[tuple[str, WeightRows]]
     ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            shared = self.on_shared_rows is not None and _without_batch(args, kwargs, self.batch_size)
+            shared = self.on_shared_rows is not None and _without_batch(
+                args, kwargs, self.batch_size
+            )
             for key, spec in specs:
                 self.seen.add(key)
                 rows = spec.rows(module, args, kwargs).detach()

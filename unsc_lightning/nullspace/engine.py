@@ -768,6 +768,11 @@ class _BasisPass:
             flags = torch.tensor([float(k in self.seen_keys) for k in names], device=self.device)
             flags = self.reduce(flags)
             self.seen_keys = {k for k, f in zip(names, flags.tolist()) if f > 0}
+            # a bound on every rank's rows per sample: the sum of the ranks' maxima
+            rows = torch.tensor(
+                [float(accumulator.rows_per_sample.get(k, 0)) for k in names], device=self.device
+            )
+            accumulator.rows_per_sample = dict(zip(names, map(int, self.reduce(rows).tolist())))
         counts = accumulator.samples_per_class.cpu().tolist()
         for k, count in zip(group, counts):
             self.class_samples[k] = int(count)
@@ -786,6 +791,14 @@ class _BasisPass:
         for key in self.dims:
             sums = accumulator.sums[key]
             eps = _threshold_for(engine.threshold, key)
+            # rank(C_k) <= rows summed into it: small eigenproblems where data are few
+            per_sample = accumulator.rows_per_sample.get(key, 0)
+            counts = accumulator.samples_per_class.tolist()
+            bounds = (
+                {k: int(counts[i]) * per_sample for i, k in enumerate(group)}
+                if per_sample
+                else None
+            )
             if per_class:
                 saturated = [k for k in group if eps + engine.class_threshold_step * k >= 1.0]
                 if engine.class_threshold_step and saturated and key not in self.saturated:
@@ -799,9 +812,10 @@ class _BasisPass:
                     )
                 schedule = class_threshold_schedule(eps, engine.class_threshold_step)
                 covariances = {k: sums[i] for i, k in enumerate(group)}
-                bases[key], info = per_class_basis(covariances, schedule, basis=bases[key])
+                bases[key], info = per_class_basis(covariances, schedule, bases[key], bounds)
             else:
-                bases[key], info = pooled_basis(sums[0], eps)
+                bound = None if bounds is None else sum(bounds.values())
+                bases[key], info = pooled_basis(sums[0], eps, bound)
             trace = float(sums.diagonal(dim1=-2, dim2=-1).sum())
             energy[key] += info.energy * trace
             total[key] += trace
@@ -887,7 +901,9 @@ class _Slots:
             ],
             dtype=torch.long,
         )
-        return CovarianceAccumulator.from_sums(sums, counts)
+        aligned = CovarianceAccumulator.from_sums(sums, counts)
+        aligned.rows_per_sample = dict(accumulator.rows_per_sample)
+        return aligned
 
 
 class _Unlabelled(Exception):

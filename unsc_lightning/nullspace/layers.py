@@ -112,13 +112,21 @@ def build_bases(
             [k for k in range(counts.numel()) if counts[k] > 0] if accumulator.per_class else None
         )
     bases: dict[str, tuple[Tensor, BasisInfo]] = {}
+    samples = accumulator.samples_per_class.tolist()
     for name in accumulator.sums:
         eps = threshold_for(threshold, name)
+        # rank(C_k) <= rows summed into it (see `eigh_descending`)
+        per_sample = accumulator.rows_per_sample.get(name, 0)
+        bounds = None
+        if per_sample and accumulator.per_class:
+            bounds = {k: int(samples[k]) * per_sample for k in (classes or range(len(samples)))}
         if rule == "per_class":
             schedule: Callable[[int], float] = class_threshold_schedule(eps, class_threshold_step)
             bases[name] = per_class_basis(
-                accumulator.class_covariances(name, classes or []), schedule
+                accumulator.class_covariances(name, classes or []), schedule, rank_bounds=bounds
             )
         else:
-            bases[name] = pooled_basis(accumulator.pooled_covariance(name, classes), eps)
+            bound = None if bounds is None else sum(bounds.values())
+            pooled = accumulator.pooled_covariance(name, classes)
+            bases[name] = pooled_basis(pooled, eps, bound)
     return bases
