@@ -304,3 +304,35 @@ def test_schedule_reaching_one_warns_with_the_classes():
     engine = NullSpaceEngine(mlp(), threshold=0.97, class_threshold_step=0.01)
     with pytest.warns(UserWarning, match=r"reaches 1\.0 for classes \[3\]"):
         engine.build(make_subspace_problem().retain_loader())
+
+
+class _Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.embed(tokens).mean(1))
+
+
+def test_embedding_rows_of_every_remaining_token_stay_at_the_default_threshold():
+    generator = torch.Generator().manual_seed(0)
+    # remaining data use tokens 0..7, one of them rarely; the forget data use 8..11 too
+    retain = torch.randint(0, 7, (64, 5), generator=generator)
+    retain[0, 0] = 7  # a rare remaining token
+    forget = torch.randint(0, 12, (16, 5), generator=generator)
+    model = _Bag()
+    engine = NullSpaceEngine(model)  # threshold 0.97
+    engine.build([(retain, torch.arange(64) % 2)])
+    before = model.embed.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    with engine.guard():
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(model(forget), torch.full((16,), 2)).backward()
+            engine.project_gradients_()
+            optimizer.step()
+    moved = (model.embed.weight.detach() - before).abs().amax(1)
+    assert float(moved[:8].max()) < 1e-6  # every token seen in remaining data, the rare one too
+    assert float(moved[8:].min()) > 1e-3  # tokens only the forget data use are free

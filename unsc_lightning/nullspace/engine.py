@@ -278,6 +278,22 @@ class NullSpaceEngine:
             name for name, reason in self.accounting.frozen.items() if not self._freezes(reason)
         ]
 
+    def threshold_of(self, key: str) -> float:
+        """The energy threshold of basis ``key``.
+
+        Embeddings keep every token seen in remaining data (``1.0``) unless a ``threshold``
+        mapping names them: a rare token's row is a whole direction of its own, and an energy
+        rule over token counts would free the rows of rare remaining tokens.
+        """
+        constraint = self.accounting.constraints.get(key)
+        embedding = constraint is not None and isinstance(constraint.sites[0][1], nn.Embedding)
+        if isinstance(self.threshold, Mapping):
+            named = any(p == key for p in self.threshold)
+            if embedding and not named:
+                return 1.0
+            return _threshold_for(self.threshold, key)
+        return 1.0 if embedding else float(self.threshold)
+
     def _freezes(self, reason: str) -> bool:
         if reason == "excluded":  # the user chose to leave these layers unconstrained
             return False
@@ -790,7 +806,7 @@ class _BasisPass:
         start = time.perf_counter()
         for key in self.dims:
             sums = accumulator.sums[key]
-            eps = _threshold_for(engine.threshold, key)
+            eps = engine.threshold_of(key)
             # rank(C_k) <= rows summed into it: small eigenproblems where data are few
             per_sample = accumulator.rows_per_sample.get(key, 0)
             counts = accumulator.samples_per_class.tolist()
