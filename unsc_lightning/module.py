@@ -149,6 +149,7 @@ class UnlearningModule(_EvaluationMixin):
         # forget samples classified as their true label in the current epoch / seen
         self._forget_counts = torch.zeros(2, dtype=torch.long)
         self.stopped_at_epoch: int | None = None
+        self.last_forget_accuracy: float | None = None
 
     def train(self, mode: bool = True) -> UnlearningModule:
         super().train(mode)
@@ -180,6 +181,14 @@ class UnlearningModule(_EvaluationMixin):
             self.original_captured.fill_(True)  # type: ignore[operator]
 
     def on_fit_end(self) -> None:
+        last = self.last_forget_accuracy
+        if self._stops_in_training_step and self.stopped_at_epoch is None and last is not None:
+            rank_zero_warn(
+                f"UnlearningModule: the forget accuracy is still {last:.1%} after "
+                f"{self.trainer.current_epoch} epochs, above the target "
+                f"{self._class_target:.1%}: the forgotten classes are not forgotten yet. Raise the "
+                "Trainer's `max_epochs` (or `relative_step`, or `lr`)."
+            )
         if self.trainer.num_training_batches == 0:
             # Lightning only warns and ends the fit: the model would come back not unlearned
             raise RuntimeError(
@@ -218,6 +227,7 @@ class UnlearningModule(_EvaluationMixin):
         if seen == 0:
             return
         accuracy = correct / seen
+        self.last_forget_accuracy = accuracy
         self.log("train/forget_acc", accuracy, sync_dist=False)
         if self._stops_in_training_step and accuracy <= self._class_target:
             self.stopped_at_epoch = self.current_epoch

@@ -375,3 +375,17 @@ def test_sample_level_unlearning_stops_at_held_out_accuracy():
 def test_unlearning_module_rejects_bad_stopping_and_step_options(options: dict, match: str):
     with pytest.raises(ValueError, match=match):
         UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], **options)
+
+
+def test_class_wise_unlearning_that_misses_its_target_warns(problem: SubspaceProblem):
+    torch.manual_seed(0)
+    model = mlp()
+    with torch.no_grad():
+        model[-1].bias[FORGET_CLASS] = 100.0  # predicts the forgotten class everywhere
+    module = UnlearningModule(model, NUM_CLASSES, [FORGET_CLASS], relative_step=1e-6)
+    callback = NullSpaceCalibration(rule="pooled", retain_dataloader=problem.retain_loader())
+    with pytest.warns(UserWarning, match=r"forget accuracy is still .* after 2 epochs"):
+        quiet_trainer(2, callbacks=[callback]).fit(
+            module, train_dataloaders=problem.forget_loader()
+        )
+    assert module.stopped_at_epoch is None and module.last_forget_accuracy is not None
