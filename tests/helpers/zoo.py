@@ -253,20 +253,12 @@ ZOO: dict[str, ZooEntry] = {
 
 
 def plain_trainer(max_epochs: int, accelerator: str = "cpu", **kwargs: Any) -> L.Trainer:
-    """A quiet trainer: no logger, checkpoints, progress bar, summary or sanity check."""
-    options: dict[str, Any] = {
-        "max_epochs": max_epochs,
-        "accelerator": accelerator,
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+    """The lab's quiet trainer (no logger, checkpoints, progress bar, summary or sanity check)."""
+    from unsc_lightning.lab.runs import make_trainer
+
+    callbacks = kwargs.pop("callbacks", None)
+    kwargs.setdefault("deterministic", None)
+    return make_trainer(max_epochs, callbacks, accelerator=accelerator, **kwargs)
 
 
 def train_zoo_model(

@@ -66,7 +66,9 @@ def eigh_descending(
     cov = _symmetric(cov)
     dim = cov.shape[0]
     if rank_bound is not None and 3 * (rank_bound + 8) < dim:
-        return _low_rank_eigh(cov, rank_bound + 8, basis)
+        found = _low_rank_eigh(cov, rank_bound + 8, basis)
+        if found is not None:
+            return found
     cov = _symmetric(_residual(cov, basis))
     # For PSD ``cov`` the trace bounds every entry, so this is the trace; a residual covariance
     # that is pure rounding noise can have trace <= 0, and dividing by ``tiny`` would overflow.
@@ -81,9 +83,12 @@ def eigh_descending(
     return values.clamp_min(0) * scale, vectors
 
 
-def _low_rank_eigh(cov: Tensor, columns: int, basis: Tensor | None) -> tuple[Tensor, Tensor]:
+def _low_rank_eigh(cov: Tensor, columns: int, basis: Tensor | None) -> tuple[Tensor, Tensor] | None:
     # rank(cov) < columns: range(cov Ω) = range(cov) for a Gaussian Ω (with probability one),
-    # so the eigenpairs of the small matrix Qᵀ cov Q are those of cov.
+    # so the eigenpairs of the small matrix Qᵀ cov Q are those of cov. Directions whose
+    # eigenvalues are many orders below the largest are resolved less accurately from cov Ω
+    # than by a dense eigh: when Q misses more energy than the tolerance allows, the caller
+    # falls back to the dense decomposition (``None``).
     def project_out(matrix: Tensor) -> Tensor:
         if basis is None or not basis.shape[1]:
             return matrix
@@ -92,10 +97,19 @@ def _low_rank_eigh(cov: Tensor, columns: int, basis: Tensor | None) -> tuple[Ten
     generator = torch.Generator().manual_seed(0)
     omega = torch.randn(cov.shape[0], columns, generator=generator, dtype=torch.float64)
     sample = project_out(cov @ project_out(omega.to(cov.device)))
-    q, _ = torch.linalg.qr(sample)
-    q = project_out(q)  # rounding in the QR may leave a trace of the old basis
-    q, _ = torch.linalg.qr(q)
+    # an orthonormal basis of the sample's range, re-projected (rounding in the factorisation
+    # leaves a trace of the old basis) and cut at its numerical rank: with fewer free
+    # dimensions than columns, the surplus columns are noise that must not be normalised up
+    for _ in range(2):
+        left, singular, _ = torch.linalg.svd(sample, full_matrices=False)
+        keep = singular > singular.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-12
+        sample = project_out(left[:, keep])
+    q = sample
     small = _symmetric(q.T @ cov @ q)
+    residual_trace = torch.trace(_residual(cov, basis))
+    missed = abs(float(residual_trace - torch.trace(small)))
+    if missed > RELATIVE_TOLERANCE * float(torch.trace(cov)):
+        return None
     scale = torch.trace(small).abs().clamp_min(torch.finfo(torch.float64).tiny)
     try:
         values, vectors = torch.linalg.eigh(small / scale)

@@ -20,7 +20,33 @@ from unsc_lightning.nullspace.representation import WeightRows, layer_rows, repr
 RowsCallback = Callable[[str, Tensor], None]
 
 
-class ActivationRecorder:
+class _HookOwner:
+    """Owns forward pre-hook handles: registered on ``__enter__``, removed on exit or error."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def _register(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        try:
+            self._register()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this recorder registered (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+
+class ActivationRecorder(_HookOwner):
     """Attach forward pre-hooks to named layers and hand each layer's rows to a callback.
 
     The recorder owns its hook handles: they are removed when the ``with`` block ends, whether
@@ -50,11 +76,11 @@ class ActivationRecorder:
         on_rows: RowsCallback,
         dtype: torch.dtype | None = None,
     ) -> None:
+        super().__init__()
         self.layers = dict(layers)
         self.on_rows = on_rows
         self.dtype = dtype
         self.seen: set[str] = set()
-        self._handles: list[RemovableHandle] = []
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -66,22 +92,9 @@ class ActivationRecorder:
 
         return hook
 
-    def __enter__(self) -> ActivationRecorder:
-        try:
-            for name, layer in self.layers.items():
-                self._handles.append(layer.register_forward_pre_hook(self._hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook this recorder registered (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+    def _register(self) -> None:
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_pre_hook(self._hook(name)))
 
 
 class CovarianceAccumulator:
@@ -343,7 +356,7 @@ def _sorted_by_label(inputs: Any, labels: Tensor) -> tuple[Any, Tensor]:
 Site = tuple[str, nn.Module, WeightRows]
 
 
-class SiteRecorder:
+class SiteRecorder(_HookOwner):
     """Forward pre-hooks (with keyword arguments) that hand every site's rows to a callback.
 
     Several sites may share a key (a weight used by two layers): their rows feed one
@@ -364,6 +377,7 @@ class SiteRecorder:
         on_rows: RowsCallback,
         on_shared_rows: RowsCallback | None = None,
     ) -> None:
+        super().__init__()
         self.on_shared_rows = on_shared_rows
         #: samples of the batch being forwarded (set by the caller; ``None`` = unknown)
         self.batch_size: int | None = None
@@ -372,7 +386,6 @@ class SiteRecorder:
             self.by_layer.setdefault(layer, []).append((key, spec))
         self.on_rows = on_rows
         self.seen: set[str] = set()
-        self._handles: list[RemovableHandle] = []
 
     def _hook(
         self, specs: list[tuple[str, WeightRows]]
@@ -391,23 +404,10 @@ class SiteRecorder:
 
         return hook
 
-    def __enter__(self) -> SiteRecorder:
-        try:
-            for layer, specs in self.by_layer.items():
-                handle = layer.register_forward_pre_hook(self._hook(specs), with_kwargs=True)
-                self._handles.append(handle)
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook this recorder registered (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+    def _register(self) -> None:
+        for layer, specs in self.by_layer.items():
+            handle = layer.register_forward_pre_hook(self._hook(specs), with_kwargs=True)
+            self._handles.append(handle)
 
 
 def _without_batch(args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int | None) -> bool:
