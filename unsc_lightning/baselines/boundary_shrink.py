@@ -65,11 +65,11 @@ class BoundaryShrink(BaselineModule):
         """Nearest wrong remaining class of each sample under the original model (FGSM)."""
         with torch.enable_grad():
             probe = inputs.detach().clone().requires_grad_(True)
-            loss = F.cross_entropy(self.original(probe), labels)
+            loss = F.cross_entropy(self._classifier_logits(self.original(probe)), labels)
             (gradient,) = torch.autograd.grad(loss, probe)
         with torch.no_grad():
             adversarial = inputs + self.epsilon * gradient.sign()
-            logits = self.original(adversarial)
+            logits = self._classifier_logits(self.original(adversarial))
             logits[torch.arange(labels.numel(), device=labels.device), labels] = float("-inf")
             if self.forget_classes:
                 logits[:, self.forget_classes] = float("-inf")

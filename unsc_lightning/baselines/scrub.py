@@ -100,7 +100,7 @@ class SCRUB(BaselineModule):
         if self.current_epoch < self.max_epochs:
             inputs = batch[0]
             with torch.no_grad():
-                teacher = self.teacher(inputs)
+                teacher = self._classifier_logits(self.teacher(inputs), "teacher")
             max_loss = -distillation_kl(self(inputs), teacher, self.temperature)
             self._step(max_loss)
             self.log("train/max_loss", max_loss)
@@ -108,7 +108,7 @@ class SCRUB(BaselineModule):
             inputs, labels = self.next_retain_batch()
             logits = self(inputs)
             with torch.no_grad():
-                teacher = self.teacher(inputs)
+                teacher = self._classifier_logits(self.teacher(inputs), "teacher")
             distill = distillation_kl(logits, teacher, self.temperature)
             min_loss = self.alpha * distill + self.gamma * F.cross_entropy(logits, labels)
             self._step(min_loss)
