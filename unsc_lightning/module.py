@@ -189,7 +189,7 @@ class UnlearningModule(_EvaluationMixin):
                 self.num_classes, labels, self.forget_classes, self._generator
             )
         with torch.no_grad():
-            original_logits = self._classifier_logits(self._original_eval()(inputs), "original")
+            original_logits = self._classifier_logits(self._original_eval()(inputs))
         return unsc_pseudo_labels(original_logits, labels, self.forget_classes)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

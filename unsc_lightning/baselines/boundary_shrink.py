@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unsc_lightning.arguments import number
 from unsc_lightning.baselines.base import BaselineModule
-from unsc_lightning.errors import UnlearningConfigError
 
 
 class BoundaryShrink(BaselineModule):
@@ -46,8 +46,7 @@ class BoundaryShrink(BaselineModule):
         epsilon: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        if not epsilon > 0:
-            raise UnlearningConfigError(f"Expected `epsilon` > 0, got {epsilon!r}.")
+        number("epsilon", epsilon, 0.0)
         super().__init__(model, num_classes, forget_classes, lr=lr, **kwargs)
         self.save_hyperparameters("epsilon")
         self.epsilon = float(epsilon)
