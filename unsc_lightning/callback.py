@@ -170,6 +170,7 @@ class NullSpaceCalibration(Callback):
                 "be projected per layer. Use one of SingleDeviceStrategy, DDPStrategy (or a subclass; "
                 "e.g. `strategy='ddp'`, 'ddp_spawn' or 'ddp_fork')."
             )
+        self._check_remaining_classes(pl_module)
         self.engine = self._make_engine(pl_module)
         self.engine.freeze_()
 
@@ -329,6 +330,21 @@ class NullSpaceCalibration(Callback):
             "NullSpaceCalibration: reusing the bases stored in the checkpoint (no pass over the data)."
         )
 
+    def _check_remaining_classes(self, pl_module: L.LightningModule) -> None:
+        """Refuse `remaining_classes` that include a class the module or DataModule forgets."""
+        if self.remaining_classes is None:
+            return
+        datamodule = getattr(getattr(pl_module, "_trainer", None), "datamodule", None)
+        for owner, forgotten in _forgotten_by_owner(pl_module, datamodule):
+            overlap = sorted(set(self.remaining_classes) & set(forgotten))
+            if overlap:
+                raise UnlearningConfigError(
+                    f"Expected `remaining_classes` without the forgotten classes, got "
+                    f"{self.remaining_classes}: {overlap} are forgotten by the {owner} "
+                    f"(`forget_classes={sorted(forgotten)}`). Drop them, or leave "
+                    "`remaining_classes=None` to derive them from `forget_classes`."
+                )
+
     def _request(self) -> dict[str, Any]:
         # what the bases were built from, beyond the settings: the forget request
         model = self.engine.model if self.engine is not None else None
@@ -344,3 +360,18 @@ class NullSpaceCalibration(Callback):
         self._drift_meter = None
         if self.engine is not None:
             self.engine.release_()
+
+
+def _forgotten_by_owner(
+    pl_module: L.LightningModule, datamodule: Any
+) -> list[tuple[str, list[int]]]:
+    """``(owner, forget_classes)`` of the LightningModule and DataModule that declare any."""
+    owners = [(type(pl_module).__name__, pl_module)]
+    if datamodule is not None:
+        owners.append((type(datamodule).__name__, datamodule))
+    found = []
+    for name, owner in owners:
+        forgotten = getattr(owner, "forget_classes", None)
+        if forgotten:
+            found.append((name, [int(k) for k in forgotten]))
+    return found

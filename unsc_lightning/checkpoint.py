@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def load_model_state(
             "or fix the path."
         )
     digest = file_sha256(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _read_checkpoint(path, argument)
     if not isinstance(checkpoint, Mapping):
         raise UnlearningConfigError(
             f"`{argument}={str(path)!r}` holds a {type(checkpoint).__name__}, not a checkpoint or a "
@@ -126,6 +127,31 @@ def load_model_state(
         ) from error
     rank_zero_info(f"Loaded the original model from {path} (sha256 {digest[:16]}).")
     return digest
+
+
+def _read_checkpoint(path: Path, argument: str) -> Any:
+    """``torch.load`` with ``weights_only=True``, its failures told as what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" not in str(error) and "Weights only" not in str(error):
+            raise _not_a_checkpoint(path, argument, error) from error
+        raise UnlearningConfigError(
+            f"`{argument}={str(path)!r}` holds pickled Python objects (e.g. a whole model saved "
+            "with `torch.save(model, path)`), which are not loaded: unpickling can run arbitrary "
+            "code. Save the weights instead, `torch.save(model.state_dict(), path)` (or use the "
+            "`.ckpt` a Lightning run wrote), and pass that file."
+        ) from None
+    except Exception as error:
+        raise _not_a_checkpoint(path, argument, error) from error
+
+
+def _not_a_checkpoint(path: Path, argument: str, error: Exception) -> UnlearningConfigError:
+    return UnlearningConfigError(
+        f"`{argument}={str(path)!r}` is not a PyTorch checkpoint ({type(error).__name__}: "
+        f"{str(error)[:200]}); pass a Lightning `.ckpt` or a file written by "
+        "`torch.save(model.state_dict(), path)`."
+    )
 
 
 class MeanMetric(Callback):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Any
 
 import lightning.pytorch as L
@@ -28,6 +29,7 @@ import unsc_lightning.data.torchvision_data
 import unsc_lightning.models
 import unsc_lightning.models.paper
 import unsc_lightning.module  # noqa: F401
+from unsc_lightning.errors import UnlearningConfigError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS = (*LIGHTNING_COMMANDS, "demo", "bench")
@@ -152,6 +154,21 @@ def run_lightning(args: list[str] | None = None) -> UnlearningCLI:
     return UnlearningCLI(args=args)
 
 
+def configuration_error(error: BaseException) -> UnlearningConfigError | None:
+    """The :class:`UnlearningConfigError` that ``error`` is or was caused by, if any."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UnlearningConfigError):
+            return current
+        pending.extend([current.__cause__, current.__context__])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``unsc-lightning <command> ...`` (``argv`` defaults to ``sys.argv[1:]``)."""
     from_command_line = argv is None
@@ -165,7 +182,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        run_lightning(None if from_command_line else argv)
+        try:
+            run_lightning(None if from_command_line else argv)
+        except Exception as error:
+            cause = configuration_error(error)
+            if cause is None:
+                raise
+            # the traceback for context, then our message as the last line (jsonargparse ends
+            # its own with "Does not validate against any of the Union subtypes" and the value)
+            traceback.print_exception(error)
+            sys.stderr.write(f"\nunsc-lightning {argv[0]}: error: {cause}\n")
+            return 2
         return 0
     if argv and argv[0] in ("-h", "--help"):
         sys.stdout.write(HELP)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.metrics import ClassSubsetAccuracy, ForgetVsTestAUROC, MIAEfficacy
+from unsc_lightning.nullspace.engine import NullSpaceEngineError, output_logits
 
 DEFAULT_EVAL_LOADERS = ("retain", "forget", "member", "forget_train")
 
@@ -138,6 +139,30 @@ class EvaluationMixin(L.LightningModule):
                 f"`forget_classes={ours}` of the module differs from the DataModule's "
                 f"{sorted(theirs)}; pass the same classes to both."
             )
+
+    def _classifier_logits(self, output: Any, source: str = "model") -> Tensor:
+        """The ``(N, num_classes)`` logits in a model output (tensor, tuple, dict, ``.logits``).
+
+        Raises:
+            UnlearningConfigError: for an output without a logits tensor, or logits whose width
+                is not ``num_classes`` (pseudo-labels would go to classes that do not exist).
+        """
+        try:
+            logits = output_logits(output)
+        except NullSpaceEngineError as error:
+            raise UnlearningConfigError(
+                f"`{source}` of {type(self).__name__} returned {type(output).__name__}, from which "
+                "no logits tensor can be taken; return a tensor, a tuple whose first tensor is the "
+                "logits, a dict with `logits`, or an object with `.logits`."
+            ) from error
+        num_classes = getattr(self, "num_classes", None)
+        if num_classes is not None and (logits.ndim != 2 or logits.shape[1] != num_classes):
+            raise UnlearningConfigError(
+                f"Expected the logits of `{source}` to have shape (batch, `num_classes`="
+                f"{num_classes}), got {tuple(logits.shape)}; set `num_classes` to the number of "
+                "outputs of the model's classification head (or fix the head)."
+            )
+        return logits
 
     def _loader_name(self, dataloader_idx: int) -> str:
         datamodule = (

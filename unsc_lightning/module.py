@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -12,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from unsc_lightning.arguments import class_list, classifier_arguments, integer, number
 from unsc_lightning.checkpoint import load_model_state
-from unsc_lightning.data.forget import validate_forget_classes
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.evaluation import EvaluationMixin
 from unsc_lightning.pseudo_labels import PseudoLabelRule, random_pseudo_labels, unsc_pseudo_labels
@@ -25,15 +26,6 @@ _EvaluationMixin = EvaluationMixin
 CLASS_WISE_TARGET = 0.01
 #: learning rate of Adam / AdamW when `UnlearningModule(lr=None)`
 DEFAULT_ADAM_LR = 1e-3
-
-
-def _validate_common(num_classes: int, lr: float) -> None:
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise UnlearningConfigError(
-            f"Expected `num_classes` to be an integer >= 2, got {num_classes!r}."
-        )
-    if not lr > 0:
-        raise UnlearningConfigError(f"Expected `lr` > 0, got {lr!r}.")
 
 
 class UnlearningModule(_EvaluationMixin):
@@ -115,17 +107,19 @@ class UnlearningModule(_EvaluationMixin):
         relative_step: float = 0.01,
     ) -> None:
         super().__init__()
-        _validate_common(num_classes, DEFAULT_ADAM_LR if lr is None else lr)
-        if isinstance(relative_step, bool) or not 0.0 < relative_step <= 1.0:
+        forget = classifier_arguments(model, num_classes, forget_classes, momentum, weight_decay)
+        number("lr", lr, 0.0, optional=True)
+        number("relative_step", relative_step, 0.0, 1.0)
+        number("target_forget_acc", target_forget_acc, 0.0, 1.0, low_open=False, optional=True)
+        integer("seed", seed, 0)
+        if not isinstance(stop_at_target, bool):
             raise UnlearningConfigError(
-                f"Expected `relative_step` in (0, 1], got {relative_step!r}."
+                f"Expected `stop_at_target` to be True or False, got {stop_at_target!r}."
             )
-        forget = validate_forget_classes(forget_classes, num_classes) if forget_classes else []
-        if target_forget_acc is not None and (
-            isinstance(target_forget_acc, bool) or not 0.0 <= target_forget_acc <= 1.0
-        ):
+        if original_checkpoint is not None and not isinstance(original_checkpoint, (str, Path)):
             raise UnlearningConfigError(
-                f"Expected `target_forget_acc` in [0, 1] or None, got {target_forget_acc!r}."
+                "Expected `original_checkpoint` to be a file path or None, got "
+                f"{type(original_checkpoint).__name__} {original_checkpoint!r}."
             )
         if optimizer not in ("sgd", "adam", "adamw"):
             raise UnlearningConfigError(
@@ -168,7 +162,7 @@ class UnlearningModule(_EvaluationMixin):
         return self.original
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        return self._classifier_logits(self.model(x))
 
     def setup(self, stage: str) -> None:
         self._check_forget_classes()
@@ -204,7 +198,7 @@ class UnlearningModule(_EvaluationMixin):
                 self.num_classes, labels, self.forget_classes, self._generator
             )
         with torch.no_grad():
-            original_logits = self._original_eval()(inputs)
+            original_logits = self._classifier_logits(self._original_eval()(inputs))
         return unsc_pseudo_labels(original_logits, labels, self.forget_classes)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -349,8 +343,13 @@ class ClassifierModule(_EvaluationMixin):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        _validate_common(num_classes, lr)
-        forget = validate_forget_classes(forget_classes, num_classes) if forget_classes else []
+        forget = classifier_arguments(model, num_classes, forget_classes, momentum, weight_decay)
+        number("lr", lr, 0.0)
+        integer("warmup_epochs", warmup_epochs, 0)
+        if milestones is not None:
+            milestones = class_list("milestones", milestones)
+        number("gamma", gamma, 0.0)
+        number("label_smoothing", label_smoothing, 0.0, 1.0, low_open=False, high_open=True)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.num_classes = num_classes
@@ -359,7 +358,7 @@ class ClassifierModule(_EvaluationMixin):
         self._init_evaluation(num_classes, forget)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        return self._classifier_logits(self.model(x))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, targets = batch[0], batch[1]

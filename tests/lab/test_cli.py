@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import io
 import os
+import re
 import sys
 import types
 from collections.abc import Iterator
@@ -207,12 +208,17 @@ def test_saved_config_reruns_the_original_exactly(tmp_path: Path):
 
 
 def test_original_checkpoint_missing_is_a_config_error(tmp_path: Path):
-    # jsonargparse reports the module's UnlearningConfigError (a ValueError) with its message.
-    with pytest.raises(
-        ValueError, match=r"`original_checkpoint`.*'nowhere\.ckpt'.*mnist1d_original"
-    ):
-        main(["fit", "--config", str(CONFIG_DIR / "mnist1d_unsc.yaml"), *SMALL,
-              "--model.init_args.original_checkpoint=nowhere.ckpt"])  # fmt: skip
+    # the module's UnlearningConfigError is the last line of the output (after jsonargparse's)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["fit", "--config", str(CONFIG_DIR / "mnist1d_unsc.yaml"), *SMALL,
+                     "--model.init_args.original_checkpoint=nowhere.ckpt"])  # fmt: skip
+    assert code == 2
+    last = stderr.getvalue().strip().splitlines()[-1]
+    assert re.match(
+        r"unsc-lightning fit: error: .*`original_checkpoint`.*'nowhere\.ckpt'.*mnist1d_original",
+        last,
+    )
     with pytest.raises(UnlearningConfigError, match=r"`original_checkpoint`.*'nowhere\.ckpt'"):
         UnlearningModule(
             MNIST1DConvNet(), num_classes=10, forget_classes=[3], original_checkpoint="nowhere.ckpt"

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from unsc_lightning.data.forget import validate_forget_classes
+from unsc_lightning.arguments import classifier_arguments, integer, number
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.evaluation import EvaluationMixin
 from unsc_lightning.nullspace import NORM_LAYERS
@@ -59,19 +59,15 @@ class BaselineModule(EvaluationMixin):
         retain_dataloader: Any = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 2:
+        forget = classifier_arguments(model, num_classes, forget_classes, momentum, weight_decay)
+        number("lr", lr, 0.0)
+        if retain_batch_size is not None:
+            integer("retain_batch_size", retain_batch_size, 1)
+        integer("seed", seed, 0)
+        if not isinstance(norm_eval, bool):
             raise UnlearningConfigError(
-                f"Expected `num_classes` to be an integer >= 2, got {num_classes!r}."
+                f"Expected `norm_eval` to be True or False, got {norm_eval!r}."
             )
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            if not isinstance(value, (int, float)) or value < 0 or (name == "lr" and value == 0):
-                bound = "> 0" if name == "lr" else ">= 0"
-                raise UnlearningConfigError(f"Expected `{name}` {bound}, got {value!r}.")
-        if retain_batch_size is not None and retain_batch_size < 1:
-            raise UnlearningConfigError(
-                f"Expected `retain_batch_size` >= 1 or None, got {retain_batch_size!r}."
-            )
-        forget = validate_forget_classes(forget_classes, num_classes) if forget_classes else []
         self.save_hyperparameters(ignore=["model", "retain_dataloader"])
         self.model = model
         self.num_classes = num_classes
@@ -86,7 +82,7 @@ class BaselineModule(EvaluationMixin):
         self._retain_iterator: Iterator[Any] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        return self._classifier_logits(self.model(x))
 
     def setup(self, stage: str) -> None:
         self._check_forget_classes()

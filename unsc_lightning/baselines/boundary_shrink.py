@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unsc_lightning.arguments import number
 from unsc_lightning.baselines.base import BaselineModule
-from unsc_lightning.errors import UnlearningConfigError
 
 
 class BoundaryShrink(BaselineModule):
@@ -46,8 +46,7 @@ class BoundaryShrink(BaselineModule):
         epsilon: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        if not epsilon > 0:
-            raise UnlearningConfigError(f"Expected `epsilon` > 0, got {epsilon!r}.")
+        number("epsilon", epsilon, 0.0)
         super().__init__(model, num_classes, forget_classes, lr=lr, **kwargs)
         self.save_hyperparameters("epsilon")
         self.epsilon = float(epsilon)
@@ -65,11 +64,11 @@ class BoundaryShrink(BaselineModule):
         """Nearest wrong remaining class of each sample under the original model (FGSM)."""
         with torch.enable_grad():
             probe = inputs.detach().clone().requires_grad_(True)
-            loss = F.cross_entropy(self.original(probe), labels)
+            loss = F.cross_entropy(self._classifier_logits(self.original(probe)), labels)
             (gradient,) = torch.autograd.grad(loss, probe)
         with torch.no_grad():
             adversarial = inputs + self.epsilon * gradient.sign()
-            logits = self.original(adversarial)
+            logits = self._classifier_logits(self.original(adversarial))
             logits[torch.arange(labels.numel(), device=labels.device), labels] = float("-inf")
             if self.forget_classes:
                 logits[:, self.forget_classes] = float("-inf")

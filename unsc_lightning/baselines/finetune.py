@@ -7,8 +7,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unsc_lightning.arguments import number
 from unsc_lightning.baselines.base import BaselineModule
-from unsc_lightning.errors import UnlearningConfigError
 
 
 class FineTune(BaselineModule):
@@ -82,8 +82,7 @@ class L1Sparse(FineTune):
         alpha: float = 1e-4,
         **kwargs: Any,
     ) -> None:
-        if not alpha >= 0:
-            raise UnlearningConfigError(f"Expected `alpha` >= 0, got {alpha!r}.")
+        number("alpha", alpha, 0.0, low_open=False)
         super().__init__(model, num_classes, forget_classes, lr=lr, **kwargs)
         self.save_hyperparameters("alpha")
         self.alpha = float(alpha)

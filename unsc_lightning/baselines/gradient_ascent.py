@@ -7,8 +7,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unsc_lightning.arguments import number
 from unsc_lightning.baselines.base import BaselineModule
-from unsc_lightning.errors import UnlearningConfigError
 
 
 class GradientAscent(BaselineModule):
@@ -44,10 +44,7 @@ class GradientAscent(BaselineModule):
         loss_ceiling: float | None = None,
         **kwargs: Any,
     ) -> None:
-        if loss_ceiling is not None and not loss_ceiling > 0:
-            raise UnlearningConfigError(
-                f"Expected `loss_ceiling` > 0 or None, got {loss_ceiling!r}."
-            )
+        number("loss_ceiling", loss_ceiling, 0.0, optional=True)
         super().__init__(model, num_classes, forget_classes, lr=lr, **kwargs)
         self.save_hyperparameters("loss_ceiling")
         self.loss_ceiling = loss_ceiling

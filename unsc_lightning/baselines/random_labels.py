@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unsc_lightning.arguments import number
 from unsc_lightning.baselines.base import BaselineModule
-from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.pseudo_labels import random_pseudo_labels
 
 
@@ -43,8 +43,7 @@ class RandomLabels(BaselineModule):
         retain_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if not retain_weight >= 0:
-            raise UnlearningConfigError(f"Expected `retain_weight` >= 0, got {retain_weight!r}.")
+        number("retain_weight", retain_weight, 0.0, low_open=False)
         super().__init__(model, num_classes, forget_classes, lr=lr, **kwargs)
         self.save_hyperparameters("retain_weight")
         self.retain_weight = float(retain_weight)
@@ -94,8 +93,7 @@ class SalUn(RandomLabels):
         retain_weight: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        if not 0.0 < mask_ratio <= 1.0:
-            raise UnlearningConfigError(f"Expected `mask_ratio` in (0, 1], got {mask_ratio!r}.")
+        number("mask_ratio", mask_ratio, 0.0, 1.0)
         super().__init__(
             model, num_classes, forget_classes, lr=lr, retain_weight=retain_weight, **kwargs
         )

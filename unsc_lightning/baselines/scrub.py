@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unsc_lightning.arguments import integer, number
 from unsc_lightning.baselines.base import BaselineModule
-from unsc_lightning.errors import UnlearningConfigError
 
 
 def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -62,19 +62,11 @@ class SCRUB(BaselineModule):
         temperature: float = 4.0,
         **kwargs: Any,
     ) -> None:
-        for name, value in (("max_epochs", max_epochs), ("min_steps", min_steps)):
-            if not isinstance(value, int) or value < 0:
-                raise UnlearningConfigError(
-                    f"Expected `{name}` to be an integer >= 0, got {value!r}."
-                )
-        for weight_name, weight in (
-            ("alpha", alpha),
-            ("gamma", gamma),
-            ("temperature", temperature),
-        ):
-            if not weight >= 0 or (weight_name == "temperature" and weight == 0):
-                bound = "> 0" if weight_name == "temperature" else ">= 0"
-                raise UnlearningConfigError(f"Expected `{weight_name}` {bound}, got {weight!r}.")
+        integer("max_epochs", max_epochs, 0)
+        integer("min_steps", min_steps, 0)
+        number("alpha", alpha, 0.0, low_open=False)
+        number("gamma", gamma, 0.0, low_open=False)
+        number("temperature", temperature, 0.0)
         super().__init__(model, num_classes, forget_classes, lr=lr, **kwargs)
         self.save_hyperparameters("max_epochs", "min_steps", "alpha", "gamma", "temperature")
         self.max_epochs, self.min_steps = max_epochs, min_steps
@@ -100,7 +92,7 @@ class SCRUB(BaselineModule):
         if self.current_epoch < self.max_epochs:
             inputs = batch[0]
             with torch.no_grad():
-                teacher = self.teacher(inputs)
+                teacher = self._classifier_logits(self.teacher(inputs))
             max_loss = -distillation_kl(self(inputs), teacher, self.temperature)
             self._step(max_loss)
             self.log("train/max_loss", max_loss)
@@ -108,7 +100,7 @@ class SCRUB(BaselineModule):
             inputs, labels = self.next_retain_batch()
             logits = self(inputs)
             with torch.no_grad():
-                teacher = self.teacher(inputs)
+                teacher = self._classifier_logits(self.teacher(inputs))
             distill = distillation_kl(logits, teacher, self.temperature)
             min_loss = self.alpha * distill + self.gamma * F.cross_entropy(logits, labels)
             self._step(min_loss)

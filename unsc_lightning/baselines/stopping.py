@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from unsc_lightning.arguments import integer, number
 from unsc_lightning.errors import UnlearningConfigError
 
 
@@ -60,12 +61,8 @@ class StopAtHeldOutAccuracy(Callback):
         forget_dataloader: Any = None,
         held_out_dataloader: Any = None,
     ) -> None:
-        if target is not None and not 0.0 <= target <= 1.0:
-            raise UnlearningConfigError(f"Expected `target` in [0, 1] or None, got {target!r}.")
-        if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
-            raise UnlearningConfigError(
-                f"Expected `check_every_n_steps` >= 1, got {check_every_n_steps!r}."
-            )
+        number("target", target, 0.0, 1.0, low_open=False, optional=True)
+        integer("check_every_n_steps", check_every_n_steps, 1)
         self.target = target
         self.check_every_n_steps = check_every_n_steps
         self.forget_dataloader = forget_dataloader

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from unsc_lightning.arguments import class_list, integer, number
 from unsc_lightning.data.forget import ForgetSpec
 from unsc_lightning.data.registry import datamodule_class
 from unsc_lightning.errors import UnlearningConfigError
@@ -110,8 +111,15 @@ class UnlearningDataModule(L.LightningDataModule):
         train_eval_dataset: Dataset | None = None,
     ) -> None:
         super().__init__()
+        if forget_classes is not None:
+            forget_classes = class_list("forget_classes", forget_classes)
         if forget is None:
             forget = ForgetSpec(kind="class", classes=list(forget_classes or []))
+        elif not isinstance(forget, ForgetSpec):
+            raise UnlearningConfigError(
+                f"Expected `forget` to be a `ForgetSpec` or None, got {type(forget).__name__} "
+                f"{forget!r}; e.g. `forget=ForgetSpec(kind='random', fraction=0.1)`."
+            )
         elif forget_classes is not None and sorted(forget_classes) != forget.forgotten_classes:
             raise UnlearningConfigError(
                 f"Got both `forget_classes={forget_classes}` and `forget={forget}`; pass only one."
@@ -120,11 +128,13 @@ class UnlearningDataModule(L.LightningDataModule):
             raise UnlearningConfigError(
                 f"Expected `train_on` to be one of 'forget', 'retain', 'all', got {train_on!r}."
             )
-        if not 0.0 <= val_fraction < 1.0:
-            raise UnlearningConfigError(f"Expected `val_fraction` in [0, 1), got {val_fraction}.")
+        number("val_fraction", val_fraction, 0.0, 1.0, low_open=False, high_open=True)
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if int(value) < 1:
-                raise UnlearningConfigError(f"Expected `{name}` >= 1, got {value}.")
+            integer(name, value, 1)
+        integer("num_workers", num_workers, 0)
+        integer("seed", seed, 0)
+        if num_classes is not None:
+            integer("num_classes", num_classes, 2)
         self.forget = forget
         self.train_on = train_on
         self.val_fraction = val_fraction

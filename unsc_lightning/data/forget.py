@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from unsc_lightning.arguments import class_list, integer, validate_forget_classes
 from unsc_lightning.errors import UnlearningConfigError
 
 ForgetKind = Literal["class", "subclass", "random"]
@@ -49,6 +50,20 @@ class ForgetSpec:
     seed: int = 0
     subclasses: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # types at once (a string `classes="12"` is not `[1, 2]`); ranges in `validate`
+        if self.kind not in FORGET_KINDS:
+            raise UnlearningConfigError(
+                f"Expected `kind` to be one of 'class', 'subclass', 'random', got {self.kind!r}."
+            )
+        self.classes = class_list("classes", self.classes)
+        self.subclasses = class_list("subclasses", self.subclasses)
+        integer("seed", self.seed, 0)
+        if isinstance(self.fraction, (bool, str)) or not isinstance(self.fraction, (int, float)):
+            raise UnlearningConfigError(
+                f"Expected `fraction` in (0, 1) for random-sample forgetting, got {self.fraction!r}."
+            )
+
     @property
     def forgotten_classes(self) -> list[int]:
         """Classes whose every sample is forgotten (empty for sub-class and sample forgetting)."""
@@ -71,13 +86,14 @@ class ForgetSpec:
             raise UnlearningConfigError(
                 f"Expected `kind` to be one of 'class', 'subclass', 'random', got {self.kind!r}."
             )
+        integer("seed", self.seed, 0)
         if self.kind == "class":
             validate_forget_classes(self.classes, num_classes)
         elif self.kind == "subclass":
             _validate_subclasses(self.subclasses, fine_targets)
-        elif not 0.0 < self.fraction < 1.0:
+        elif isinstance(self.fraction, (bool, str)) or not 0.0 < self.fraction < 1.0:
             raise UnlearningConfigError(
-                f"Expected `fraction` in (0, 1) for random-sample forgetting, got {self.fraction}."
+                f"Expected `fraction` in (0, 1) for random-sample forgetting, got {self.fraction!r}."
             )
 
     def selection_targets(
@@ -129,11 +145,12 @@ _NO_FINE_LABELS = (
 
 
 def _validate_subclasses(subclasses: list[int], fine_targets: tuple[Tensor, Tensor] | None) -> None:
+    subclasses = class_list("subclasses", subclasses)
     if not subclasses:
         raise UnlearningConfigError(
             f"Expected `subclasses` to name at least one fine class for `kind='subclass'`, got {subclasses!r}."
         )
-    values = [int(k) for k in subclasses]
+    values = list(subclasses)
     if len(set(values)) != len(values):
         raise UnlearningConfigError(
             f"Expected `subclasses` without duplicates, got {list(subclasses)}."
@@ -146,33 +163,3 @@ def _validate_subclasses(subclasses: list[int], fine_targets: tuple[Tensor, Tens
         raise UnlearningConfigError(
             f"Expected `subclasses` in [0, {num_fine - 1}], got {list(subclasses)} ({outside} out of range)."
         )
-
-
-def validate_forget_classes(classes: list[int] | None, num_classes: int) -> list[int]:
-    """Check forgotten class ids: non-empty, unique, in range, and not every class.
-
-    Raises:
-        UnlearningConfigError: naming `forget_classes` and the value received.
-    """
-    if classes is None or len(classes) == 0:
-        raise UnlearningConfigError(
-            f"Expected `forget_classes` to name at least one class, got {classes!r}; "
-            "pass e.g. `forget_classes=[3]` (or use `ForgetSpec(kind='random')` for sample-level forgetting)."
-        )
-    values = [int(k) for k in classes]
-    if len(set(values)) != len(values):
-        raise UnlearningConfigError(
-            f"Expected `forget_classes` without duplicates, got {list(classes)}."
-        )
-    outside = [k for k in values if not 0 <= k < num_classes]
-    if outside:
-        raise UnlearningConfigError(
-            f"Expected `forget_classes` in [0, {num_classes - 1}] for `num_classes={num_classes}`, "
-            f"got {list(classes)} ({outside} out of range)."
-        )
-    if len(values) == num_classes:
-        raise UnlearningConfigError(
-            f"`forget_classes={list(classes)}` names every one of the {num_classes} classes; at least "
-            "one class must remain for the null space and the pseudo-labels."
-        )
-    return sorted(values)

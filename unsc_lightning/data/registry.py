@@ -54,7 +54,7 @@ def datamodule_class(name: str) -> type[LightningDataModule]:
     Raises:
         UnlearningConfigError: for a name nothing is registered under.
     """
-    if name not in DATAMODULES:
+    if not isinstance(name, str) or name not in DATAMODULES:
         raise UnlearningConfigError(
             f"Expected `name` to be one of {sorted(DATAMODULES)}, got {name!r}."
         )

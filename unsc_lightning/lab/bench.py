@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks import Callback
 from unsc_lightning.baselines import StopAtHeldOutAccuracy
 from unsc_lightning.data import ForgetSpec
 from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.lab.files import atomic_write_text, check_output_folder
 from unsc_lightning.lab.recipes import (
     BASELINE_RECIPES,
     EMBEDDED,
@@ -356,8 +357,8 @@ def run_setting(
         "runs": {str(seed): results for seed, results in per_seed.items()},
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown_report(report))
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "results.md", markdown_report(report))
     plot_accuracy(report, out / "accuracy.png")
     return report
 
@@ -382,8 +383,10 @@ def sweep_report(config: BenchConfig, reports: list[dict[str, Any]]) -> dict[str
         "settings": rows,
     }
     config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / "results.json").write_text(json.dumps(summary, indent=2))
-    (config.out / "results.md").write_text(sweep_markdown(config.dataset, config.seeds, reports))
+    atomic_write_text(config.out / "results.json", json.dumps(summary, indent=2))
+    atomic_write_text(
+        config.out / "results.md", sweep_markdown(config.dataset, config.seeds, reports)
+    )
     return summary
 
 
@@ -448,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UnlearningConfigError(f"Expected `--threads` >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
         config = config_from_args(args)
+        check_output_folder(config.out)  # before hours of runs, not after
         run_bench(config, say=_write_line)
-    except UnlearningConfigError as error:
+    except (UnlearningConfigError, OSError) as error:
         sys.stderr.write(f"unsc-lightning bench: error: {error}\n")
         return 2
     _write_line((config.out / "results.md").read_text())

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 from unsc_lightning.data import ForgetSpec
+from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.lab.files import atomic_write_text, check_output_folder
 from unsc_lightning.lab.recipes import EMBEDDED, METHODS
 from unsc_lightning.lab.render import demo_table, plot_per_class
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
@@ -50,9 +53,13 @@ def run_demo(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(quiet=not show)
+    forget = ForgetSpec(kind="class", classes=forget_classes)
+    # an invalid request fails here, before any folder is created
+    test_dm = make_datamodule(dataset, forget, seed, "forget", 128)
+    test_dm.setup()
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / "cache" if use_cache else None
-    forget = ForgetSpec(kind="class", classes=forget_classes)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     for message in (
         ".*does not have many workers.*",
@@ -74,7 +81,6 @@ def run_demo(
         def reporter(name: str) -> Any:
             return lambda done, total: progress.update(tasks[name], completed=done, total=total)
 
-        test_dm = make_datamodule(dataset, forget, seed, "forget", 128)
         models = {}
         for name, train_on in (("original", "all"), ("retrain", "retain")):
             model, seconds, cached = train_classifier(
@@ -102,7 +108,7 @@ def run_demo(
         },
         "methods": results,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     plot_per_class(report, out / "per_class_accuracy.png")
     console.print(demo_table(report))
     console.print(f"wrote {out / 'report.json'} and {out / 'per_class_accuracy.png'}")
@@ -110,9 +116,16 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``unsc-lightning demo``; a bad request or output folder is one line on stderr, exit 2."""
     args = build_parser().parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    run_demo(args.dataset, args.forget_classes, args.seed, args.out, use_cache=not args.no_cache)
+    try:
+        run_demo(
+            args.dataset, args.forget_classes, args.seed, args.out, use_cache=not args.no_cache
+        )
+    except (UnlearningConfigError, OSError) as error:
+        sys.stderr.write(f"unsc-lightning demo: error: {error}\n")
+        return 2
     return 0

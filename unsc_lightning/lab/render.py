@@ -12,6 +12,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from rich.table import Table
 
+from unsc_lightning.lab.files import atomic_write
 from unsc_lightning.lab.recipes import METHODS
 from unsc_lightning.lab.scoring import GAP_METRICS
 
@@ -57,7 +58,7 @@ def plot_per_class(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['dataset']}: per-class accuracy, forget {report['forget_classes']}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120))
 
 
 # -- bench --------------------------------------------------------------------------------------
@@ -197,4 +198,4 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['dataset']}: {describe(report)} (seeds {report['seeds']})", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120))

@@ -24,6 +24,7 @@ from torch import nn
 from unsc_lightning.callback import NullSpaceCalibration
 from unsc_lightning.data import ForgetSpec, UnlearningDataModule
 from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.lab.files import atomic_write
 from unsc_lightning.lab.recipes import (
     EMBEDDED,
     METHODS,
@@ -131,8 +132,8 @@ def train_classifier(
     dm = make_datamodule(dataset, forget, seed, train_on, recipe.batch_size, **(data_options or {}))
     L.seed_everything(seed, workers=True, verbose=False)
     model = spec["model"](dm.num_classes)
-    if path is not None and path.exists():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+    stored = _read_cached_model(path)
+    if stored is not None:
         model.load_state_dict(stored["state_dict"])
         if progress is not None:
             progress(1, 1)
@@ -155,10 +156,23 @@ def train_classifier(
     model.eval()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": model.state_dict(), "seconds": seconds}, tmp)
-        tmp.replace(path)
+        payload = {"state_dict": model.state_dict(), "seconds": seconds}
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return model, seconds, False
+
+
+def _read_cached_model(path: Path | None) -> dict[str, Any] | None:
+    """A cached model written by :func:`train_classifier`; ``None`` when missing or unreadable
+    (the cache is this package's own: an unreadable entry is retrained and replaced)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(stored, dict) or not {"state_dict", "seconds"} <= stored.keys():
+        return None
+    return stored
 
 
 class UnlearningRun(NamedTuple):

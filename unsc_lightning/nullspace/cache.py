@@ -297,6 +297,11 @@ class ClassCovarianceCache:
         try:
             torch.save(payload, tmp)
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as error:  # full disk, file-size limit, no permission
+            raise OSError(
+                f"Could not write the covariance cache {str(path)!r}: {type(error).__name__}: "
+                f"{error}. Free disk space or pass another `covariance_cache=` path."
+            ) from error
         finally:
             tmp.unlink(missing_ok=True)
         return path

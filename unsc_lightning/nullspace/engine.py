@@ -49,6 +49,7 @@ from unsc_lightning.nullspace.basis import (
 )
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 from unsc_lightning.nullspace.projection import NullSpaceProjector
+from unsc_lightning.nullspace.settings import NullSpaceEngineError, check_engine_settings
 
 BasisRule = Literal["per_class", "pooled"]
 Threshold = float | Mapping[str, float]
@@ -60,10 +61,6 @@ Reduce = Callable[[Tensor], Tensor]
 STATE_VERSION = 2
 _LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 _PROBE_SAMPLES = 256
-
-
-class NullSpaceEngineError(ValueError):
-    """A setting or an input the engine cannot work with (the message says what to change)."""
 
 
 @dataclass(frozen=True)
@@ -234,10 +231,25 @@ class NullSpaceEngine:
         max_samples_per_class: int | None = None,
         memory_budget: int | None = None,
     ) -> None:
-        self.model = model
-        self.threshold: Threshold = (
-            dict(threshold) if isinstance(threshold, Mapping) else float(threshold)
+        if not isinstance(model, nn.Module):
+            raise NullSpaceEngineError(
+                f"Expected `model` to be a torch `nn.Module`, got {type(model).__name__}."
+            )
+        settings = check_engine_settings(
+            threshold,
+            rule,
+            class_threshold_step,
+            layers,
+            exclude_layers,
+            flags={
+                "freeze_bias_and_norm": freeze_bias_and_norm,
+                "freeze_unconstrained": freeze_unconstrained,
+                "norm_eval": norm_eval,
+            },
+            limits={"max_samples_per_class": max_samples_per_class, "memory_budget": memory_budget},
         )
+        self.model = model
+        self.threshold: Threshold = settings["threshold"]
         self.rule: BasisRule = rule
         self.class_threshold_step = float(class_threshold_step)
         self.freeze_bias_and_norm = freeze_bias_and_norm
@@ -245,7 +257,9 @@ class NullSpaceEngine:
         self.norm_eval = norm_eval
         self.max_samples_per_class = max_samples_per_class
         self.memory_budget = memory_budget
-        self.accounting: Accounting = account_parameters(model, layers, exclude_layers)
+        self.accounting: Accounting = account_parameters(
+            model, settings["layers"], settings["exclude_layers"]
+        )
         self.layer_infos: dict[str, BasisInfo] = {}
         self.report: BuildReport | None = None
         #: seconds of the last build: ``"total"`` and ``"bases"`` (the eigendecompositions)
