@@ -98,6 +98,7 @@ def validate_callback_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
         )
     for name in ("freeze_bias_and_norm", "freeze_unconstrained", "norm_eval", "log_drift"):
         _bool(name, arguments[name])
+    _bool("keep_forgotten_statistics", arguments.get("keep_forgotten_statistics", False))
     cache = arguments["covariance_cache"]
     if cache is not None and not isinstance(cache, (str, Path)):
         raise UnlearningConfigError(

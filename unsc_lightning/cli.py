@@ -30,7 +30,7 @@ import unsc_lightning.models.paper
 import unsc_lightning.module  # noqa: F401
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-COMMANDS = (*LIGHTNING_COMMANDS, "demo", "bench")
+COMMANDS = (*LIGHTNING_COMMANDS, "demo", "bench", "export")
 
 USAGE = f"usage: unsc-lightning {{{','.join(COMMANDS)}}} [options]\n"
 HELP = (
@@ -45,6 +45,8 @@ commands:
                                  `unsc-lightning fit --help` lists every option.
   demo                           original vs retrain vs UNSC on an embedded data set, offline
   bench                          UNSC vs baselines (FT, RL, GA, SalUn, SCRUB, ...) over seeds
+  export --ckpt C --out F        the unlearned network of checkpoint C alone (plain state_dict,
+                                 no frozen original) to F, with F.sha256; never overwrites
 """
 )
 
@@ -152,6 +154,33 @@ def run_lightning(args: list[str] | None = None) -> UnlearningCLI:
     return UnlearningCLI(args=args)
 
 
+def export_main(argv: list[str]) -> int:
+    """``unsc-lightning export --ckpt run.ckpt --out unlearned.pt``: see :mod:`unsc_lightning.export`."""
+    import argparse
+
+    from unsc_lightning.errors import UnlearningConfigError
+    from unsc_lightning.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="unsc-lightning export",
+        description="Write the unlearned network of a checkpoint alone (a plain state_dict, "
+        "without the frozen original model) and its SHA-256; an existing file is never overwritten.",
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint of an unlearning run")
+    parser.add_argument("--out", required=True, help="new file for the state_dict")
+    parser.add_argument(
+        "--prefix", default="model.", help="key prefix of the network in the checkpoint"
+    )
+    args = parser.parse_args(argv)
+    try:
+        exported = export_checkpoint(args.ckpt, args.out, prefix=args.prefix)
+    except UnlearningConfigError as error:
+        sys.stderr.write(f"unsc-lightning export: error: {error}\n")
+        return 2
+    sys.stdout.write(f"{exported.sha256}  {exported.path}\nwrote {exported.sha256_path}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``unsc-lightning <command> ...`` (``argv`` defaults to ``sys.argv[1:]``)."""
     from_command_line = argv is None
@@ -164,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         from unsc_lightning.lab.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:
         run_lightning(None if from_command_line else argv)
         return 0

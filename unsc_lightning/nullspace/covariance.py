@@ -374,7 +374,9 @@ class SiteRecorder:
         self, specs: list[tuple[str, WeightRows]]
     ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            shared = self.on_shared_rows is not None and _without_batch(args, kwargs, self.batch_size)
+            shared = self.on_shared_rows is not None and _without_batch(
+                args, kwargs, self.batch_size
+            )
             for key, spec in specs:
                 self.seen.add(key)
                 rows = spec.rows(module, args, kwargs).detach()
