@@ -146,7 +146,50 @@ class UnlearningCLI(LightningCLI):
         )
         if ckpt_path is None:
             rank_zero_info("test_after_fit: no checkpoint was kept; testing the weights in memory.")
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        # verbose=False: Lightning prints one table per evaluation dataloader, each repeating the
+        # epoch-level metrics; `after_test` prints them once instead
+        self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False
+        )
+        self.after_test()
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            parser.set_defaults(
+                verbose=False
+            )  # the compact table of `after_*` replaces Lightning's
+        return parser
+
+    def after_validate(self) -> None:
+        print_summary(self.trainer, "val")
+
+    def after_test(self) -> None:
+        print_summary(self.trainer, "test")
+
+
+def print_summary(trainer: L.Trainer, stage: str) -> None:
+    """One compact table of the run's results (see :func:`unsc_lightning.evaluation.summary_rows`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from unsc_lightning.evaluation import summary_rows
+
+    metrics: dict[str, Any] = dict(trainer.callback_metrics)
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        # the fit's logit drift, measured once at its end (test resets the logged metrics)
+        drift = getattr(callback, "model_drift", None)
+        if isinstance(callback, unsc_lightning.callback.NullSpaceCalibration) and drift is not None:
+            metrics.setdefault("nullspace_drift/model", drift)
+    rows = summary_rows(metrics, stage)
+    if not rows or not trainer.is_global_zero:
+        return
+    table = Table(title=f"unlearning results ({stage})")
+    for column in ("metric", "key", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for label, key, value in rows:
+        table.add_row(label, key, f"{value:.4f}")
+    Console().print(table)
 
 
 def run_lightning(args: list[str] | None = None) -> UnlearningCLI:
