@@ -167,6 +167,7 @@ def validate_callback_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
         )
     with config_errors():
         check_bool("log_drift", arguments["log_drift"])
+        check_bool("keep_forgotten_statistics", arguments.get("keep_forgotten_statistics", False))
     cache = arguments["covariance_cache"]
     if cache is not None and not isinstance(cache, (str, Path)):
         raise UnlearningConfigError(

@@ -76,6 +76,11 @@ class NullSpaceCalibration(Callback):
         covariance_cache: file of per-class covariances serving later class-wise requests
             without reading data (see :mod:`unsc_lightning.covariance_cache`).
         remaining_classes: classes that remain, for ``covariance_cache``.
+        keep_forgotten_statistics: keep the forgotten classes' covariances in
+            ``covariance_cache`` after a request (so that a later request from the *same
+            original* that keeps them reads no data). Default ``False``: the forgotten data are
+            never read into the cache, and statistics of classes this request forgets that an
+            earlier request left in the file are zeroed before it is written back.
         batch_adapter: ``batch -> (inputs, labels)`` for retain batches other than ``x``,
             ``(x, y, ...)`` or a dict with ``labels`` (see
             :func:`~unsc_lightning.nullspace.engine.default_batch_adapter`).
@@ -112,6 +117,7 @@ class NullSpaceCalibration(Callback):
         remaining_classes: list[int] | None = None,
         batch_adapter: BatchAdapter | None = None,
         memory_budget: int | None = None,
+        keep_forgotten_statistics: bool = False,
     ) -> None:
         arguments = validate_callback_arguments(locals())
         self.threshold: float | dict[str, float] = arguments["threshold"]
@@ -130,6 +136,7 @@ class NullSpaceCalibration(Callback):
         self.drift_every_n_steps = int(drift_every_n_steps)
         self.covariance_cache = None if covariance_cache is None else str(covariance_cache)
         self.remaining_classes = arguments["remaining_classes"]
+        self.keep_forgotten_statistics = keep_forgotten_statistics
         self.batch_adapter: BatchAdapter = batch_adapter or default_batch_adapter
         self.memory_budget = memory_budget
         # runtime state

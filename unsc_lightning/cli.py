@@ -32,7 +32,7 @@ import unsc_lightning.module  # noqa: F401
 from unsc_lightning.errors import UnlearningConfigError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-COMMANDS = (*LIGHTNING_COMMANDS, "demo", "bench")
+COMMANDS = (*LIGHTNING_COMMANDS, "demo", "bench", "export")
 
 USAGE = f"usage: unsc-lightning {{{','.join(COMMANDS)}}} [options]\n"
 HELP = (
@@ -47,6 +47,8 @@ commands:
                                  `unsc-lightning fit --help` lists every option.
   demo                           original vs retrain vs UNSC on an embedded data set, offline
   bench                          UNSC vs baselines (FT, RL, GA, SalUn, SCRUB, ...) over seeds
+  export --ckpt C --out F        the unlearned network of checkpoint C alone (plain state_dict,
+                                 no frozen original) to F, with F.sha256; never overwrites
 """
 )
 
@@ -146,7 +148,50 @@ class UnlearningCLI(LightningCLI):
         )
         if ckpt_path is None:
             rank_zero_info("test_after_fit: no checkpoint was kept; testing the weights in memory.")
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        # verbose=False: Lightning prints one table per evaluation dataloader, each repeating the
+        # epoch-level metrics; `after_test` prints them once instead
+        self.trainer.test(
+            self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False
+        )
+        self.after_test()
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            parser.set_defaults(
+                verbose=False
+            )  # the compact table of `after_*` replaces Lightning's
+        return parser
+
+    def after_validate(self) -> None:
+        print_summary(self.trainer, "val")
+
+    def after_test(self) -> None:
+        print_summary(self.trainer, "test")
+
+
+def print_summary(trainer: L.Trainer, stage: str) -> None:
+    """One compact table of the run's results (see :func:`unsc_lightning.evaluation.summary_rows`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from unsc_lightning.evaluation import summary_rows
+
+    metrics: dict[str, Any] = dict(trainer.callback_metrics)
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        # the fit's logit drift, measured once at its end (test resets the logged metrics)
+        drift = getattr(callback, "model_drift", None)
+        if isinstance(callback, unsc_lightning.callback.NullSpaceCalibration) and drift is not None:
+            metrics.setdefault("nullspace_drift/model", drift)
+    rows = summary_rows(metrics, stage)
+    if not rows or not trainer.is_global_zero:
+        return
+    table = Table(title=f"unlearning results ({stage})")
+    for column in ("metric", "key", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for label, key, value in rows:
+        table.add_row(label, key, f"{value:.4f}")
+    Console().print(table)
 
 
 def run_lightning(args: list[str] | None = None) -> UnlearningCLI:
@@ -169,6 +214,33 @@ def configuration_error(error: BaseException) -> UnlearningConfigError | None:
     return None
 
 
+def export_main(argv: list[str]) -> int:
+    """``unsc-lightning export --ckpt run.ckpt --out unlearned.pt``: see :mod:`unsc_lightning.export`."""
+    import argparse
+
+    from unsc_lightning.errors import UnlearningConfigError
+    from unsc_lightning.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="unsc-lightning export",
+        description="Write the unlearned network of a checkpoint alone (a plain state_dict, "
+        "without the frozen original model) and its SHA-256; an existing file is never overwritten.",
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint of an unlearning run")
+    parser.add_argument("--out", required=True, help="new file for the state_dict")
+    parser.add_argument(
+        "--prefix", default="model.", help="key prefix of the network in the checkpoint"
+    )
+    args = parser.parse_args(argv)
+    try:
+        exported = export_checkpoint(args.ckpt, args.out, prefix=args.prefix)
+    except UnlearningConfigError as error:
+        sys.stderr.write(f"unsc-lightning export: error: {error}\n")
+        return 2
+    sys.stdout.write(f"{exported.sha256}  {exported.path}\nwrote {exported.sha256_path}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``unsc-lightning <command> ...`` (``argv`` defaults to ``sys.argv[1:]``)."""
     from_command_line = argv is None
@@ -181,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         from unsc_lightning.lab.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:
         try:
             run_lightning(None if from_command_line else argv)

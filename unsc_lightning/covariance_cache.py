@@ -6,6 +6,11 @@ and writes them atomically; a later fit on the same model that forgets other cla
 bases from the file without reading any data (see
 :class:`~unsc_lightning.nullspace.cache.ClassCovarianceCache`). The package never overwrites a
 file it did not write: an existing path that is not a covariance cache is refused.
+
+Deletion hygiene: unless the callback has ``keep_forgotten_statistics=True``, the forgotten data
+are not read into the cache, and statistics of the classes a request forgets that an earlier
+request left in the file are zeroed before the bases are used and the file is written back, so
+the file holds second moments of remaining data only.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def serve(callback: NullSpaceCalibration, trainer: L.Trainer, pl_module: L.Light
         callback.class_threshold_step,
         engine.keys,
     )
+    _drop_forgotten(callback, trainer, plan, cache)
     samples = int(cache.samples_per_class[plan.remaining].sum())
     engine.set_bases(bases, samples=samples, classes=plan.remaining)
     del cache  # release the per-class d x d covariances
@@ -74,6 +80,25 @@ def serve(callback: NullSpaceCalibration, trainer: L.Trainer, pl_module: L.Light
         )
     log_bases(engine, trainer, callback.rule)
     return True
+
+
+def _drop_forgotten(
+    callback: NullSpaceCalibration, trainer: L.Trainer, plan: _Plan, cache: ClassCovarianceCache
+) -> None:
+    """Zero the statistics of every class this request does not keep, and rewrite the file."""
+    if callback.keep_forgotten_statistics:
+        return
+    kept = set(plan.remaining)
+    forgotten = [k for k in cache.classes if k not in kept]
+    if not forgotten:
+        return
+    cache.drop_classes_(forgotten)
+    if trainer.is_global_zero:
+        cache.save(plan.path)
+        rank_zero_info(
+            f"NullSpaceCalibration: dropped the statistics of the forgotten classes {forgotten} "
+            f"from the covariance cache {plan.path} (`keep_forgotten_statistics=True` keeps them)."
+        )
 
 
 def _num_classes(pl_module: L.LightningModule, trainer: L.Trainer) -> int:
@@ -174,10 +199,15 @@ def _remaining_classes(
 
 
 def _loaders(callback: NullSpaceCalibration, trainer: L.Trainer) -> list[Any]:
-    # every class a later request may keep: the remaining *and* the forgotten training data
+    # with `keep_forgotten_statistics`, every class a later request may keep: the remaining *and*
+    # the forgotten training data; otherwise the forgotten data never enter the cache
     retain = find_retain_loader(callback.retain_dataloader, trainer)
     forget = getattr(getattr(trainer, "datamodule", None), "forget_dataloader", None)
-    if callback.retain_dataloader is None and callable(forget):
+    if (
+        callback.keep_forgotten_statistics
+        and callback.retain_dataloader is None
+        and callable(forget)
+    ):
         return [retain, forget()]
     return [retain]
 

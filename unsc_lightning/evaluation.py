@@ -8,6 +8,7 @@ loop of :class:`~unsc_lightning.UnlearningModule`, :class:`~unsc_lightning.Class
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as L
@@ -96,12 +97,54 @@ class ForgetEvaluation(nn.Module):
             for k in range(self.num_classes):
                 if not torch.isnan(per_class[k]):
                     results[f"{prefix}/acc_class_{k}"] = per_class[k]
+            remaining = [k for k in range(self.num_classes) if k not in self.forget_classes]
+            spread = per_class[remaining]
+            spread = spread[~torch.isnan(spread)]
+            if spread.numel():  # the per-class spread behind the macro mean
+                results[f"{prefix}/retain_acc_min"] = spread.min()
+                results[f"{prefix}/retain_acc_max"] = spread.max()
         return results
 
     def reset(self) -> None:
         """Forget every batch seen so far."""
         for metric in (self.retain, self.forget, self.per_class, self.mia, self.auroc):
             metric.reset()
+
+
+#: rows of :func:`summary_rows`: label and metric name (after the ``{stage}/`` prefix)
+SUMMARY_METRICS = (
+    ("remaining accuracy", "retain_acc"),
+    ("forgotten accuracy", "forget_acc"),
+    ("MIA-efficacy", "mia_efficacy"),
+    ("forget-vs-test AUROC", "forget_test_auroc"),
+    ("remaining per-class min", "retain_acc_min"),
+    ("remaining per-class max", "retain_acc_max"),
+)
+
+
+def summary_rows(metrics: Mapping[str, Any], stage: str) -> list[tuple[str, str, float]]:
+    """The compact end-of-run table: ``(label, key, value)`` for each metric logged.
+
+    Remaining / forgotten accuracy, MIA-efficacy (SVC attacker at ``test``, threshold attacker at
+    ``val``: labelled as such), the forget-vs-test AUROC, the per-class spread over remaining
+    classes and the model's logit drift on remaining data (``nullspace_drift/model``), each once.
+
+    Example:
+        >>> import torch
+        >>> summary_rows({"test/retain_acc": torch.tensor(0.9), "other": 1.0}, "test")
+        [('remaining accuracy', 'test/retain_acc', 0.8999999761581421)]
+    """
+    attacker = "SVC" if stage == "test" else "threshold"
+    rows = []
+    for label, name in SUMMARY_METRICS:
+        key = f"{stage}/{name}"
+        if key in metrics:
+            shown = f"{label} ({attacker})" if name == "mia_efficacy" else label
+            rows.append((shown, key, float(metrics[key])))
+    if "nullspace_drift/model" in metrics:
+        drift = float(metrics["nullspace_drift/model"])
+        rows.append(("logit drift on remaining data", "nullspace_drift/model", drift))
+    return rows
 
 
 class EvaluationMixin(L.LightningModule):

@@ -17,6 +17,7 @@ from unsc_lightning.arguments import class_list, classifier_arguments, integer, 
 from unsc_lightning.checkpoint import load_model_state
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.evaluation import EvaluationMixin
+from unsc_lightning.export import ExportedModel, export_model
 from unsc_lightning.pseudo_labels import PseudoLabelRule, random_pseudo_labels, unsc_pseudo_labels
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -285,6 +286,15 @@ class UnlearningModule(_EvaluationMixin):
         optimizer_cls = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
         lr = DEFAULT_ADAM_LR if hp.lr is None else hp.lr
         return optimizer_cls(params, lr=lr, weight_decay=hp.weight_decay)
+
+    def export(self, path: str) -> ExportedModel:
+        """Write the unlearned network's ``state_dict`` alone to ``path``, with ``<path>.sha256``.
+
+        Unlike this module's checkpoints, the file holds no copy of the frozen original (which
+        still knows the forgotten data); see :func:`unsc_lightning.export.export_model`. An
+        existing file is never overwritten.
+        """
+        return export_model(self.model, path)
 
 
 @torch.no_grad()

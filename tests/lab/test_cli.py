@@ -140,7 +140,9 @@ def test_short_class_names_resolve(tmp_path: Path):
 
 
 # -- the workflow: original -> unsc through the CLI --------------------------------------------------
-def test_original_then_unsc_reads_the_original_checkpoint_and_never_writes_it(tmp_path: Path):
+def test_original_then_unsc_reads_the_original_checkpoint_and_never_writes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     assert main(["fit", "--config", str(CONFIG_DIR / "mnist1d_original.yaml"), *SMALL]) == 0
     original_dir = tmp_path / "runs" / "mnist1d" / "original"
     original_ckpt = original_dir / "checkpoints" / "best.ckpt"
@@ -148,7 +150,13 @@ def test_original_then_unsc_reads_the_original_checkpoint_and_never_writes_it(tm
     digest, mtime = sha256(original_ckpt), original_ckpt.stat().st_mtime_ns
     original_weights = torch.load(original_ckpt, weights_only=True)["state_dict"]
 
+    capsys.readouterr()
     assert main(["fit", "--config", str(CONFIG_DIR / "mnist1d_unsc.yaml"), *SMALL]) == 0
+    # test_after_fit ends with one compact table, not one table per evaluation dataloader
+    printed = capsys.readouterr().out
+    assert printed.count("unlearning results (test)") == 1 and "DataLoader" not in printed
+    for key in ("test/retain_acc ", "test/mia_efficacy", "retain_acc_min", "nullspace_drift/model"):
+        assert printed.count(key) == 1, key
     assert sha256(original_ckpt) == digest and original_ckpt.stat().st_mtime_ns == mtime
     assert sorted(p.name for p in original_ckpt.parent.iterdir()) == ["best.ckpt"]
 

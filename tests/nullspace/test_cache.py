@@ -309,7 +309,9 @@ def test_second_request_for_other_classes_reads_no_data(data, original, tmp_path
     x, y = data
     path = tmp_path / "covariances.pt"
     first_dm = ClassForgetDataModule(x, y, forget_classes=[4])
-    _, first = fit_unlearning(original, first_dm, covariance_cache=str(path))
+    _, first = fit_unlearning(
+        original, first_dm, covariance_cache=str(path), keep_forgotten_statistics=True
+    )
     _, uncached_first = fit_unlearning(original, ClassForgetDataModule(x, y, forget_classes=[4]))
 
     assert path.exists() and first_dm.batches_read == len(first_dm.loaders[0].loader) + len(
@@ -419,7 +421,8 @@ def test_cache_from_an_explicit_retain_loader_is_completed_when_a_class_is_missi
 
     assert "holds no sample of the remaining classes [4]" in caplog.text
     assert retain.batches_read > 0
-    assert ClassCovarianceCache.load(path).classes == list(range(NUM_CLASSES))
+    # completed with class 4; class 0, forgotten by this request, was dropped
+    assert ClassCovarianceCache.load(path).classes == [1, 2, 3, 4]
 
 
 def test_explicit_remaining_classes_serve_a_module_without_forget_classes(data, original, tmp_path):
@@ -432,6 +435,7 @@ def test_explicit_remaining_classes_serve_a_module_without_forget_classes(data, 
         covariance_cache=str(path),
         remaining_classes=[0, 1, 2, 3],
         retain_dataloader=CountingLoader(x, y),
+        keep_forgotten_statistics=True,
     )
     quiet_trainer(1, [first]).fit(
         BoringClassifier(copy.deepcopy(original)), train_dataloaders=train
@@ -536,14 +540,20 @@ def test_ddp_builds_the_same_cache_and_every_rank_is_served(data, original, tmp_
     x, y = data
     single = tmp_path / "single.pt"
     fit_unlearning(
-        original, ClassForgetDataModule(x, y, [4]), epochs=1, covariance_cache=str(single)
+        original,
+        ClassForgetDataModule(x, y, [4]),
+        epochs=1,
+        covariance_cache=str(single),
+        keep_forgotten_statistics=True,
     )
 
     def ddp_fit(forget: list[int], raising: bool, tag: str) -> None:
         strategy = DDPStrategy(
             start_method="fork", process_group_backend="gloo", timeout=timedelta(seconds=60)
         )
-        calibration = NullSpaceCalibration(threshold=1.0, covariance_cache=str(tmp_path / "ddp.pt"))
+        calibration = NullSpaceCalibration(
+            threshold=1.0, covariance_cache=str(tmp_path / "ddp.pt"), keep_forgotten_statistics=True
+        )
         trainer = quiet_trainer(
             1, [calibration, _SaveBases(calibration, tmp_path, tag)], strategy=strategy, devices=2
         )

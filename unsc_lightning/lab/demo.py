@@ -16,7 +16,7 @@ from unsc_lightning.lab.files import atomic_write_text, check_output_folder
 from unsc_lightning.lab.recipes import EMBEDDED, METHODS
 from unsc_lightning.lab.render import demo_table, plot_per_class
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
-from unsc_lightning.lab.scoring import score
+from unsc_lightning.lab.scoring import recovery, score
 
 #: The models the demo compares, in table order.
 DEMO_METHODS = ("original", "retrain", "unsc")
@@ -92,6 +92,9 @@ def run_demo(
             "unsc", models["original"], dataset, forget, seed, progress=reporter("unsc")
         )
         results["unsc"] = score(unsc.model, test_dm, unsc.seconds, mia_seed=seed, cached=False)
+        models["unsc"] = unsc.model
+        for name, model in models.items():  # does the forgotten class come back?
+            results[name].update(recovery(model, test_dm, results["original"]["acc_f"], seed))
     callback = unsc.calibration
     if callback is None:  # "unsc" always runs with the null-space callback
         raise RuntimeError("UNSC ran without its NullSpaceCalibration callback.")

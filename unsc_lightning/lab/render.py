@@ -24,15 +24,28 @@ def demo_table(report: dict[str, Any]) -> Table:
         title=f"{report['dataset']}, forget {report['forget_classes']}, seed {report['seed']} "
         "(test accuracy, %)"
     )
-    for column in ("method", "remaining acc", "forgotten acc", "MIA-efficacy (SVC)", "seconds"):
+    columns = ("method", "remaining acc", "forgotten acc", "MIA-efficacy (SVC)")
+    recovery = ("relearn steps", "probe forgotten acc")
+    shown_recovery = any("relearn_steps" in r for r in report["methods"].values())
+    for column in (*columns, *(recovery if shown_recovery else ()), "seconds"):
         table.add_column(column, justify="right" if column != "method" else "left")
     for name, result in report["methods"].items():
         note = " (cached)" if result["cached"] else ""
+        steps = result.get("relearn_steps")
+        extra = (
+            (
+                ">100" if steps is None else str(steps),
+                f"{result.get('probe_acc_f', float('nan')):.2f}",
+            )
+            if shown_recovery
+            else ()
+        )
         table.add_row(
             METHODS[name].label,
             f"{result['acc_r']:.2f}",
             f"{result['acc_f']:.2f}",
             f"{result['mia_efficacy']:.2f}",
+            *extra,
             f"{result['seconds']:.1f}{note}",
         )
     return table

@@ -9,7 +9,7 @@ from torch import nn
 
 from unsc_lightning.data import UnlearningDataModule
 from unsc_lightning.evaluation import ForgetEvaluation
-from unsc_lightning.metrics import MIAEfficacy
+from unsc_lightning.metrics import MIAEfficacy, linear_probe_accuracy, relearning_time
 
 #: Metrics averaged into the gap to the retrained model.
 GAP_METRICS = ("acc_r", "acc_f", "mia_efficacy")
@@ -99,3 +99,31 @@ def mia_efficacy_of(
         for inputs, targets in loader:
             metric.update(model(inputs), targets, split)
     return 100 * float(metric.compute())
+
+
+def _tensors(loaders: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = zip(*[(batch[0], batch[1]) for loader in loaders for batch in loader])
+    return torch.cat(inputs), torch.cat(targets)
+
+
+def recovery(
+    model: nn.Module, dm: UnlearningDataModule, original_acc_f: float, seed: int = 0
+) -> dict[str, Any]:
+    """Does the forgotten class come back? Relearning steps and linear-probe accuracy.
+
+    ``relearn_steps``: :func:`~unsc_lightning.metrics.relearning_time` (10 forgotten + 10
+    remaining training samples per class, SGD lr 0.01 momentum 0.9) until the forgotten-class
+    test accuracy reaches half of ``original_acc_f`` (percent); ``None``: not within 100 steps.
+    ``probe_acc_f``: forgotten-class test accuracy (percent) of
+    :func:`~unsc_lightning.metrics.linear_probe_accuracy` on remaining + forgotten training data.
+    Class-wise forgetting only (empty dict otherwise).
+    """
+    if not dm.forget_classes:
+        return {}
+    train_x, train_y = _tensors([dm.retain_dataloader(), dm.forget_dataloader()])
+    test_x, test_y = _tensors(list(dm.test_dataloader()[:2]))
+    relearn = relearning_time(
+        model, train_x, train_y, test_x, test_y, dm.forget_classes, original_acc_f / 100, seed=seed
+    )
+    probe = linear_probe_accuracy(model, train_x, train_y, test_x, test_y, dm.forget_classes)
+    return {"relearn_steps": relearn.steps, "probe_acc_f": 100 * probe.forget_acc}

@@ -1,4 +1,5 @@
-"""Metrics for unlearning: class-subset accuracy, membership inference, forgetting quality.
+"""Metrics for unlearning: class-subset accuracy, membership inference, forgetting quality,
+recovery (relearning time, linear probe).
 
 Metric classes follow torchmetrics: the computation lives in pure functions in
 :mod:`unsc_lightning.metrics.functional`; the classes only declare states and call them.
@@ -13,19 +14,37 @@ from unsc_lightning.metrics.functional import (
     logit_scaled_confidence,
     mia_efficacy,
     mia_features,
+    select_per_class,
+    steps_to_reach,
 )
 from unsc_lightning.metrics.mia import ForgetVsTestAUROC, MIAEfficacy
+from unsc_lightning.metrics.recovery import (
+    ProbeResult,
+    RelearningResult,
+    extract_features,
+    find_feature_layer,
+    linear_probe_accuracy,
+    relearning_time,
+)
 
 __all__ = [
     "ClassSubsetAccuracy",
     "ForgetVsTestAUROC",
     "MIAEfficacy",
     "NullSpaceDrift",
+    "ProbeResult",
+    "RelearningResult",
     "class_subset_accuracy",
+    "extract_features",
+    "find_feature_layer",
     "forget_vs_test_auroc",
     "forgetting_quality",
+    "linear_probe_accuracy",
     "logit_scaled_confidence",
     "mia_efficacy",
     "mia_features",
     "per_example_epsilon",
+    "relearning_time",
+    "select_per_class",
+    "steps_to_reach",
 ]
