@@ -18,6 +18,8 @@ from unsc_lightning.checkpoint import load_model_state
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.evaluation import EvaluationMixin
 from unsc_lightning.export import ExportedModel, export_model
+from unsc_lightning.metrics import find_feature_layer
+from unsc_lightning.nullspace.engine import default_batch_adapter
 from unsc_lightning.pseudo_labels import PseudoLabelRule, random_pseudo_labels, unsc_pseudo_labels
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -27,6 +29,8 @@ _EvaluationMixin = EvaluationMixin
 CLASS_WISE_TARGET = 0.01
 #: learning rate of Adam / AdamW when `UnlearningModule(lr=None)`
 DEFAULT_ADAM_LR = 1e-3
+#: random directions of the sliced distance of `UnlearningModule(feature_calibration=...)`
+FEATURE_PROJECTIONS = 64
 
 
 class UnlearningModule(_EvaluationMixin):
@@ -83,6 +87,21 @@ class UnlearningModule(_EvaluationMixin):
         relative_step: step size relative to each weight's norm when ``lr=None`` with SGD (the
             gradient is rescaled to ``||W|| / ||G||`` after the null-space projection, which a
             rescaling keeps).
+        feature_calibration: weight of a feature-level term added to the pseudo-label loss
+            (``0``, the default, leaves it out): the sliced Wasserstein-2 distance
+            (:func:`sliced_feature_distance`) between the forget samples' features -- the input
+            of ``feature_layer`` -- and features of remaining samples that the frozen original
+            assigns to each forget sample's pseudo-label class. It moves the forgotten class into
+            the remaining classes' feature distribution, so a linear probe on the features finds
+            it less easily; under :class:`~unsc_lightning.NullSpaceCalibration` the remaining
+            outputs still do not move (up to the basis threshold). The remaining features are
+            collected from the callback's basis pass (no extra pass over the data; see
+            :class:`FeatureReference`). Measured in ``docs/feature_forgetting.md``.
+        feature_layer: the layer whose *input* is the feature vector (``named_modules()`` name);
+            ``None``: the classification layer found by
+            :func:`~unsc_lightning.metrics.find_feature_layer`.
+        feature_reference_size: remaining feature vectors kept per class for
+            ``feature_calibration`` (a uniform sample of what the basis pass sees).
 
     Example:
         >>> from unsc_lightning.models import MNIST1DConvNet
@@ -106,9 +125,15 @@ class UnlearningModule(_EvaluationMixin):
         stop_at_target: bool = True,
         target_forget_acc: float | None = None,
         relative_step: float = 0.01,
+        feature_calibration: float = 0.0,
+        feature_layer: str | None = None,
+        feature_reference_size: int = 1024,
     ) -> None:
         super().__init__()
         forget = classifier_arguments(model, num_classes, forget_classes, momentum, weight_decay)
+        number("feature_calibration", feature_calibration, 0.0, low_open=False)
+        integer("feature_reference_size", feature_reference_size, 2)
+        feature_layer = _feature_layer_of(model, feature_layer, bool(feature_calibration))
         number("lr", lr, 0.0, optional=True)
         number("relative_step", relative_step, 0.0, 1.0)
         number("target_forget_acc", target_forget_acc, 0.0, 1.0, low_open=False, optional=True)
@@ -145,6 +170,11 @@ class UnlearningModule(_EvaluationMixin):
         self._forget_counts = torch.zeros(2, dtype=torch.long)
         self.stopped_at_epoch: int | None = None
         self.last_forget_accuracy: float | None = None
+        self.feature_layer = feature_layer
+        self.feature_reference: FeatureReference | None = None
+        self._feature_capture = InputCapture()
+        self._collecting_reference = False
+        self._last_features: Tensor | None = None
 
     def train(self, mode: bool = True) -> UnlearningModule:
         super().train(mode)
@@ -163,10 +193,29 @@ class UnlearningModule(_EvaluationMixin):
         return self.original
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._classifier_logits(self.model(x))
+        logits = self._classifier_logits(self.model(x))
+        if self._feature_capture.active:
+            features = self._feature_capture.take()
+            if self._collecting_reference:
+                self._add_reference(features, logits)
+            else:
+                self._last_features = features
+        return logits
 
     def setup(self, stage: str) -> None:
         self._check_forget_classes()
+        if stage == "fit" and self._hp.feature_calibration:
+            # Between `setup` and this module's `on_fit_start` the only forward calls are the
+            # callbacks' `on_fit_start` (Lightning calls the callbacks' hook first): the
+            # NullSpaceCalibration basis pass over remaining data, whose features are recorded.
+            self.feature_reference = FeatureReference(
+                self.num_classes, self._hp.feature_reference_size, self._generator
+            )
+            self._feature_capture.start(self._layer(self.model))
+            self._collecting_reference = True
+
+    def teardown(self, stage: str) -> None:
+        self._stop_feature_capture()
 
     def on_fit_start(self) -> None:
         if not bool(self.original_captured):
@@ -174,8 +223,59 @@ class UnlearningModule(_EvaluationMixin):
             # resumed fit labels with the same original model).
             self.original.load_state_dict(self.model.state_dict())
             self.original_captured.fill_(True)  # type: ignore[operator]
+        if self.feature_reference is not None:
+            self._collecting_reference = False
+            if self.feature_reference.empty:
+                self._reference_pass()
+            self._feature_capture.start(self._layer(self.model))
+
+    def _layer(self, model: nn.Module) -> nn.Module:
+        return dict(model.named_modules())[str(self.feature_layer)]
+
+    def _stop_feature_capture(self) -> None:
+        self._feature_capture.stop()
+        self._collecting_reference = False
+        self._last_features = None
+
+    @torch.no_grad()
+    def _add_reference(self, features: Tensor | None, logits: Tensor) -> None:
+        """Remaining features, grouped by the remaining class the model ranks highest."""
+        if self.feature_reference is None or features is None:
+            return
+        masked = logits.detach().clone()
+        masked[:, self.forget_classes] = float("-inf")
+        self.feature_reference.add(features.detach(), masked.argmax(dim=1))
+
+    @torch.no_grad()
+    def _reference_pass(self) -> None:
+        """No basis pass was seen (no callback, or bases from a checkpoint or cache): one pass
+        of the frozen original over the DataModule's ``retain_dataloader()``."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        loader_of = getattr(datamodule, "retain_dataloader", None)
+        if not callable(loader_of):
+            raise UnlearningConfigError(
+                f"`feature_calibration={self._hp.feature_calibration}` needs features of "
+                "remaining data: add a `NullSpaceCalibration` callback (its basis pass provides "
+                "them) or attach a DataModule with a `retain_dataloader()` method."
+            )
+        rank_zero_info(
+            "UnlearningModule: no basis pass to take remaining features from; `feature_calibration`"
+            " reads `retain_dataloader()` once more through the frozen original."
+        )
+        original = self._original_eval()
+        self._feature_capture.start(self._layer(original))
+        try:
+            for batch in loader_of():
+                inputs, _ = default_batch_adapter(batch)
+                logits = self._classifier_logits(original(inputs.to(self.device)))
+                self._add_reference(self._feature_capture.take(), logits)
+        finally:
+            self._feature_capture.stop()
+        if self.feature_reference is not None and self.feature_reference.empty:
+            raise RuntimeError("`retain_dataloader()` yielded no batch: no remaining features.")
 
     def on_fit_end(self) -> None:
+        self._stop_feature_capture()
         last = self.last_forget_accuracy
         if self._stops_in_training_step and self.stopped_at_epoch is None and last is not None:
             rank_zero_warn(
@@ -205,13 +305,33 @@ class UnlearningModule(_EvaluationMixin):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, labels = batch[0], batch[1]
         targets = self.pseudo_label(inputs, labels)
+        self._last_features = None
         logits = self(inputs)
         loss = F.cross_entropy(logits, targets)
+        if self._hp.feature_calibration:
+            feature_loss = self._feature_calibration_loss(targets)
+            self.log("train/feature_loss", feature_loss)
+            loss = loss + self._hp.feature_calibration * feature_loss
         self.log("train/loss", loss, prog_bar=True)
         # forget accuracy for free: these logits are computed anyway (before this step's update)
         correct = (logits.detach().argmax(dim=1) == labels).sum()
         self._forget_counts += torch.stack([correct.cpu(), torch.tensor(labels.numel())])
         return loss
+
+    def _feature_calibration_loss(self, targets: Tensor) -> Tensor:
+        """Sliced distance of the batch's features to remaining features of its pseudo-labels."""
+        features, self._last_features = self._last_features, None
+        if features is None or self.feature_reference is None:
+            raise RuntimeError(
+                f"`feature_calibration` found no input of `feature_layer={self.feature_layer!r}` "
+                "in this training step: the layer was not called by the model's forward."
+            )
+        reference, keep = self.feature_reference.sample(targets, self._generator)
+        if int(keep.sum()) < 2:
+            return features.sum() * 0.0
+        directions = torch.randn(features.shape[1], FEATURE_PROJECTIONS, generator=self._generator)
+        directions = directions.to(features) / directions.norm(dim=0).to(features)
+        return sliced_feature_distance(features[keep], reference[keep], directions)
 
     def on_train_epoch_start(self) -> None:
         self._forget_counts.zero_()
@@ -295,6 +415,130 @@ class UnlearningModule(_EvaluationMixin):
         existing file is never overwritten.
         """
         return export_model(self.model, path)
+
+
+def _feature_layer_of(model: nn.Module, feature_layer: Any, needed: bool) -> str | None:
+    """The checked name of the feature layer (found when ``None`` and ``needed``)."""
+    if feature_layer is None:
+        return find_feature_layer(model) if needed else None
+    names = [name for name, _ in model.named_modules() if name]
+    if not isinstance(feature_layer, str) or feature_layer not in names:
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise UnlearningConfigError(
+            f"Expected `feature_layer` to name a module of {type(model).__name__} (as in "
+            f"`named_modules()`: {shown}), got {feature_layer!r}."
+        )
+    return feature_layer
+
+
+def sliced_feature_distance(features: Tensor, reference: Tensor, directions: Tensor) -> Tensor:
+    """Sliced Wasserstein-2 distance between two equally large sets of feature vectors.
+
+    Both sets are projected onto each unit column of ``directions`` (``d x P``); in one dimension
+    the optimal transport pairs sorted values, so the squared distance is the mean squared
+    difference of the sorted projections. It is divided by ``||r||^2 / d`` averaged over the
+    reference (the mean squared projection of a reference vector on a random unit direction), so
+    the weight of the term does not depend on the features' scale or width.
+
+    Args:
+        features: ``(N, d)`` features being moved (gradients flow through them).
+        reference: ``(N, d)`` target features.
+        directions: ``(d, P)`` unit directions.
+    """
+    moved = (features @ directions).sort(dim=0).values
+    target = (reference @ directions).sort(dim=0).values
+    scale = reference.pow(2).sum(dim=1).mean() / features.shape[1]
+    return (moved - target).pow(2).mean() / scale.clamp_min(torch.finfo(scale.dtype).tiny)
+
+
+class InputCapture:
+    """Owns one forward pre-hook that records a layer's input, flattened per sample."""
+
+    def __init__(self) -> None:
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._inputs: list[Tensor] = []
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    def start(self, layer: nn.Module) -> None:
+        self.stop()
+        self._handle = layer.register_forward_pre_hook(self._record)
+
+    def _record(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._inputs = [args[0].flatten(1)]  # only the last call of a forward is kept
+
+    def take(self) -> Tensor | None:
+        """The input of the layer's last call since the previous ``take``, if any."""
+        inputs, self._inputs = self._inputs, []
+        return inputs[-1] if inputs else None
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
+        self._inputs = []
+
+
+class FeatureReference:
+    """Features of remaining data, at most ``size`` per class, a uniform sample of those seen.
+
+    Each added row gets a random key and each class keeps the rows with the ``size`` smallest
+    keys (bottom-k sampling: a uniform sample without replacement of the stream, in any order).
+    Rows are grouped by the class the frozen original ranks highest among remaining classes --
+    the same rule as the pseudo-labels -- so the basis pass, which runs the model on inputs
+    alone, is enough. Under the null-space constraint the unlearned model's features of
+    remaining data stay these.
+
+    Example:
+        >>> reference = FeatureReference(num_classes=3, size=2, generator=torch.Generator())
+        >>> reference.add(torch.ones(5, 4), torch.tensor([0, 0, 0, 1, 1]))
+        >>> reference.counts.tolist()
+        [2, 2, 0]
+    """
+
+    def __init__(self, num_classes: int, size: int, generator: torch.Generator) -> None:
+        self.size = size
+        self.generator = generator
+        self.counts = torch.zeros(num_classes, dtype=torch.long)
+        self._rows: list[Tensor | None] = [None] * num_classes
+        self._keys: list[Tensor | None] = [None] * num_classes
+
+    @property
+    def empty(self) -> bool:
+        return int(self.counts.sum()) == 0
+
+    def add(self, features: Tensor | None, classes: Tensor) -> None:
+        if features is None:
+            return
+        keys = torch.rand(len(features), generator=self.generator)
+        classes = classes.cpu()
+        for k in classes.unique().tolist():
+            chosen = classes == k
+            rows, row_keys = features[chosen.to(features.device)], keys[chosen]
+            held, held_keys = self._rows[k], self._keys[k]
+            if held is not None and held_keys is not None:
+                rows, row_keys = torch.cat([held, rows]), torch.cat([held_keys, row_keys])
+            kept = row_keys.argsort()[: self.size]
+            self._rows[k], self._keys[k] = rows[kept.to(rows.device)], row_keys[kept]
+            self.counts[k] = len(kept)
+
+    def sample(self, classes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One random kept row of each entry's class (zeros where the class has none), and a
+        mask of the entries that have one."""
+        classes = classes.cpu()
+        keep = self.counts[classes] > 0
+        width, like = next((r.shape[1], r) for r in self._rows if r is not None)
+        reference = like.new_zeros(len(classes), width)
+        draws = torch.rand(len(classes), generator=generator)
+        for k in classes[keep].unique().tolist():
+            held = self._rows[k]
+            entries = (classes == k).nonzero().flatten()
+            if held is not None:
+                picks = (draws[entries] * len(held)).long().clamp_max(len(held) - 1)
+                reference[entries.to(like.device)] = held[picks.to(like.device)]
+        return reference, keep.to(like.device)
 
 
 @torch.no_grad()
