@@ -253,6 +253,7 @@ class UnlearningModule(_EvaluationMixin):
         datamodule = getattr(self.trainer, "datamodule", None)
         loader_of = getattr(datamodule, "retain_dataloader", None)
         if not callable(loader_of):
+            self._stop_feature_capture()
             raise UnlearningConfigError(
                 f"`feature_calibration={self._hp.feature_calibration}` needs features of "
                 "remaining data: add a `NullSpaceCalibration` callback (its basis pass provides "

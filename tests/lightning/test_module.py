@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import lightning.pytorch as L
 import pytest
@@ -12,8 +13,11 @@ from helpers.problems import (
     MNIST1D_FORGET,
     MNIST1D_SAMPLES,
     NUM_CLASSES,
+    SubspaceDataModule,
     SubspaceProblem,
+    forward_hook_count,
     logits_of,
+    make_subspace_problem,
     mlp,
     quiet_trainer,
     tensor_datamodule,
@@ -389,3 +393,103 @@ def test_class_wise_unlearning_that_misses_its_target_warns(problem: SubspacePro
             module, train_dataloaders=problem.forget_loader()
         )
     assert module.stopped_at_epoch is None and module.last_forget_accuracy is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Feature calibration (issue 16)
+# --------------------------------------------------------------------------------------------
+def _feature_calibrated(problem: SubspaceProblem, weight: float, epochs: int = 20) -> Any:
+    torch.manual_seed(0)
+    module = UnlearningModule(
+        mlp(),
+        NUM_CLASSES,
+        [FORGET_CLASS],
+        lr=0.05,
+        stop_at_target=False,
+        feature_calibration=weight,
+    )
+    callback = NullSpaceCalibration(
+        threshold=1.0, rule="pooled", retain_dataloader=problem.retain_loader()
+    )
+    quiet_trainer(epochs, callbacks=[callback]).fit(
+        module, train_dataloaders=problem.forget_loader()
+    )
+    return module
+
+
+def test_feature_calibration_keeps_remaining_logits_at_threshold_one(problem: SubspaceProblem):
+    torch.manual_seed(0)
+    before = logits_of(mlp(), problem.retain_x)
+    module = _feature_calibrated(problem, weight=5.0)
+    after = logits_of(module.model, problem.retain_x)
+    assert module.feature_layer == "4"  # the head, found as in the probe metric
+    relative = (after - before).norm() / before.norm()
+    assert relative <= 1e-4, relative
+    # the remaining features came from the callback's basis pass, keyed by remaining classes
+    reference = module.feature_reference
+    assert reference is not None and int(reference.counts.sum()) > 0
+    assert int(reference.counts[FORGET_CLASS]) == 0
+    # and the forget features did move
+    assert not torch.allclose(
+        logits_of(module.model, problem.forget_x), logits_of(module.original, problem.forget_x)
+    )
+    assert forward_hook_count(module.model) == 0  # the capture hook is gone after the fit
+
+
+def test_feature_calibration_lowers_linear_probe_accuracy():
+    from unsc_lightning.metrics import linear_probe_accuracy
+
+    problem = make_subspace_problem(seed=1)
+    generator = torch.Generator().manual_seed(2)
+    held_out = 2.0 * torch.randn(64, problem.forget_x.shape[1], generator=generator)
+    problem.forget_x = torch.cat([problem.forget_x, held_out[:48]])
+    problem.forget_y = torch.full((len(problem.forget_x),), FORGET_CLASS)
+    test_x, test_y = held_out[48:], torch.full((16,), FORGET_CLASS)
+    train_x = torch.cat([problem.retain_x, problem.forget_x])
+    train_y = torch.cat([problem.retain_y, problem.forget_y])
+    accuracy = {}
+    for weight in (0.0, 5.0):
+        model = _feature_calibrated(problem, weight, epochs=30).model
+        accuracy[weight] = linear_probe_accuracy(
+            model, train_x, train_y, test_x, test_y, [FORGET_CLASS]
+        ).forget_acc
+    assert accuracy[5.0] <= accuracy[0.0] - 0.1, accuracy
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"feature_calibration": -1.0}, r"Expected `feature_calibration` >= 0, got -1.0"),
+        ({"feature_calibration": "1"}, r"Expected `feature_calibration`.*got '1'"),
+        (
+            {"feature_layer": "head"},
+            r"Expected `feature_layer` to name a module of Sequential .*got 'head'",
+        ),
+        ({"feature_layer": 4}, r"Expected `feature_layer` to name a module .*got 4"),
+        (
+            {"feature_reference_size": 1},
+            r"Expected `feature_reference_size` to be an integer >= 2, got 1",
+        ),
+    ],
+)
+def test_feature_calibration_rejects_bad_arguments(options: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], **options)
+
+
+def test_feature_calibration_without_remaining_data_says_what_to_add(problem: SubspaceProblem):
+    module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], feature_calibration=1.0)
+    with pytest.raises(
+        ValueError, match=r"needs features of remaining data: add a `NullSpaceCalibration`"
+    ):
+        quiet_trainer(1).fit(module, train_dataloaders=problem.forget_loader())
+    assert forward_hook_count(module.model) == 0
+
+
+def test_feature_calibration_reads_retain_dataloader_once_without_the_callback(
+    problem: SubspaceProblem,
+):
+    module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], feature_calibration=1.0)
+    quiet_trainer(1).fit(module, datamodule=SubspaceDataModule(problem))
+    assert module.feature_reference is not None
+    assert int(module.feature_reference.counts.sum()) == len(problem.retain_x)
