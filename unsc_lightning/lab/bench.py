@@ -43,6 +43,7 @@ from unsc_lightning.data import ForgetSpec
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.lab.files import atomic_write_text, check_output_folder
 from unsc_lightning.lab.recipes import (
+    ABLATION_LR,
     BASELINE_RECIPES,
     EMBEDDED,
     METHOD_NAMES,
@@ -350,6 +351,9 @@ def run_setting(
         "stop_at_held_out": forget.kind == "random" and config.stop_at_held_out,
         "train_recipe": asdict(_train_recipe(config)),
         "unlearn_recipe": asdict(EMBEDDED[config.dataset]["unlearn"]),
+        "ablation_lr": {
+            m: lr for m, lr in ABLATION_LR.get(config.dataset, {}).items() if m in methods
+        },
         "baseline_recipes": {
             m: asdict(r) for m, r in BASELINE_RECIPES[config.dataset].items() if m in methods
         },

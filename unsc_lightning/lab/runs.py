@@ -34,6 +34,7 @@ from unsc_lightning.lab.recipes import (
     TrainRecipe,
     UnlearnRecipe,
     method_recipe,
+    unlearn_recipe,
 )
 from unsc_lightning.module import ClassifierModule, UnlearningModule
 
@@ -213,7 +214,7 @@ def run_method(
         forget: what to forget.
         seed: seed of the splits and of training.
         recipe: an :class:`~unsc_lightning.lab.recipes.UnlearnRecipe` for UNSC and its ablations
-            (default ``EMBEDDED[dataset]["unlearn"]``, read now), a
+            (default :func:`~unsc_lightning.lab.recipes.unlearn_recipe`), a
             :class:`~unsc_lightning.lab.recipes.MethodRecipe` for a baseline (default
             :func:`~unsc_lightning.lab.recipes.method_recipe`).
         callbacks: extra trainer callbacks (e.g. a stopping rule).
@@ -259,7 +260,9 @@ def _recipe_of(
     expected = UnlearnRecipe if info.kind == "unsc" else MethodRecipe
     if recipe is None:
         return (
-            EMBEDDED[dataset]["unlearn"] if info.kind == "unsc" else method_recipe(method, dataset)
+            unlearn_recipe(method, dataset)
+            if info.kind == "unsc"
+            else method_recipe(method, dataset)
         )
     if not isinstance(recipe, expected):
         raise UnlearningConfigError(
