@@ -18,6 +18,9 @@ Scenarios (``--scenario``):
 - ``random``: a random ``--fraction`` of the training set (re-drawn per seed); unlearning stops
   once the forgotten samples are classified no better than held-out data
   (:class:`~unsc_lightning.baselines.StopAtHeldOutAccuracy`, off with ``--no-stop``).
+- ``sequential``: one deletion request per class of ``--forget-classes`` (default 3 then 5), each
+  from the model the previous request left, against a model retrained without every class
+  forgotten so far (:mod:`unsc_lightning.lab.sequential`).
 """
 
 from __future__ import annotations
@@ -54,8 +57,14 @@ from unsc_lightning.lab.recipes import (
 from unsc_lightning.lab.render import markdown_report, plot_accuracy, run_line, sweep_markdown
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
 from unsc_lightning.lab.scoring import GAP_METRICS, score
+from unsc_lightning.lab.sequential import (
+    request_classes,
+    run_sequential_seed,
+    sequential_markdown,
+    summarize_sequential,
+)
 
-SCENARIOS = ("class", "multiclass", "subclass", "random")
+SCENARIOS = ("class", "multiclass", "subclass", "random", "sequential")
 #: Nested forgotten sets of the multi-class sweep (the paper's CIFAR-10 sets), by size.
 MULTICLASS_SETS: dict[int, list[int]] = {
     1: [3],
@@ -201,6 +210,9 @@ def forget_settings(config: BenchConfig) -> list[Callable[[int], ForgetSpec]]:
     if config.scenario == "subclass":
         fine = classes or [3]
         return [lambda seed: ForgetSpec(kind="subclass", subclasses=list(fine))]
+    if config.scenario == "sequential":
+        every = request_classes(classes)
+        return [lambda seed: ForgetSpec(kind="class", classes=list(every))]
     if config.scenario == "random":
         if not 0.0 < config.fraction < 1.0:
             raise UnlearningConfigError(f"Expected `--fraction` in (0, 1), got {config.fraction}.")
@@ -367,6 +379,48 @@ def run_setting(
     return report
 
 
+def run_sequential(
+    config: BenchConfig, say: Printer, advance: Callable[[], None]
+) -> dict[str, Any]:
+    """The ``sequential`` scenario over seeds; writes ``results.json`` and ``results.md``."""
+    classes = request_classes(config.forget_classes)
+    seeds = config.seeds or [0]
+    methods = config.methods or list(UNLEARNING_METHODS)
+    cache_dir = None if not config.use_cache else (config.cache_dir or config.out / "cache")
+    per_seed = {
+        seed: run_sequential_seed(
+            config.dataset,
+            classes,
+            seed,
+            methods,
+            train_recipe=_train_recipe(config),
+            cache_dir=cache_dir,
+            data_options=_data_options(config),
+            say=say,
+            advance=advance,
+        )
+        for seed in seeds
+    }
+    report: dict[str, Any] = {
+        "dataset": config.dataset,
+        "scenario": "sequential",
+        "classes": classes,
+        "seeds": seeds,
+        "mia_attacker": "svc",
+        "covariance_reuse": "none: the covariance cache is keyed by a fingerprint of the model's "
+        "weights, which every request changes; each request rebuilds UNSC's covariances from data",
+        "methods": summarize_sequential(per_seed, classes),
+        "train_recipe": asdict(_train_recipe(config)),
+        "unlearn_recipe": asdict(EMBEDDED[config.dataset]["unlearn"]),
+        "data_options": _data_options(config),
+        "runs": {str(seed): results for seed, results in per_seed.items()},
+    }
+    config.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config.out / "results.json", json.dumps(report, indent=2))
+    atomic_write_text(config.out / "results.md", sequential_markdown(report))
+    return report
+
+
 def _ratio(summary: dict[str, Any], numerator: str, denominator: str, metric: str) -> float | None:
     if numerator not in summary or denominator not in summary:
         return None
@@ -406,6 +460,9 @@ def run_bench(config: BenchConfig, say: Printer | None = None) -> dict[str, Any]
     methods = config.methods or list(UNLEARNING_METHODS)
     seeds = config.seeds or [0]
     total = len(settings) * len(seeds) * (2 + len(methods))
+    if config.scenario == "sequential":
+        requests = len(request_classes(config.forget_classes))
+        total = len(seeds) * (1 + requests * (1 + len(methods)))
     with Progress(
         TextColumn("bench"),
         BarColumn(),
@@ -419,7 +476,9 @@ def run_bench(config: BenchConfig, say: Printer | None = None) -> dict[str, Any]
         def advance() -> None:
             progress.advance(task)
 
-        if len(settings) == 1:
+        if config.scenario == "sequential":
+            report = run_sequential(config, print_line, advance)
+        elif len(settings) == 1:
             report = run_setting(config, settings[0], config.out, print_line, advance)
         else:
             reports = []

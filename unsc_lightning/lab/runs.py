@@ -82,6 +82,21 @@ def make_datamodule(
     )
 
 
+def restrict_forget_split(dm: UnlearningDataModule, classes: list[int]) -> UnlearningDataModule:
+    """Keep only the forgotten training samples of ``classes`` in ``dm``'s forget split.
+
+    The remaining split (everything not forgotten by any request so far) is untouched; what the
+    method trains on (``train_dataloader()`` for forget-driven methods) and the forget loader are
+    the current request's samples.
+    """
+    dm.setup()
+    forget = dm.splits["train_forget"]
+    targets = dm.forget_targets()
+    keep = torch.isin(targets, torch.tensor(classes))
+    dm.splits["train_forget"] = forget[keep]
+    return dm
+
+
 def _cache_key(
     dataset: str,
     forget: ForgetSpec,
@@ -199,6 +214,7 @@ def run_method(
     callbacks: list[Callback] | None = None,
     data_options: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
+    forget_train_classes: list[int] | None = None,
 ) -> UnlearningRun:
     """Unlearn ``forget`` from a copy of the trained ``model`` with one method.
 
@@ -220,6 +236,8 @@ def run_method(
         callbacks: extra trainer callbacks (e.g. a stopping rule).
         data_options: data module arguments (e.g. ``{"num_samples": 1000}``).
         progress: ``progress(epoch_done, max_epochs)`` after every epoch.
+        forget_train_classes: keep only these classes' samples in the forget split (a sequential
+            request: the classes of earlier requests stay forgotten, their data are gone).
 
     Returns:
         The unlearned model, the seconds of the fit and the null-space callback (if any).
@@ -233,6 +251,8 @@ def run_method(
     dm = make_datamodule(
         dataset, forget, seed, train_on, settings.batch_size, **(data_options or {})
     )
+    if forget_train_classes is not None:
+        restrict_forget_split(dm, forget_train_classes)
     L.seed_everything(seed, workers=True, verbose=False)
     unlearned = copy.deepcopy(model)
     module, calibration = _build(info, unlearned, dm.num_classes, forget, seed, settings)
