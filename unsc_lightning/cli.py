@@ -62,7 +62,8 @@ class RunConfigSaver(SaveConfigCallback):
     overwritten (the run fails in ``setup`` instead): give a new run a new logger ``version``.
     Nothing is saved under ``fast_dev_run``, which suppresses logging and checkpointing. Every
     :class:`~lightning.pytorch.loggers.WandbLogger` also receives the resolved config as the
-    ``cli_config`` hyperparameter.
+    ``cli_config`` hyperparameter and :func:`~unsc_lightning.reporting.run_environment` (world
+    size, devices, precision, effective batch) as ``run``.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -98,9 +99,12 @@ class RunConfigSaver(SaveConfigCallback):
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
         if not wandb_loggers:
             return
+        from unsc_lightning.reporting import run_environment
+
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        environment = run_environment(trainer)  # world size, devices, precision, batch
         for logger in wandb_loggers:
-            logger.log_hyperparams({"cli_config": config})
+            logger.log_hyperparams({"cli_config": config, "run": environment})
 
 
 class UnlearningCLI(LightningCLI):

@@ -56,13 +56,14 @@ from unsc_lightning.lab.recipes import (
 )
 from unsc_lightning.lab.render import markdown_report, plot_accuracy, run_line, sweep_markdown
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
-from unsc_lightning.lab.scoring import GAP_METRICS, score
+from unsc_lightning.lab.scoring import GAP_METRICS, MIA_VARIANTS, recovery, score
 from unsc_lightning.lab.sequential import (
     request_classes,
     run_sequential_seed,
     sequential_markdown,
     summarize_sequential,
 )
+from unsc_lightning.reporting import RunEnvironment
 
 SCENARIOS = ("class", "multiclass", "subclass", "random", "sequential")
 #: Nested forgotten sets of the multi-class sweep (the paper's CIFAR-10 sets), by size.
@@ -94,6 +95,7 @@ class BenchConfig:
     train_epochs: int | None = None
     sizes: list[int] | None = None
     stop_at_held_out: bool = True
+    recovery: bool = True
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -135,6 +137,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--no-stop", action="store_true", help="random scenario: run every method its full epochs"
     )
     parser.add_argument(
+        "--no-recovery",
+        action="store_true",
+        help="skip relearning steps and the linear probe (class-wise scenarios)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -162,6 +169,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         train_epochs=args.train_epochs,
         sizes=list(args.sizes),
         stop_at_held_out=not args.no_stop,
+        recovery=not args.no_recovery,
     )
 
 
@@ -250,7 +258,12 @@ def run_seed(
     say: Printer,
     advance: Callable[[], None],
 ) -> dict[str, dict[str, Any]]:
-    """Original, retrain and every method for one seed: ``{method: scores}``."""
+    """Original, retrain and every method for one seed: ``{method: scores}``.
+
+    Each entry records ``run`` (:func:`~unsc_lightning.reporting.run_environment`: world size,
+    devices, precision, effective batch) and, for class-wise forgetting with ``recovery`` on,
+    ``relearn_steps`` and ``probe_acc_f`` (:func:`~unsc_lightning.lab.scoring.recovery`).
+    """
     data_options = _data_options(config)
     cache_dir = None if not config.use_cache else (config.cache_dir or config.out / "cache")
     recipe = _train_recipe(config)
@@ -259,6 +272,7 @@ def run_seed(
     models = {}
     for name, train_on in (("original", "all"), ("retrain", "retain")):
         cpu_start = time.process_time()
+        environment = RunEnvironment()
         model, seconds, cached = train_classifier(
             config.dataset,
             forget,
@@ -267,16 +281,21 @@ def run_seed(
             cache_dir,
             recipe=recipe,
             data_options=data_options,
+            environment=environment,
         )
         models[name] = model
         cpu = None if cached else time.process_time() - cpu_start
-        results[name] = score(model, dm, seconds, cached=cached, cpu_seconds=cpu)
+        results[name] = score(
+            model, dm, seconds, cached=cached, cpu_seconds=cpu, run=environment.environment
+        )
+        _add_recovery(config, results, name, model, dm, seed)
         say(run_line(seed, name, results[name]))
         advance()
     for name in methods:
         stop = (
             StopAtHeldOutAccuracy() if forget.kind == "random" and config.stop_at_held_out else None
         )
+        environment = RunEnvironment()
         callbacks: list[Callback] = [stop] if stop is not None else []
         cpu_start = time.process_time()
         run = run_method(
@@ -285,17 +304,52 @@ def run_seed(
             config.dataset,
             forget,
             seed,
-            callbacks=callbacks,
+            callbacks=[*callbacks, environment],
             data_options=data_options,
         )
         stopped = stop.stopped_at_step if stop is not None else None
         cpu = time.process_time() - cpu_start
         results[name] = score(
-            run.model, dm, run.seconds, cached=False, stopped_at_step=stopped, cpu_seconds=cpu
+            run.model,
+            dm,
+            run.seconds,
+            cached=False,
+            stopped_at_step=stopped,
+            cpu_seconds=cpu,
+            run=environment.environment,
         )
+        _add_recovery(config, results, name, run.model, dm, seed)
         say(run_line(seed, name, results[name]))
         advance()
     return results
+
+
+def _add_recovery(
+    config: BenchConfig,
+    results: dict[str, dict[str, Any]],
+    name: str,
+    model: Any,
+    dm: Any,
+    seed: int,
+) -> None:
+    """Relearning steps and probe accuracy (class-wise forgetting, finite models)."""
+    scores = results[name]
+    if not config.recovery or not dm.forget_classes or scores["diverged"]:
+        return
+    scores.update(recovery(model, dm, results["original"]["acc_f"], seed))
+
+
+#: Metrics averaged over seeds in the summary.
+SUMMARY_METRICS = (
+    *GAP_METRICS,
+    "mia_threshold",
+    "acc_r_min",
+    "acc_r_max",
+    "relearn_steps",
+    "probe_acc_f",
+    "seconds",
+    "cpu_seconds",
+)
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -321,9 +375,20 @@ def summarize(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[
     summary: dict[str, dict[str, Any]] = {}
     for method in methods:
         entry: dict[str, Any] = {"label": METHODS[method].label}
-        for metric in (*GAP_METRICS, "seconds", "cpu_seconds"):
+        for metric in SUMMARY_METRICS:
             mean, std = _mean_std([r[method].get(metric) for r in per_seed.values()])
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
+        # relearning: None means "not within the step budget"; count those seeds apart
+        steps = [r[method].get("relearn_steps", "absent") for r in per_seed.values()]
+        entry["relearn_not_reached"] = sum(1 for v in steps if v is None)
+        entry["acc_r_min_worst"] = min(
+            (
+                r[method]["acc_r_min"]
+                for r in per_seed.values()
+                if r[method].get("acc_r_min") is not None
+            ),
+            default=None,
+        )
         gaps = [_gap(r[method], r["retrain"]) for r in per_seed.values()]
         entry["avg_gap_mean"], entry["avg_gap_std"] = _mean_std(gaps)
         entry["cached"] = any(r[method].get("cached", False) for r in per_seed.values())
@@ -356,7 +421,16 @@ def run_setting(
         "forget_classes": forget.forgotten_classes,
         "seeds": seeds,
         "mia_attacker": "svc",
-        "metrics": "test accuracy in %, macro over classes; MIA-efficacy (SVC) in %; seconds of wall time",
+        "mia_variants": {
+            key: {"variant": variant, "direction": direction}
+            for key, (variant, direction) in MIA_VARIANTS.items()
+        },
+        "headline": "avg_gap: mean |method - retrain| over acc_r, acc_f and mia_efficacy (SVC), per seed",
+        "metrics": "test accuracy in %, macro over classes (acc_r_min / acc_r_max: worst / best "
+        "remaining class); MIA-efficacy in % (mia_efficacy: SVC, mia_threshold: best threshold); "
+        "relearn_steps: fine-tuning steps until the forgotten classes reach half the original's "
+        "accuracy (None: not within 100); probe_acc_f: linear-probe forgotten accuracy in %; "
+        "seconds of wall time",
         "methods": summary,
         "unsc_seconds_over_retrain": _ratio(summary, "unsc", "retrain", "seconds"),
         "unsc_cpu_seconds_over_retrain": _ratio(summary, "unsc", "retrain", "cpu_seconds"),

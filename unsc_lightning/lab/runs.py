@@ -37,6 +37,7 @@ from unsc_lightning.lab.recipes import (
     unlearn_recipe,
 )
 from unsc_lightning.module import ClassifierModule, UnlearningModule
+from unsc_lightning.reporting import RunEnvironment
 
 ProgressFn = Callable[[int, int], None]
 
@@ -131,11 +132,13 @@ def train_classifier(
     recipe: TrainRecipe | None = None,
     progress: ProgressFn | None = None,
     data_options: dict[str, Any] | None = None,
+    environment: RunEnvironment | None = None,
 ) -> tuple[nn.Module, float, bool]:
     """Train (or load from cache) the original (``train_on="all"``) or retrained model.
 
     ``data_options`` are passed to the data module (e.g. ``{"num_samples": 1000}``) and are part
-    of the cache key.
+    of the cache key. ``environment`` records where the model was trained (world size, devices,
+    precision, effective batch; kept in the cache with the model).
 
     Returns:
         ``(model, seconds, cached)``; for a cached model ``seconds`` is the training time
@@ -151,6 +154,8 @@ def train_classifier(
     stored = _read_cached_model(path)
     if stored is not None:
         model.load_state_dict(stored["state_dict"])
+        if environment is not None:
+            environment.environment = stored.get("run")
         if progress is not None:
             progress(1, 1)
         return model, float(stored["seconds"]), True
@@ -165,14 +170,19 @@ def train_classifier(
         milestones=recipe.milestones,
         gamma=recipe.gamma,
     )
-    trainer = make_trainer(recipe.epochs, [EpochProgress(progress)])
+    recorder = environment or RunEnvironment()
+    trainer = make_trainer(recipe.epochs, [EpochProgress(progress), recorder])
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     model.eval()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"state_dict": model.state_dict(), "seconds": seconds}
+        payload = {
+            "state_dict": model.state_dict(),
+            "seconds": seconds,
+            "run": recorder.environment,
+        }
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return model, seconds, False
 

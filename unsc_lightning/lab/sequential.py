@@ -30,6 +30,7 @@ from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.lab.recipes import METHODS, TrainRecipe
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
 from unsc_lightning.lab.scoring import GAP_METRICS, score
+from unsc_lightning.reporting import RunEnvironment
 
 Printer = Callable[[str], None]
 
@@ -109,12 +110,14 @@ def run_sequential_seed(
             score(original, dm, seconds, cached=cached, drift=0.0, drift_from_original=0.0)
         )
         for name in methods:
+            environment = RunEnvironment()
             run = run_method(
                 name,
                 previous[name],
                 dataset,
                 spec,
                 seed,
+                callbacks=[environment],
                 data_options=data_options,
                 forget_train_classes=[classes[step]],
             )
@@ -128,6 +131,7 @@ def run_sequential_seed(
                 drift_from_original=logit_drift(original, run.model, retain_test)
                 if finite
                 else None,
+                run=environment.environment,
             )
             scores["avg_gap"] = _gap(scores, retrain_scores)
             results.setdefault(name, []).append(scores)
