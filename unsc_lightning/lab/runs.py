@@ -105,6 +105,7 @@ def _cache_key(
     train_on: str,
     recipe: TrainRecipe,
     data_options: dict[str, Any] | None = None,
+    model_seed: int | None = None,
 ) -> str:
     payload: dict[str, Any] = {
         "dataset": dataset,
@@ -120,6 +121,8 @@ def _cache_key(
         payload["labels"] = "coarse"
     if data_options:
         payload["data"] = data_options
+    if model_seed is not None:
+        payload["model_seed"] = model_seed
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -133,12 +136,15 @@ def train_classifier(
     progress: ProgressFn | None = None,
     data_options: dict[str, Any] | None = None,
     environment: RunEnvironment | None = None,
+    model_seed: int | None = None,
 ) -> tuple[nn.Module, float, bool]:
     """Train (or load from cache) the original (``train_on="all"``) or retrained model.
 
     ``data_options`` are passed to the data module (e.g. ``{"num_samples": 1000}``) and are part
     of the cache key. ``environment`` records where the model was trained (world size, devices,
-    precision, effective batch; kept in the cache with the model).
+    precision, effective batch; kept in the cache with the model). ``model_seed`` (default
+    ``seed``) seeds the initialisation and the training order while ``seed`` keeps choosing the
+    splits: models of one split that differ only in their training randomness (the audit).
 
     Returns:
         ``(model, seconds, cached)``; for a cached model ``seconds`` is the training time
@@ -146,10 +152,11 @@ def train_classifier(
     """
     spec = EMBEDDED[dataset]
     recipe = recipe or spec["train"]
-    key = _cache_key(dataset, forget, seed, train_on, recipe, data_options)
+    key = _cache_key(dataset, forget, seed, train_on, recipe, data_options, model_seed)
     path = None if cache_dir is None else Path(cache_dir) / f"{dataset}_{train_on}_{key}.pt"
     dm = make_datamodule(dataset, forget, seed, train_on, recipe.batch_size, **(data_options or {}))
-    L.seed_everything(seed, workers=True, verbose=False)
+    _reseed_training(dm, model_seed)
+    L.seed_everything(seed if model_seed is None else model_seed, workers=True, verbose=False)
     model = spec["model"](dm.num_classes)
     stored = _read_cached_model(path)
     if stored is not None:
@@ -185,6 +192,14 @@ def train_classifier(
         }
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return model, seconds, False
+
+
+def _reseed_training(dm: UnlearningDataModule, model_seed: int | None) -> None:
+    """Fix ``dm``'s splits with its own seed, then shuffle its training loader with ``model_seed``."""
+    if model_seed is None:
+        return
+    dm.setup()  # the splits are drawn once, here, from the data module's seed
+    dm.seed = model_seed  # from now on only the loaders' shuffling reads it
 
 
 def _read_cached_model(path: Path | None) -> dict[str, Any] | None:
@@ -225,6 +240,7 @@ def run_method(
     data_options: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
     forget_train_classes: list[int] | None = None,
+    model_seed: int | None = None,
 ) -> UnlearningRun:
     """Unlearn ``forget`` from a copy of the trained ``model`` with one method.
 
@@ -248,6 +264,8 @@ def run_method(
         progress: ``progress(epoch_done, max_epochs)`` after every epoch.
         forget_train_classes: keep only these classes' samples in the forget split (a sequential
             request: the classes of earlier requests stay forgotten, their data are gone).
+        model_seed: seed of the training randomness (order, random labels) when it should differ
+            from the split ``seed`` (default ``seed``).
 
     Returns:
         The unlearned model, the seconds of the fit and the null-space callback (if any).
@@ -263,9 +281,11 @@ def run_method(
     )
     if forget_train_classes is not None:
         restrict_forget_split(dm, forget_train_classes)
-    L.seed_everything(seed, workers=True, verbose=False)
+    _reseed_training(dm, model_seed)
+    L.seed_everything(seed if model_seed is None else model_seed, workers=True, verbose=False)
     unlearned = copy.deepcopy(model)
-    module, calibration = _build(info, unlearned, dm.num_classes, forget, seed, settings)
+    training_seed = seed if model_seed is None else model_seed
+    module, calibration = _build(info, unlearned, dm.num_classes, forget, training_seed, settings)
     extra: list[Callback] = [calibration] if calibration is not None else []
     trainer = make_trainer(settings.epochs, [*extra, *(callbacks or []), EpochProgress(progress)])
     start = time.perf_counter()
