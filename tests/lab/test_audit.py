@@ -82,4 +82,4 @@ def test_audit_argument_errors(
 
 
 def test_audit_config_defaults_fit_the_budget() -> None:
-    assert AuditConfig().models == 16 and AuditConfig().scenario == "random"
+    assert AuditConfig().models == 32 and AuditConfig().scenario == "random"
