@@ -4,8 +4,8 @@
 :class:`UnlearningCLI`, a :class:`~lightning.pytorch.cli.LightningCLI` in subclass mode: the
 model, the data module, the network inside the model and every callback are chosen by
 ``class_path`` in YAML (short names such as ``UnlearningModule`` or ``MNIST1DDataModule`` work
-for the package's classes). ``unsc-lightning demo`` and ``unsc-lightning bench`` run the offline
-demo and the benchmarks.
+for the package's classes). ``unsc-lightning demo``, ``unsc-lightning bench`` and
+``unsc-lightning audit`` run the offline demo, the benchmarks and the per-example privacy audit.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import unsc_lightning.module  # noqa: F401
 from unsc_lightning.errors import UnlearningConfigError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-COMMANDS = (*LIGHTNING_COMMANDS, "demo", "bench", "export")
+COMMANDS = (*LIGHTNING_COMMANDS, "demo", "bench", "audit", "export")
 
 USAGE = f"usage: unsc-lightning {{{','.join(COMMANDS)}}} [options]\n"
 HELP = (
@@ -46,7 +46,10 @@ commands:
                                    unsc-lightning fit --config configs/mnist1d_unsc.yaml
                                  `unsc-lightning fit --help` lists every option.
   demo                           original vs retrain vs UNSC on an embedded data set, offline
-  bench                          UNSC vs baselines (FT, RL, GA, SalUn, SCRUB, ...) over seeds
+  bench                          UNSC vs baselines (FT, RL, GA, SalUn, SCRUB, Fisher, ...) over
+                                 seeds; --scenario sequential for successive requests
+  audit                          per-example privacy of sample-wise forgetting: N retrained and
+                                 N unlearned models, per-example epsilon, forgetting quality, U-LiRA
   export --ckpt C --out F        the unlearned network of checkpoint C alone (plain state_dict,
                                  no frozen original) to F, with F.sha256; never overwrites
 """
@@ -62,7 +65,8 @@ class RunConfigSaver(SaveConfigCallback):
     overwritten (the run fails in ``setup`` instead): give a new run a new logger ``version``.
     Nothing is saved under ``fast_dev_run``, which suppresses logging and checkpointing. Every
     :class:`~lightning.pytorch.loggers.WandbLogger` also receives the resolved config as the
-    ``cli_config`` hyperparameter.
+    ``cli_config`` hyperparameter and :func:`~unsc_lightning.reporting.run_environment` (world
+    size, devices, precision, effective batch) as ``run``.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -98,9 +102,12 @@ class RunConfigSaver(SaveConfigCallback):
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
         if not wandb_loggers:
             return
+        from unsc_lightning.reporting import run_environment
+
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        environment = run_environment(trainer)  # world size, devices, precision, batch
         for logger in wandb_loggers:
-            logger.log_hyperparams({"cli_config": config})
+            logger.log_hyperparams({"cli_config": config, "run": environment})
 
 
 class UnlearningCLI(LightningCLI):
@@ -253,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         from unsc_lightning.lab.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "audit":
+        from unsc_lightning.lab.audit import main as audit_main
+
+        return audit_main(argv[1:])
     if argv and argv[0] == "export":
         return export_main(argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:

@@ -40,6 +40,62 @@ _SPLIT_COLOURS = {"forget": "tab:red", "test": "tab:gray", "retain": "tab:blue"}
 # --------------------------------------------------------------------------------------------
 
 
+def run_environment(trainer: L.Trainer) -> dict[str, Any]:
+    """Where and how a fit ran: world size, devices, precision and effective batch size.
+
+    ``effective_batch`` is the training loader's batch size × ``accumulate_grad_batches`` ×
+    world size (the samples behind one optimizer step); the batch size is read from the loaded
+    training loader, else from the DataModule's ``batch_size`` (``None`` when neither says).
+
+    Example:
+        >>> import lightning.pytorch as L
+        >>> run_environment(L.Trainer(accelerator="cpu", devices=1, logger=False))["world_size"]
+        1
+    """
+    loader = trainer.train_dataloader  # None before the fit loop loads it
+    batch = getattr(loader, "batch_size", None)
+    if batch is None:
+        batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    accumulate = int(trainer.accumulate_grad_batches)
+    return {
+        "world_size": int(trainer.world_size),
+        "num_nodes": int(trainer.num_nodes),
+        "devices": int(trainer.num_devices),
+        "accelerator": type(trainer.accelerator).__name__,
+        "strategy": type(trainer.strategy).__name__,
+        "precision": str(trainer.precision),
+        "batch_size": batch if isinstance(batch, int) else None,
+        "accumulate_grad_batches": accumulate,
+        "effective_batch": batch * accumulate * int(trainer.world_size)
+        if isinstance(batch, int)
+        else None,
+    }
+
+
+def log_run_environment(trainer: L.Trainer) -> dict[str, Any]:
+    """:func:`run_environment`, logged as the ``run`` hyperparameter of every W&B logger
+    (the run's config)."""
+    environment = run_environment(trainer)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_hyperparams({"run": environment})
+    return environment
+
+
+class RunEnvironment(Callback):
+    """Record :func:`run_environment` when training starts (and log it to W&B's config).
+
+    Attributes:
+        environment: the record of the latest fit (``None`` before one).
+    """
+
+    def __init__(self) -> None:
+        self.environment: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.environment = log_run_environment(trainer)
+
+
 def per_class_accuracy(metrics: Mapping[str, Any], prefix: str) -> dict[int, float]:
     """``class -> accuracy`` from metrics named ``{prefix}/acc_class_{k}``, sorted by class."""
     found: dict[int, float] = {}
@@ -222,6 +278,11 @@ class UnlearningReport(Callback):
         self.mia_histogram = mia_histogram
         self.bins = bins
         self.last_report: dict[str, Any] = {}
+        #: :func:`run_environment` of the latest fit (also in W&B's config as ``run``).
+        self.environment: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.environment = log_run_environment(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.when == "fit":

@@ -42,8 +42,24 @@ def test_bench_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         and report["seeds"] == [0]
         and report["mia_attacker"] == "svc"
     )
+    # recovery, spread and both MIA variants, named
+    for entry in report["methods"].values():
+        assert entry["probe_acc_f_mean"] is not None and entry["acc_r_min_mean"] is not None
+        assert entry["acc_r_min_mean"] <= entry["acc_r_mean"] <= entry["acc_r_max_mean"]
+        assert entry["mia_threshold_mean"] is not None
+    assert set(report["mia_variants"]) == {"mia_efficacy", "mia_threshold"}
+    assert "SVC" in report["mia_variants"]["mia_efficacy"]["variant"]
+    # every run records where it ran
+    for name, scores in report["runs"]["0"].items():
+        run = scores["run"]
+        assert run["world_size"] == 1 and run["devices"] == 1, name
+        assert run["precision"] == "32-true" and run["effective_batch"] == run["batch_size"] > 0
     table = (out / "results.md").read_text()
-    assert "MIA-efficacy, SVC" in table and "Avg. gap" in table and "± " in table
+    header = table.split("| Method |")[1].splitlines()[0]
+    assert header.startswith(" Avg. gap to retrain |")  # the headline column comes first
+    for column in ("MIA-efficacy, SVC", "MIA-efficacy, threshold", "Relearn steps", "Probe Acc_f"):
+        assert column in header
+    assert "Acc_r range over remaining classes" in header and "± " in table
     for label in ("Original", "Retrain", "FT", "GA"):
         assert f"| {label} |" in table
     assert (out / "accuracy.png").stat().st_size > 0
@@ -65,7 +81,7 @@ def test_cli_dispatches_bench_and_reports_errors(capsys: pytest.CaptureFixture[s
 
 
 def test_resolve_methods() -> None:
-    assert resolve_methods(["all"])[0] == "unsc" and len(resolve_methods(["all"])) == 10
+    assert resolve_methods(["all"])[0] == "unsc" and len(resolve_methods(["all"])) == 11
     assert resolve_methods(["ga", "unsc"]) == ["unsc", "ga"]  # table order
     with pytest.raises(UnlearningConfigError, match="'retrain' are always run"):
         resolve_methods(["retrain"])

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as L
 import pytest
 import torch
 import yaml
@@ -314,9 +315,13 @@ def test_resolved_config_is_logged_to_wandb(tmp_path: Path):
     logger = WandbLogger(project="unsc-test", offline=True, save_dir=str(tmp_path))
     received = []
     logger.log_hyperparams = received.append  # type: ignore[method-assign]
-    saver.save_config(SimpleNamespace(loggers=[logger]), None, "fit")  # type: ignore[arg-type]
+    trainer = L.Trainer(logger=logger, accelerator="cpu", devices=1, enable_checkpointing=False)
+    saver.save_config(trainer, None, "fit")  # type: ignore[arg-type]
     (params,) = received
     assert params["cli_config"]["model"]["init_args"]["original_checkpoint"] == str(original)
+    # where the run ran: W&B's config holds it next to the resolved config
+    assert params["run"]["world_size"] == 1 and params["run"]["devices"] == 1
+    assert params["run"]["precision"] == "32-true" and "effective_batch" in params["run"]
     assert params["cli_config"]["trainer"]["callbacks"][-1]["class_path"].endswith(
         "NullSpaceCalibration"
     )

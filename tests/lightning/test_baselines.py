@@ -323,3 +323,15 @@ def test_misconfiguration(cls: type, kwargs: dict[str, Any], match: str) -> None
     }
     with pytest.raises(UnlearningConfigError, match=match):
         cls(**arguments)
+
+
+def test_ablations_get_their_own_learning_rate() -> None:
+    from unsc_lightning.lab.recipes import ABLATION_LR, unlearn_recipe
+
+    for dataset, spec in EMBEDDED.items():
+        assert unlearn_recipe("unsc", dataset) == spec["unlearn"]
+        assert unlearn_recipe("unsc", dataset) is not spec["unlearn"]
+        assert unlearn_recipe("unsc_random_labels", dataset).lr == spec["unlearn"].lr
+        ablation = unlearn_recipe("unsc_no_nullspace", dataset)
+        assert ablation.lr == ABLATION_LR[dataset]["unsc_no_nullspace"] != spec["unlearn"].lr
+        assert ablation.epochs == spec["unlearn"].epochs

@@ -276,3 +276,51 @@ def test_confidence_histogram_fractions():
 def test_invalid_arguments_raise(kwargs: dict[str, Any], match: str):
     with pytest.raises(UnlearningConfigError, match=match):
         UnlearningReport(**kwargs)
+
+
+def test_run_environment_records_world_size_precision_and_effective_batch(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from unsc_lightning.reporting import RunEnvironment
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    logger = WandbLogger(project="unsc-test", offline=True, save_dir=str(tmp_path))
+    received: list[dict[str, Any]] = []
+    logger.log_hyperparams = received.append  # type: ignore[method-assign]
+    recorder = RunEnvironment()
+    loader = DataLoader(TensorDataset(torch.randn(12, 3), torch.randint(0, 2, (12,))), batch_size=4)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        accumulate_grad_batches=3,
+        logger=logger,
+        callbacks=[recorder],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Tiny(), loader)
+    expected = {
+        "world_size": 1,
+        "num_nodes": 1,
+        "devices": 1,
+        "accelerator": "CPUAccelerator",
+        "strategy": "SingleDeviceStrategy",
+        "precision": "32-true",
+        "batch_size": 4,
+        "accumulate_grad_batches": 3,
+        "effective_batch": 12,
+    }
+    assert recorder.environment == expected
+    assert {"run": expected} in received  # the W&B run's config

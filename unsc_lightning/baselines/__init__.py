@@ -11,6 +11,7 @@ name                   method                                                   
 ``boundary_shrink``    :class:`BoundaryShrink` (Chen et al., CVPR 2023)         forget
 ``salun``              :class:`SalUn` (Fan et al., ICLR 2024)                   forget + remaining
 ``scrub``              :class:`SCRUB` (Kurmanji et al., NeurIPS 2023)           forget + remaining
+``fisher``             :class:`FisherForgetting` (Golatkar et al., CVPR 2020)   remaining (no step)
 ``unsc_random_labels`` :func:`unsc_random_labels` (UNSC ablation)               forget
 ``unsc_no_nullspace``  :func:`unsc_no_nullspace` (UNSC ablation)                forget
 =====================  =======================================================  ==============
@@ -23,6 +24,11 @@ from unsc_lightning.baselines.ablations import unsc_no_nullspace, unsc_random_la
 from unsc_lightning.baselines.base import BaselineModule
 from unsc_lightning.baselines.boundary_shrink import BoundaryShrink
 from unsc_lightning.baselines.finetune import FineTune, L1Sparse
+from unsc_lightning.baselines.fisher import (
+    FisherForgetting,
+    fisher_diagonal,
+    fisher_noise_variance,
+)
 from unsc_lightning.baselines.gradient_ascent import GradientAscent
 from unsc_lightning.baselines.random_labels import RandomLabels, SalUn, saliency_masks
 from unsc_lightning.baselines.retrain import RetrainFromScratch
@@ -34,6 +40,7 @@ __all__ = [
     "BaselineModule",
     "BoundaryShrink",
     "FineTune",
+    "FisherForgetting",
     "GradientAscent",
     "L1Sparse",
     "RandomLabels",
@@ -41,6 +48,8 @@ __all__ = [
     "SalUn",
     "StopAtHeldOutAccuracy",
     "distillation_kl",
+    "fisher_diagonal",
+    "fisher_noise_variance",
     "loader_accuracy",
     "saliency_masks",
     "unsc_no_nullspace",

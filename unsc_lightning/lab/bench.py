@@ -18,6 +18,9 @@ Scenarios (``--scenario``):
 - ``random``: a random ``--fraction`` of the training set (re-drawn per seed); unlearning stops
   once the forgotten samples are classified no better than held-out data
   (:class:`~unsc_lightning.baselines.StopAtHeldOutAccuracy`, off with ``--no-stop``).
+- ``sequential``: one deletion request per class of ``--forget-classes`` (default 3 then 5), each
+  from the model the previous request left, against a model retrained without every class
+  forgotten so far (:mod:`unsc_lightning.lab.sequential`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from unsc_lightning.data import ForgetSpec
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.lab.files import atomic_write_text, check_output_folder
 from unsc_lightning.lab.recipes import (
+    ABLATION_LR,
     BASELINE_RECIPES,
     EMBEDDED,
     METHOD_NAMES,
@@ -52,9 +56,16 @@ from unsc_lightning.lab.recipes import (
 )
 from unsc_lightning.lab.render import markdown_report, plot_accuracy, run_line, sweep_markdown
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
-from unsc_lightning.lab.scoring import GAP_METRICS, score
+from unsc_lightning.lab.scoring import GAP_METRICS, MIA_VARIANTS, recovery, score
+from unsc_lightning.lab.sequential import (
+    request_classes,
+    run_sequential_seed,
+    sequential_markdown,
+    summarize_sequential,
+)
+from unsc_lightning.reporting import RunEnvironment
 
-SCENARIOS = ("class", "multiclass", "subclass", "random")
+SCENARIOS = ("class", "multiclass", "subclass", "random", "sequential")
 #: Nested forgotten sets of the multi-class sweep (the paper's CIFAR-10 sets), by size.
 MULTICLASS_SETS: dict[int, list[int]] = {
     1: [3],
@@ -84,6 +95,7 @@ class BenchConfig:
     train_epochs: int | None = None
     sizes: list[int] | None = None
     stop_at_held_out: bool = True
+    recovery: bool = True
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -125,6 +137,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--no-stop", action="store_true", help="random scenario: run every method its full epochs"
     )
     parser.add_argument(
+        "--no-recovery",
+        action="store_true",
+        help="skip relearning steps and the linear probe (class-wise scenarios)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -152,6 +169,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         train_epochs=args.train_epochs,
         sizes=list(args.sizes),
         stop_at_held_out=not args.no_stop,
+        recovery=not args.no_recovery,
     )
 
 
@@ -200,6 +218,9 @@ def forget_settings(config: BenchConfig) -> list[Callable[[int], ForgetSpec]]:
     if config.scenario == "subclass":
         fine = classes or [3]
         return [lambda seed: ForgetSpec(kind="subclass", subclasses=list(fine))]
+    if config.scenario == "sequential":
+        every = request_classes(classes)
+        return [lambda seed: ForgetSpec(kind="class", classes=list(every))]
     if config.scenario == "random":
         if not 0.0 < config.fraction < 1.0:
             raise UnlearningConfigError(f"Expected `--fraction` in (0, 1), got {config.fraction}.")
@@ -237,7 +258,12 @@ def run_seed(
     say: Printer,
     advance: Callable[[], None],
 ) -> dict[str, dict[str, Any]]:
-    """Original, retrain and every method for one seed: ``{method: scores}``."""
+    """Original, retrain and every method for one seed: ``{method: scores}``.
+
+    Each entry records ``run`` (:func:`~unsc_lightning.reporting.run_environment`: world size,
+    devices, precision, effective batch) and, for class-wise forgetting with ``recovery`` on,
+    ``relearn_steps`` and ``probe_acc_f`` (:func:`~unsc_lightning.lab.scoring.recovery`).
+    """
     data_options = _data_options(config)
     cache_dir = None if not config.use_cache else (config.cache_dir or config.out / "cache")
     recipe = _train_recipe(config)
@@ -246,6 +272,7 @@ def run_seed(
     models = {}
     for name, train_on in (("original", "all"), ("retrain", "retain")):
         cpu_start = time.process_time()
+        environment = RunEnvironment()
         model, seconds, cached = train_classifier(
             config.dataset,
             forget,
@@ -254,16 +281,21 @@ def run_seed(
             cache_dir,
             recipe=recipe,
             data_options=data_options,
+            environment=environment,
         )
         models[name] = model
         cpu = None if cached else time.process_time() - cpu_start
-        results[name] = score(model, dm, seconds, cached=cached, cpu_seconds=cpu)
+        results[name] = score(
+            model, dm, seconds, cached=cached, cpu_seconds=cpu, run=environment.environment
+        )
+        _add_recovery(config, results, name, model, dm, seed)
         say(run_line(seed, name, results[name]))
         advance()
     for name in methods:
         stop = (
             StopAtHeldOutAccuracy() if forget.kind == "random" and config.stop_at_held_out else None
         )
+        environment = RunEnvironment()
         callbacks: list[Callback] = [stop] if stop is not None else []
         cpu_start = time.process_time()
         run = run_method(
@@ -272,17 +304,52 @@ def run_seed(
             config.dataset,
             forget,
             seed,
-            callbacks=callbacks,
+            callbacks=[*callbacks, environment],
             data_options=data_options,
         )
         stopped = stop.stopped_at_step if stop is not None else None
         cpu = time.process_time() - cpu_start
         results[name] = score(
-            run.model, dm, run.seconds, cached=False, stopped_at_step=stopped, cpu_seconds=cpu
+            run.model,
+            dm,
+            run.seconds,
+            cached=False,
+            stopped_at_step=stopped,
+            cpu_seconds=cpu,
+            run=environment.environment,
         )
+        _add_recovery(config, results, name, run.model, dm, seed)
         say(run_line(seed, name, results[name]))
         advance()
     return results
+
+
+def _add_recovery(
+    config: BenchConfig,
+    results: dict[str, dict[str, Any]],
+    name: str,
+    model: Any,
+    dm: Any,
+    seed: int,
+) -> None:
+    """Relearning steps and probe accuracy (class-wise forgetting, finite models)."""
+    scores = results[name]
+    if not config.recovery or not dm.forget_classes or scores["diverged"]:
+        return
+    scores.update(recovery(model, dm, results["original"]["acc_f"], seed))
+
+
+#: Metrics averaged over seeds in the summary.
+SUMMARY_METRICS = (
+    *GAP_METRICS,
+    "mia_threshold",
+    "acc_r_min",
+    "acc_r_max",
+    "relearn_steps",
+    "probe_acc_f",
+    "seconds",
+    "cpu_seconds",
+)
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -308,9 +375,20 @@ def summarize(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[
     summary: dict[str, dict[str, Any]] = {}
     for method in methods:
         entry: dict[str, Any] = {"label": METHODS[method].label}
-        for metric in (*GAP_METRICS, "seconds", "cpu_seconds"):
+        for metric in SUMMARY_METRICS:
             mean, std = _mean_std([r[method].get(metric) for r in per_seed.values()])
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
+        # relearning: None means "not within the step budget"; count those seeds apart
+        steps = [r[method].get("relearn_steps", "absent") for r in per_seed.values()]
+        entry["relearn_not_reached"] = sum(1 for v in steps if v is None)
+        entry["acc_r_min_worst"] = min(
+            (
+                r[method]["acc_r_min"]
+                for r in per_seed.values()
+                if r[method].get("acc_r_min") is not None
+            ),
+            default=None,
+        )
         gaps = [_gap(r[method], r["retrain"]) for r in per_seed.values()]
         entry["avg_gap_mean"], entry["avg_gap_std"] = _mean_std(gaps)
         entry["cached"] = any(r[method].get("cached", False) for r in per_seed.values())
@@ -343,13 +421,25 @@ def run_setting(
         "forget_classes": forget.forgotten_classes,
         "seeds": seeds,
         "mia_attacker": "svc",
-        "metrics": "test accuracy in %, macro over classes; MIA-efficacy (SVC) in %; seconds of wall time",
+        "mia_variants": {
+            key: {"variant": variant, "direction": direction}
+            for key, (variant, direction) in MIA_VARIANTS.items()
+        },
+        "headline": "avg_gap: mean |method - retrain| over acc_r, acc_f and mia_efficacy (SVC), per seed",
+        "metrics": "test accuracy in %, macro over classes (acc_r_min / acc_r_max: worst / best "
+        "remaining class); MIA-efficacy in % (mia_efficacy: SVC, mia_threshold: best threshold); "
+        "relearn_steps: fine-tuning steps until the forgotten classes reach half the original's "
+        "accuracy (None: not within 100); probe_acc_f: linear-probe forgotten accuracy in %; "
+        "seconds of wall time",
         "methods": summary,
         "unsc_seconds_over_retrain": _ratio(summary, "unsc", "retrain", "seconds"),
         "unsc_cpu_seconds_over_retrain": _ratio(summary, "unsc", "retrain", "cpu_seconds"),
         "stop_at_held_out": forget.kind == "random" and config.stop_at_held_out,
         "train_recipe": asdict(_train_recipe(config)),
         "unlearn_recipe": asdict(EMBEDDED[config.dataset]["unlearn"]),
+        "ablation_lr": {
+            m: lr for m, lr in ABLATION_LR.get(config.dataset, {}).items() if m in methods
+        },
         "baseline_recipes": {
             m: asdict(r) for m, r in BASELINE_RECIPES[config.dataset].items() if m in methods
         },
@@ -360,6 +450,48 @@ def run_setting(
     atomic_write_text(out / "results.json", json.dumps(report, indent=2))
     atomic_write_text(out / "results.md", markdown_report(report))
     plot_accuracy(report, out / "accuracy.png")
+    return report
+
+
+def run_sequential(
+    config: BenchConfig, say: Printer, advance: Callable[[], None]
+) -> dict[str, Any]:
+    """The ``sequential`` scenario over seeds; writes ``results.json`` and ``results.md``."""
+    classes = request_classes(config.forget_classes)
+    seeds = config.seeds or [0]
+    methods = config.methods or list(UNLEARNING_METHODS)
+    cache_dir = None if not config.use_cache else (config.cache_dir or config.out / "cache")
+    per_seed = {
+        seed: run_sequential_seed(
+            config.dataset,
+            classes,
+            seed,
+            methods,
+            train_recipe=_train_recipe(config),
+            cache_dir=cache_dir,
+            data_options=_data_options(config),
+            say=say,
+            advance=advance,
+        )
+        for seed in seeds
+    }
+    report: dict[str, Any] = {
+        "dataset": config.dataset,
+        "scenario": "sequential",
+        "classes": classes,
+        "seeds": seeds,
+        "mia_attacker": "svc",
+        "covariance_reuse": "none: the covariance cache is keyed by a fingerprint of the model's "
+        "weights, which every request changes; each request rebuilds UNSC's covariances from data",
+        "methods": summarize_sequential(per_seed, classes),
+        "train_recipe": asdict(_train_recipe(config)),
+        "unlearn_recipe": asdict(EMBEDDED[config.dataset]["unlearn"]),
+        "data_options": _data_options(config),
+        "runs": {str(seed): results for seed, results in per_seed.items()},
+    }
+    config.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config.out / "results.json", json.dumps(report, indent=2))
+    atomic_write_text(config.out / "results.md", sequential_markdown(report))
     return report
 
 
@@ -402,6 +534,9 @@ def run_bench(config: BenchConfig, say: Printer | None = None) -> dict[str, Any]
     methods = config.methods or list(UNLEARNING_METHODS)
     seeds = config.seeds or [0]
     total = len(settings) * len(seeds) * (2 + len(methods))
+    if config.scenario == "sequential":
+        requests = len(request_classes(config.forget_classes))
+        total = len(seeds) * (1 + requests * (1 + len(methods)))
     with Progress(
         TextColumn("bench"),
         BarColumn(),
@@ -415,7 +550,9 @@ def run_bench(config: BenchConfig, say: Printer | None = None) -> dict[str, Any]
         def advance() -> None:
             progress.advance(task)
 
-        if len(settings) == 1:
+        if config.scenario == "sequential":
+            report = run_sequential(config, print_line, advance)
+        elif len(settings) == 1:
             report = run_setting(config, settings[0], config.out, print_line, advance)
         else:
             reports = []

@@ -14,7 +14,6 @@ from rich.table import Table
 
 from unsc_lightning.lab.files import atomic_write
 from unsc_lightning.lab.recipes import METHODS
-from unsc_lightning.lab.scoring import GAP_METRICS
 
 
 # -- demo ---------------------------------------------------------------------------------------
@@ -100,24 +99,62 @@ def describe(report: dict[str, Any]) -> str:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """The paper-style table: one row per method, mean ± std over seeds."""
-    head = (
-        "| Method | Acc_r (%) | Acc_f (%) | MIA-efficacy, SVC (%) | Avg. gap to retrain | Seconds |"
-    )
-    lines = [head, "|---|---|---|---|---|---|"]
-    for entry in report["methods"].values():
-        cells = [_cell(entry, m) for m in (*GAP_METRICS, "avg_gap")]
+    """The paper-style table: one row per method, mean ± std over seeds, the gap to retrain first.
+
+    Columns: average gap to retrain (the headline), Acc_r with the range of per-class accuracy
+    over remaining classes (worst – best, means over seeds), Acc_f, both MIA variants, and —
+    when the report has them — relearning steps and linear-probe forgotten accuracy.
+    """
+    entries = list(report["methods"].values())
+    recovery = any(e.get("probe_acc_f_mean") is not None for e in entries)
+    head = [
+        "Method",
+        "Avg. gap to retrain",
+        "Acc_r (%)",
+        "Acc_r range over remaining classes",
+        "Acc_f (%)",
+        "MIA-efficacy, SVC (%)",
+        "MIA-efficacy, threshold (%)",
+    ]
+    if recovery:
+        head += ["Relearn steps", "Probe Acc_f (%)"]
+    head.append("Seconds")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in entries:
+        cells = [
+            _cell(entry, "avg_gap"),
+            _cell(entry, "acc_r"),
+            _range(entry),
+            _cell(entry, "acc_f"),
+            _cell(entry, "mia_efficacy"),
+            _cell(entry, "mia_threshold"),
+        ]
+        if recovery:
+            cells += [_steps(entry), _cell(entry, "probe_acc_f")]
         seconds = f"{entry['seconds_mean']:.2f}" + (" (cached)" if entry.get("cached") else "")
         label = entry["label"] + (
             f" (diverged: seeds {entry['diverged_seeds']})" if entry.get("diverged_seeds") else ""
         )
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds} |")
+        lines.append(f"| {label} | " + " | ".join([*cells, seconds]) + " |")
     return "\n".join(lines)
 
 
 def _cell(entry: dict[str, Any], metric: str) -> str:
-    mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
+    mean, std = entry.get(f"{metric}_mean"), entry.get(f"{metric}_std")
     return "n/a" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def _range(entry: dict[str, Any]) -> str:
+    low, high = entry.get("acc_r_min_mean"), entry.get("acc_r_max_mean")
+    return "n/a" if low is None or high is None else f"{low:.1f} – {high:.1f}"
+
+
+def _steps(entry: dict[str, Any]) -> str:
+    """Mean relearning steps over the seeds that relearned; seeds that did not are counted."""
+    mean, std = entry.get("relearn_steps_mean"), entry.get("relearn_steps_std")
+    missing = entry.get("relearn_not_reached", 0)
+    text = "n/a" if mean is None else f"{mean:.1f} ± {std:.1f}"
+    return text + (f" ({missing} seed(s) > 100)" if missing else "")
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -134,10 +171,16 @@ def markdown_report(report: dict[str, Any]) -> str:
             if report["forget"]["kind"] == "random"
             else ""
         )
-        + ". MIA-efficacy: SVC attacker (C=3, RBF) on true-class confidence, share of forgotten samples "
-        "called non-members. Avg. gap: mean of |method − retrain| over Acc_r, Acc_f and MIA-efficacy, per "
-        "seed. Seconds: wall time of training (original, retrain) or of the whole unlearning fit "
-        "(UNSC: bases + unlearning).",
+        + ". Avg. gap (the headline; lower is better): mean of |method − retrain| over Acc_r, Acc_f "
+        "and MIA-efficacy (SVC), per seed. Acc_r range: worst – best remaining class. MIA-efficacy: "
+        "share of forgotten training samples an attacker on true-class confidence calls non-members "
+        "(closer to the Retrain row is better), with an SVC attacker (C=3, RBF; the paper's) and a "
+        "best-threshold attacker (cheaper, not comparable with the SVC number). Relearn steps: "
+        "fine-tuning steps on 10 samples per class until the forgotten classes reach half the "
+        "original's accuracy (more = harder to bring back). Probe Acc_f: forgotten-class accuracy of "
+        "a linear probe on the penultimate features (lower = less left in the features). Seconds: "
+        "wall time of training (original, retrain) or of the whole unlearning fit (UNSC: bases + "
+        "unlearning).",
         "",
         markdown_table(report),
         "",

@@ -34,8 +34,10 @@ from unsc_lightning.lab.recipes import (
     TrainRecipe,
     UnlearnRecipe,
     method_recipe,
+    unlearn_recipe,
 )
 from unsc_lightning.module import ClassifierModule, UnlearningModule
+from unsc_lightning.reporting import RunEnvironment
 
 ProgressFn = Callable[[int, int], None]
 
@@ -81,6 +83,21 @@ def make_datamodule(
     )
 
 
+def restrict_forget_split(dm: UnlearningDataModule, classes: list[int]) -> UnlearningDataModule:
+    """Keep only the forgotten training samples of ``classes`` in ``dm``'s forget split.
+
+    The remaining split (everything not forgotten by any request so far) is untouched; what the
+    method trains on (``train_dataloader()`` for forget-driven methods) and the forget loader are
+    the current request's samples.
+    """
+    dm.setup()
+    forget = dm.splits["train_forget"]
+    targets = dm.forget_targets()
+    keep = torch.isin(targets, torch.tensor(classes))
+    dm.splits["train_forget"] = forget[keep]
+    return dm
+
+
 def _cache_key(
     dataset: str,
     forget: ForgetSpec,
@@ -88,6 +105,7 @@ def _cache_key(
     train_on: str,
     recipe: TrainRecipe,
     data_options: dict[str, Any] | None = None,
+    model_seed: int | None = None,
 ) -> str:
     payload: dict[str, Any] = {
         "dataset": dataset,
@@ -103,6 +121,8 @@ def _cache_key(
         payload["labels"] = "coarse"
     if data_options:
         payload["data"] = data_options
+    if model_seed is not None:
+        payload["model_seed"] = model_seed
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -115,11 +135,16 @@ def train_classifier(
     recipe: TrainRecipe | None = None,
     progress: ProgressFn | None = None,
     data_options: dict[str, Any] | None = None,
+    environment: RunEnvironment | None = None,
+    model_seed: int | None = None,
 ) -> tuple[nn.Module, float, bool]:
     """Train (or load from cache) the original (``train_on="all"``) or retrained model.
 
     ``data_options`` are passed to the data module (e.g. ``{"num_samples": 1000}``) and are part
-    of the cache key.
+    of the cache key. ``environment`` records where the model was trained (world size, devices,
+    precision, effective batch; kept in the cache with the model). ``model_seed`` (default
+    ``seed``) seeds the initialisation and the training order while ``seed`` keeps choosing the
+    splits: models of one split that differ only in their training randomness (the audit).
 
     Returns:
         ``(model, seconds, cached)``; for a cached model ``seconds`` is the training time
@@ -127,14 +152,17 @@ def train_classifier(
     """
     spec = EMBEDDED[dataset]
     recipe = recipe or spec["train"]
-    key = _cache_key(dataset, forget, seed, train_on, recipe, data_options)
+    key = _cache_key(dataset, forget, seed, train_on, recipe, data_options, model_seed)
     path = None if cache_dir is None else Path(cache_dir) / f"{dataset}_{train_on}_{key}.pt"
     dm = make_datamodule(dataset, forget, seed, train_on, recipe.batch_size, **(data_options or {}))
-    L.seed_everything(seed, workers=True, verbose=False)
+    _reseed_training(dm, model_seed)
+    L.seed_everything(seed if model_seed is None else model_seed, workers=True, verbose=False)
     model = spec["model"](dm.num_classes)
     stored = _read_cached_model(path)
     if stored is not None:
         model.load_state_dict(stored["state_dict"])
+        if environment is not None:
+            environment.environment = stored.get("run")
         if progress is not None:
             progress(1, 1)
         return model, float(stored["seconds"]), True
@@ -149,16 +177,29 @@ def train_classifier(
         milestones=recipe.milestones,
         gamma=recipe.gamma,
     )
-    trainer = make_trainer(recipe.epochs, [EpochProgress(progress)])
+    recorder = environment or RunEnvironment()
+    trainer = make_trainer(recipe.epochs, [EpochProgress(progress), recorder])
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     model.eval()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"state_dict": model.state_dict(), "seconds": seconds}
+        payload = {
+            "state_dict": model.state_dict(),
+            "seconds": seconds,
+            "run": recorder.environment,
+        }
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return model, seconds, False
+
+
+def _reseed_training(dm: UnlearningDataModule, model_seed: int | None) -> None:
+    """Fix ``dm``'s splits with its own seed, then shuffle its training loader with ``model_seed``."""
+    if model_seed is None:
+        return
+    dm.setup()  # the splits are drawn once, here, from the data module's seed
+    dm.seed = model_seed  # from now on only the loaders' shuffling reads it
 
 
 def _read_cached_model(path: Path | None) -> dict[str, Any] | None:
@@ -198,6 +239,8 @@ def run_method(
     callbacks: list[Callback] | None = None,
     data_options: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
+    forget_train_classes: list[int] | None = None,
+    model_seed: int | None = None,
 ) -> UnlearningRun:
     """Unlearn ``forget`` from a copy of the trained ``model`` with one method.
 
@@ -213,12 +256,16 @@ def run_method(
         forget: what to forget.
         seed: seed of the splits and of training.
         recipe: an :class:`~unsc_lightning.lab.recipes.UnlearnRecipe` for UNSC and its ablations
-            (default ``EMBEDDED[dataset]["unlearn"]``, read now), a
+            (default :func:`~unsc_lightning.lab.recipes.unlearn_recipe`), a
             :class:`~unsc_lightning.lab.recipes.MethodRecipe` for a baseline (default
             :func:`~unsc_lightning.lab.recipes.method_recipe`).
         callbacks: extra trainer callbacks (e.g. a stopping rule).
         data_options: data module arguments (e.g. ``{"num_samples": 1000}``).
         progress: ``progress(epoch_done, max_epochs)`` after every epoch.
+        forget_train_classes: keep only these classes' samples in the forget split (a sequential
+            request: the classes of earlier requests stay forgotten, their data are gone).
+        model_seed: seed of the training randomness (order, random labels) when it should differ
+            from the split ``seed`` (default ``seed``).
 
     Returns:
         The unlearned model, the seconds of the fit and the null-space callback (if any).
@@ -232,9 +279,13 @@ def run_method(
     dm = make_datamodule(
         dataset, forget, seed, train_on, settings.batch_size, **(data_options or {})
     )
-    L.seed_everything(seed, workers=True, verbose=False)
+    if forget_train_classes is not None:
+        restrict_forget_split(dm, forget_train_classes)
+    _reseed_training(dm, model_seed)
+    L.seed_everything(seed if model_seed is None else model_seed, workers=True, verbose=False)
     unlearned = copy.deepcopy(model)
-    module, calibration = _build(info, unlearned, dm.num_classes, forget, seed, settings)
+    training_seed = seed if model_seed is None else model_seed
+    module, calibration = _build(info, unlearned, dm.num_classes, forget, training_seed, settings)
     extra: list[Callback] = [calibration] if calibration is not None else []
     trainer = make_trainer(settings.epochs, [*extra, *(callbacks or []), EpochProgress(progress)])
     start = time.perf_counter()
@@ -259,7 +310,9 @@ def _recipe_of(
     expected = UnlearnRecipe if info.kind == "unsc" else MethodRecipe
     if recipe is None:
         return (
-            EMBEDDED[dataset]["unlearn"] if info.kind == "unsc" else method_recipe(method, dataset)
+            unlearn_recipe(method, dataset)
+            if info.kind == "unsc"
+            else method_recipe(method, dataset)
         )
     if not isinstance(recipe, expected):
         raise UnlearningConfigError(

@@ -13,6 +13,11 @@ from unsc_lightning.metrics import MIAEfficacy, linear_probe_accuracy, relearnin
 
 #: Metrics averaged into the gap to the retrained model.
 GAP_METRICS = ("acc_r", "acc_f", "mia_efficacy")
+#: The membership attacks the bench reports: key -> (variant, direction).
+MIA_VARIANTS: dict[str, tuple[str, str]] = {
+    "mia_efficacy": ("SVC (RBF, C=3), true-class confidence", "closer to retrain"),
+    "mia_threshold": ("best threshold, true-class confidence", "closer to retrain"),
+}
 
 
 def score(
@@ -33,23 +38,33 @@ def score(
         **extra: more fields of the result (e.g. ``cached=True``).
 
     Returns:
-        ``acc_r``, ``acc_f`` (see :func:`evaluate`), ``mia_efficacy`` (see
-        :func:`mia_efficacy_of`; ``None`` for a model whose weights or logits are not finite:
-        it has no confidence to attack), ``seconds``, ``per_class``, ``diverged`` and ``extra``.
+        ``acc_r``, ``acc_f`` (see :func:`evaluate`), ``acc_r_min`` / ``acc_r_max`` (worst and
+        best remaining class), ``mia_efficacy`` (SVC attacker) and ``mia_threshold``
+        (best-threshold attacker; see :func:`mia_efficacy_of`; ``None`` for a model whose
+        weights or logits are not finite: it has no confidence to attack), ``seconds``,
+        ``per_class``, ``diverged`` and ``extra``.
     """
     accuracy = evaluate(model, dm)
     state = model.state_dict().values()
     diverged = not all(torch.isfinite(t).all() for t in state if t.is_floating_point())
-    mia = None
+    mia = mia_threshold = None
     if not diverged:
         try:
             mia = mia_efficacy_of(model, dm, attacker="svc", seed=mia_seed)
+            mia_threshold = mia_efficacy_of(model, dm, attacker="threshold", seed=mia_seed)
         except RuntimeError:  # NaN confidences: the logits overflowed
             diverged = True
+    forgotten = set(dm.forget_classes)
+    remaining = [v for k, v in enumerate(accuracy["per_class"]) if k not in forgotten]
+    present = [v for v in remaining if v is not None]
     return {
         "acc_r": accuracy["acc_r"],
         "acc_f": accuracy["acc_f"],
+        # the spread behind the macro mean: the worst and best remaining class
+        "acc_r_min": min(present) if present else None,
+        "acc_r_max": max(present) if present else None,
         "mia_efficacy": mia,
+        "mia_threshold": mia_threshold,
         "seconds": seconds,
         "per_class": accuracy["per_class"],
         "diverged": diverged,

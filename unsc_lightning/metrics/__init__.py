@@ -1,5 +1,5 @@
 """Metrics for unlearning: class-subset accuracy, membership inference, forgetting quality,
-recovery (relearning time, linear probe).
+recovery (relearning time, linear probe), U-LiRA.
 
 Metric classes follow torchmetrics: the computation lives in pure functions in
 :mod:`unsc_lightning.metrics.functional`; the classes only declare states and call them.
@@ -26,6 +26,7 @@ from unsc_lightning.metrics.recovery import (
     linear_probe_accuracy,
     relearning_time,
 )
+from unsc_lightning.metrics.ulira import ULiRAResult, ulira
 
 __all__ = [
     "ClassSubsetAccuracy",
@@ -34,6 +35,7 @@ __all__ = [
     "NullSpaceDrift",
     "ProbeResult",
     "RelearningResult",
+    "ULiRAResult",
     "class_subset_accuracy",
     "extract_features",
     "find_feature_layer",
@@ -47,4 +49,5 @@ __all__ = [
     "relearning_time",
     "select_per_class",
     "steps_to_reach",
+    "ulira",
 ]
