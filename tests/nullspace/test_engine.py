@@ -157,6 +157,8 @@ def test_hundred_classes_stay_within_the_estimate_below_three_squares():
     assert largest < engine.report.estimate_bytes
     dense = NullSpaceEngine(model, threshold=0.97)
     dense.build(DataLoader(TensorDataset(x, y), batch_size=50))
+    assert dense.report is not None and dense.report.passes == 1  # the default budget holds all
+    assert dense.report.peak_bytes <= dense.report.estimate_bytes
     for key, basis in dense.bases.items():
         assert torch.allclose(_projector(basis), _projector(engine.bases[key]), atol=1e-4)
 

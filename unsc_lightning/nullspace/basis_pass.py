@@ -227,7 +227,7 @@ class BasisPass:
             classes=classes if per_class else [],
             passes=len(groups),
             peak_bytes=self.peak,
-            estimate_bytes=engine.estimate_bytes(group_size if per_class else 1),
+            estimate_bytes=engine.estimate_bytes(min(group_size, len(classes)) if per_class else 1),
         )
         return result, report
 
