@@ -292,11 +292,12 @@ def mia_chart(
             ax.annotate("n/a", (bar.get_x() + bar.get_width() / 2, 1.0), ha="center", fontsize=7)
     if retrain is not None:
         ax.axhline(retrain, color="tab:red", lw=1.0, ls="--", label=f"retrain ({retrain:.1f})")
-        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+        ax.legend(fontsize=7, loc="upper right", frameon=False)  # above the bars (ylim 118)
     ax.set_xticks(list(range(len(labels))))
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(f"MIA-efficacy, {variant} (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
