@@ -204,6 +204,16 @@ def _mean_loss(
     return total / count
 
 
+def _state_at(original: nn.Module, plane: UpdatePlane, a: float, b: float) -> dict[str, Tensor]:
+    """Parameters and buffers of ``W_original + a · in-subspace + b · null-space``."""
+    state = {n: p.detach() for n, p in original.named_parameters()}
+    for name, part in plane.in_subspace.items():
+        state[name] = state[name] + a * part
+    for name, part in plane.null_space.items():
+        state[name] = state[name] + b * part
+    return {**state, **dict(original.named_buffers())}
+
+
 def _grid(span: tuple[float, float], steps: int, name: str) -> list[float]:
     low, high = span
     if not low < high:
@@ -251,24 +261,13 @@ def loss_contour(
     batches = [(batch[0].to(device), batch[1].to(device)) for batch in remaining_test]
     if not batches:
         raise UnlearningConfigError("Expected `remaining_test` to yield batches, got none.")
-    base = {n: p.detach() for n, p in original.named_parameters()}
-    state: dict[str, Tensor] = {**base, **dict(original.named_buffers())}
     was_training = original.training
     original.eval()
     try:
-        loss = []
-        for b in b_values:
-            row = []
-            for a in a_values:
-                for name in plane.in_subspace.keys() | plane.null_space.keys():
-                    moved = base[name]
-                    if name in plane.in_subspace:
-                        moved = moved + a * plane.in_subspace[name]
-                    if name in plane.null_space:
-                        moved = moved + b * plane.null_space[name]
-                    state[name] = moved
-                row.append(_mean_loss(original, state, batches))
-            loss.append(row)
+        loss = [
+            [_mean_loss(original, _state_at(original, plane, a, b), batches) for a in a_values]
+            for b in b_values
+        ]
     finally:
         original.train(was_training)
     source = "unlearned" if contrast is None else "contrast"
