@@ -5,7 +5,9 @@ For every seed the original and the retrained model are trained (or read from th
 original, and each model is scored on the test splits: remaining- and forgotten-class accuracy
 (macro over classes, %), MIA-efficacy with the SVC attacker (%), the average gap to the
 retrained model over those three numbers, and wall-clock seconds. ``DIR/results.json``,
-``DIR/results.md`` (mean ± std over seeds) and ``DIR/accuracy.png`` are written.
+``DIR/results.md`` (mean ± std over seeds), ``DIR/accuracy.png``, ``DIR/mia_comparison.png``
+(the paper's Figure 2) and, when UNSC runs, ``DIR/loss_contour.png`` (Figure 3b, first seed) are
+written.
 
 Scenarios (``--scenario``):
 
@@ -40,10 +42,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from unsc_lightning.baselines import StopAtHeldOutAccuracy
-from unsc_lightning.data import ForgetSpec
+from unsc_lightning.data import ForgetSpec, UnlearningDataModule
 from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.lab.figures import loss_contour, plot_loss_contour
 from unsc_lightning.lab.files import atomic_write_text, check_output_folder
 from unsc_lightning.lab.recipes import (
     ABLATION_LR,
@@ -54,8 +58,14 @@ from unsc_lightning.lab.recipes import (
     UNLEARNING_METHODS,
     TrainRecipe,
 )
-from unsc_lightning.lab.render import markdown_report, plot_accuracy, run_line, sweep_markdown
-from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
+from unsc_lightning.lab.render import (
+    markdown_report,
+    plot_accuracy,
+    plot_mia_comparison,
+    run_line,
+    sweep_markdown,
+)
+from unsc_lightning.lab.runs import UnlearningRun, make_datamodule, run_method, train_classifier
 from unsc_lightning.lab.scoring import GAP_METRICS, MIA_VARIANTS, recovery, score
 from unsc_lightning.lab.sequential import (
     request_classes,
@@ -257,12 +267,15 @@ def run_seed(
     methods: list[str],
     say: Printer,
     advance: Callable[[], None],
+    contour_path: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Original, retrain and every method for one seed: ``{method: scores}``.
 
     Each entry records ``run`` (:func:`~unsc_lightning.reporting.run_environment`: world size,
     devices, precision, effective batch) and, for class-wise forgetting with ``recovery`` on,
     ``relearn_steps`` and ``probe_acc_f`` (:func:`~unsc_lightning.lab.scoring.recovery`).
+    With ``contour_path``, UNSC's entry also holds ``loss_contour`` (drawn to that path; see
+    :func:`draw_loss_contour`).
     """
     data_options = _data_options(config)
     cache_dir = None if not config.use_cache else (config.cache_dir or config.out / "cache")
@@ -270,6 +283,7 @@ def run_seed(
     dm = make_datamodule(config.dataset, forget, seed, "forget", 128, **data_options)
     results: dict[str, dict[str, Any]] = {}
     models = {}
+    runs: dict[str, UnlearningRun] = {}
     for name, train_on in (("original", "all"), ("retrain", "retain")):
         cpu_start = time.process_time()
         environment = RunEnvironment()
@@ -309,6 +323,7 @@ def run_seed(
         )
         stopped = stop.stopped_at_step if stop is not None else None
         cpu = time.process_time() - cpu_start
+        runs[name] = run
         results[name] = score(
             run.model,
             dm,
@@ -321,7 +336,40 @@ def run_seed(
         _add_recovery(config, results, name, run.model, dm, seed)
         say(run_line(seed, name, results[name]))
         advance()
+    unsc = runs.get("unsc")
+    if contour_path is not None and unsc is not None and not results["unsc"]["diverged"]:
+        ablation = runs.get("unsc_no_nullspace")
+        contrast = None
+        if ablation is not None and not results["unsc_no_nullspace"]["diverged"]:
+            contrast = ablation.model
+        results["unsc"]["loss_contour"] = draw_loss_contour(
+            models["original"], unsc, dm, contour_path, contrast
+        )
     return results
+
+
+def draw_loss_contour(
+    original: nn.Module,
+    unsc: UnlearningRun,
+    dm: UnlearningDataModule,
+    path: Path,
+    contrast: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Figure 3b for UNSC's run: remaining test loss in the plane of its update's two parts.
+
+    UNSC's update has no in-subspace part; the in-subspace direction is ``contrast``'s (the
+    no-null-space ablation, when it ran), else the figure shows UNSC's own, empty, one.
+    Returns the grid (:meth:`~unsc_lightning.lab.figures.LossContour.as_dict`).
+    """
+    if unsc.calibration is None:
+        raise UnlearningConfigError("Expected UNSC's run to carry its `NullSpaceCalibration`.")
+    contour = loss_contour(
+        original, unsc.model, unsc.calibration, dm.test_dataloader()[0], contrast=contrast
+    )
+    direction = "UNSC without null space" if contrast is not None else "UNSC itself"
+    title = f"UNSC: remaining test loss\n(in-subspace direction from {direction})"
+    plot_loss_contour(contour, path, title=title)
+    return contour.as_dict()
 
 
 def _add_recovery(
@@ -406,11 +454,22 @@ def run_setting(
     say: Printer,
     advance: Callable[[], None],
 ) -> dict[str, Any]:
-    """Every seed of one forgotten set; writes ``results.json``, ``results.md`` and the plot."""
+    """Every seed of one forgotten set; writes ``results.json``, ``results.md`` and the figures."""
     seeds = config.seeds or [0]
     methods = config.methods or list(UNLEARNING_METHODS)
+    out.mkdir(parents=True, exist_ok=True)  # the first seed draws the loss contour
+    contour = out / "loss_contour.png"
     per_seed = {
-        seed: run_seed(config, spec_of(seed), seed, methods, say, advance) for seed in seeds
+        seed: run_seed(
+            config,
+            spec_of(seed),
+            seed,
+            methods,
+            say,
+            advance,
+            contour_path=contour if seed == seeds[0] else None,
+        )
+        for seed in seeds
     }
     summary = summarize(per_seed)
     forget = spec_of(seeds[0])
@@ -450,6 +509,7 @@ def run_setting(
     atomic_write_text(out / "results.json", json.dumps(report, indent=2))
     atomic_write_text(out / "results.md", markdown_report(report))
     plot_accuracy(report, out / "accuracy.png")
+    plot_mia_comparison(report, out / "mia_comparison.png")
     return report
 
 

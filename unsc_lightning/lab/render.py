@@ -255,3 +255,74 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120))
+
+
+def mia_chart(
+    values: dict[str, float | None],
+    retrain: float | None,
+    errors: dict[str, float | None] | None = None,
+    title: str = "MIA-efficacy",
+    variant: str = "SVC",
+) -> Figure:
+    """Bar chart of MIA-efficacy per method (paper Figure 2), the retrained model as a line.
+
+    Args:
+        values: ``label -> MIA-efficacy (%)``; ``None`` (a diverged model) draws an empty bar
+            marked "n/a", so every method keeps its bar.
+        retrain: the retrained model's value (the reference), ``None`` to leave the line out.
+        errors: ``label -> std`` over seeds for error bars.
+        title: the figure's title.
+        variant: the attacker, named on the y axis (the SVC and threshold numbers differ).
+    """
+    labels = list(values)
+    heights = [v if v is not None else 0.0 for v in values.values()]
+    yerr = None if errors is None else [errors.get(label) or 0.0 for label in labels]
+    fig = Figure(figsize=(max(5.0, 0.8 * len(labels)), 3.6))
+    ax = fig.subplots()
+    bars = ax.bar(range(len(labels)), heights, width=0.6, yerr=yerr, capsize=2, color="tab:blue")
+    ax.bar_label(
+        bars,
+        labels=["" if v is None else f"{v:.1f}" for v in values.values()],
+        label_type="center",
+        fontsize=7,
+        color="white",
+    )
+    for bar, value in zip(bars, values.values()):
+        if value is None:  # no bar to write in
+            ax.annotate("n/a", (bar.get_x() + bar.get_width() / 2, 1.0), ha="center", fontsize=7)
+    if retrain is not None:
+        ax.axhline(retrain, color="tab:red", lw=1.0, ls="--", label=f"retrain ({retrain:.1f})")
+        ax.legend(fontsize=7, loc="upper right", frameon=False)  # above the bars (ylim 118)
+    ax.set_xticks(list(range(len(labels))))
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(f"MIA-efficacy, {variant} (%)")
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def mia_comparison_figure(report: dict[str, Any], metric: str = "mia_efficacy") -> Figure:
+    """:func:`mia_chart` of a bench report: one bar per method but Retrain, mean ± std over seeds.
+
+    Args:
+        report: the bench's ``results.json`` of one forgotten set.
+        metric: ``"mia_efficacy"`` (SVC attacker, the paper's) or ``"mia_threshold"``.
+    """
+    methods = {name: entry for name, entry in report["methods"].items() if name != "retrain"}
+    retrain = report["methods"].get("retrain", {}).get(f"{metric}_mean")
+    variant = report.get("mia_variants", {}).get(metric, {}).get("variant", metric)
+    return mia_chart(
+        {entry["label"]: entry[f"{metric}_mean"] for entry in methods.values()},
+        retrain,
+        {entry["label"]: entry[f"{metric}_std"] for entry in methods.values()},
+        title=f"{report['dataset']}: {describe(report)} (seeds {report['seeds']})",
+        variant=variant.split(" (")[0].split(",")[0],
+    )
+
+
+def plot_mia_comparison(report: dict[str, Any], path: Path, metric: str = "mia_efficacy") -> None:
+    """Write :func:`mia_comparison_figure` to ``path`` (PNG)."""
+    fig = mia_comparison_figure(report, metric)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120))
