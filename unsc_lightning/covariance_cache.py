@@ -29,7 +29,8 @@ from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 from unsc_lightning.nullspace.engine import call_model, map_tensors
-from unsc_lightning.retain import find_retain_loader
+from unsc_lightning.nullspace.guard import eval_mode
+from unsc_lightning.retain import RankShare, find_retain_loader
 
 if TYPE_CHECKING:
     from unsc_lightning.callback import NullSpaceCalibration
@@ -223,41 +224,31 @@ def _accumulate(
     assert engine is not None
     device = pl_module.device
     accumulator = CovarianceAccumulator(engine.dims, num_classes=plan.num_classes, device=device)
-    rank, world = trainer.global_rank, trainer.world_size
-    modes = {module: module.training for module in pl_module.modules()}
-    pl_module.eval()
-    try:
-        with (
-            trainer.precision_plugin.forward_context(),
-            SiteRecorder(
-                engine.accounting.sites(), accumulator.add, accumulator.add_shared
-            ) as recorder,
-        ):
-            for loader in _loaders(callback, trainer):
-                for index, batch in enumerate(loader):
-                    limit = callback.max_retain_batches
-                    if limit is not None and index >= limit:
-                        break
-                    if index % world != rank:
-                        continue
-                    inputs, labels = callback.batch_adapter(batch)
-                    if labels is None:
-                        raise UnlearningConfigError(
-                            "`covariance_cache` needs labelled retain batches `(x, y)`."
-                        )
-                    inputs = map_tensors(inputs, lambda t: t.to(device))
-                    labels = labels.reshape(-1).long()
-                    if isinstance(inputs, torch.Tensor):
-                        labels, order = torch.sort(labels, stable=True)
-                        inputs = inputs.index_select(0, order.to(device))
-                    accumulator.set_labels(labels.to(device))
-                    recorder.batch_size = int(labels.numel())
-                    call_model(pl_module, inputs)
-                    accumulator.check_finite()
-            seen = set(recorder.seen)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+    with (
+        eval_mode(pl_module),
+        trainer.precision_plugin.forward_context(),
+        SiteRecorder(
+            engine.accounting.sites(), accumulator.add, accumulator.add_shared
+        ) as recorder,
+    ):
+        for loader in _loaders(callback, trainer):
+            for batch in RankShare(loader, trainer, callback.max_retain_batches):
+                inputs, labels = callback.batch_adapter(batch)
+                if labels is None:
+                    raise UnlearningConfigError(
+                        "`covariance_cache` needs labelled retain batches `(x, y)`."
+                    )
+                inputs = map_tensors(inputs, lambda t: t.to(device))
+                labels = labels.reshape(-1).long()
+                if isinstance(inputs, torch.Tensor):
+                    labels, order = torch.sort(labels, stable=True)
+                    inputs = inputs.index_select(0, order.to(device))
+                accumulator.set_labels(labels.to(device))
+                recorder.batch_size = int(labels.numel())
+                call_model(pl_module, inputs)
+                accumulator.check_finite()
+        seen = set(recorder.seen)
+    world = trainer.world_size
     if world > 1:
         accumulator.samples_per_class = accumulator.samples_per_class.to(device)
         accumulator.reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from unsc_lightning.metrics.drift import NullSpaceDrift
 from unsc_lightning.nullspace.engine import NullSpaceEngine
+from unsc_lightning.nullspace.guard import eval_mode
 
 #: Share of a remaining probe whose predicted class changed above which the fit end warns.
 PREDICTION_CHANGE_WARNING = 0.01
@@ -50,13 +51,8 @@ def start_layer_drift(
     }
     if not isinstance(probe, Tensor) or not layers:
         return None
-    modes = {module: module.training for module in pl_module.modules()}
-    pl_module.eval()
-    try:
+    with eval_mode(pl_module):
         return NullSpaceDrift.from_probe(pl_module, layers, probe)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 def model_evidence(engine: NullSpaceEngine, forward: Any) -> dict[str, float]:

@@ -26,6 +26,7 @@ from torch import Tensor
 from unsc_lightning.callback import NullSpaceCalibration
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.metrics import mia_features
+from unsc_lightning.nullspace.guard import eval_mode
 
 ReportWhen = Literal["fit", "test"]
 #: Splits of the confidence histogram: forgotten training samples, held-out test samples of the
@@ -385,19 +386,11 @@ class UnlearningReport(Callback):
             "test": test[0] if isinstance(test, (list, tuple)) else test,
             "retain": datamodule.retain_dataloader(),
         }
-        modes = {module: module.training for module in pl_module.modules()}
-        pl_module.eval()
-        try:
-            with trainer.precision_plugin.forward_context():
-                return {
-                    split: true_class_confidences(
-                        pl_module, loader, pl_module.device, self.max_batches
-                    )
-                    for split, loader in loaders.items()
-                }
-        finally:
-            for module, training in modes.items():
-                module.train(training)
+        with eval_mode(pl_module), trainer.precision_plugin.forward_context():
+            return {
+                split: true_class_confidences(pl_module, loader, pl_module.device, self.max_batches)
+                for split, loader in loaders.items()
+            }
 
 
 def _log(logger: Logger, payload: Mapping[str, Any], step: int) -> None:

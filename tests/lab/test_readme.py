@@ -34,7 +34,9 @@ def test_readme_has_the_two_command_quickstart() -> None:
     shell = [body.strip() for language, body in BLOCKS if language == "bash"]
     assert "pip install . && unsc-lightning demo" in shell
     assert 'pip install -e ".[dev]" && python -m pytest -q -n 2' in shell
-    assert 'pip install -e ".[dev]" && python -m pytest -q -n 2' in (ROOT / ".ci" / "run").read_text()
+    assert (
+        'pip install -e ".[dev]" && python -m pytest -q -n 2' in (ROOT / ".ci" / "run").read_text()
+    )
 
 
 def test_every_block_has_a_known_language() -> None:

@@ -10,7 +10,6 @@ barely move. It takes no gradient step.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from unsc_lightning.arguments import integer, number
 from unsc_lightning.baselines.base import BaselineModule
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.metrics import find_feature_layer
+from unsc_lightning.nullspace.guard import eval_mode
 
 #: Variance (before ``alpha``) given to the head rows of forgotten classes when they are reset
 #: (the authors' code: mean 0, variance 1e-4).
@@ -72,17 +72,6 @@ def fisher_diagonal(model: nn.Module, inputs: Tensor, chunk_size: int = 32) -> d
             weights = probs.reshape(*probs.shape, *([1] * (jacobian.ndim - 2)))
             fisher[name] += (weights * jacobian.detach().square()).sum(dim=(0, 1))
     return fisher
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 def fisher_noise_variance(
@@ -180,7 +169,7 @@ class FisherForgetting(BaselineModule):
             inputs = inputs[: max(0, self.max_samples - self.fisher_samples)]
         if len(inputs) == 0:
             return None
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             contribution = fisher_diagonal(self.model, inputs, self.chunk_size)
         for name, value in contribution.items():
             self.fisher[name] = self.fisher.get(name, 0) + value

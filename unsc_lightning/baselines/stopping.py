@@ -11,22 +11,18 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from unsc_lightning.arguments import integer, number
 from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.nullspace.guard import eval_mode
 
 
 @torch.no_grad()
 def loader_accuracy(module: torch.nn.Module, loader: Any, device: torch.device) -> float:
     """Share of correctly classified samples of ``loader`` (batches ``(x, y, ...)``), in ``[0, 1]``."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
     correct = total = 0
-    try:
+    with eval_mode(module):
         for batch in loader:
             inputs, labels = batch[0].to(device), batch[1].to(device)
             correct += int((module(inputs).argmax(dim=1) == labels).sum())
             total += int(labels.numel())
-    finally:
-        for m, training in modes.items():
-            m.train(training)
     if total == 0:
         raise RuntimeError("Cannot measure accuracy on an empty loader.")
     return correct / total

@@ -28,6 +28,7 @@ from unsc_lightning.metrics.functional.recovery import (
     select_per_class,
     steps_to_reach,
 )
+from unsc_lightning.nullspace.guard import eval_mode
 
 #: the fixed fine-tuning recipe of :func:`relearning_time`
 RELEARN_LR = 0.01
@@ -214,16 +215,13 @@ def extract_features(
     handle = layers[name].register_forward_pre_hook(
         lambda _module, args: captured.append(args[0].detach().flatten(1).cpu())
     )
-    modes = {m: m.training for m in model.modules()}
     device = next(iter(model.parameters())).device
-    model.eval()
     try:
-        for chunk in inputs.split(batch_size):
-            model(chunk.to(device))
+        with eval_mode(model):
+            for chunk in inputs.split(batch_size):
+                model(chunk.to(device))
     finally:
         handle.remove()
-        for module, training in modes.items():
-            module.train(training)
     return torch.cat(captured)
 
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from unsc_lightning.nullspace.covariance import (
     accumulate_covariances,
     layer_dims,
 )
+from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.nullspace.layers import BasisRule, build_bases
 
 #: Format version of the cache file; a file of another version is rebuilt, never reinterpreted.
@@ -62,17 +62,6 @@ def model_fingerprint(model: nn.Module, settings: Mapping[str, Any] | None = Non
             if data.numel():
                 digest.update(data.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
 
 
 class ClassCovarianceCache:
@@ -201,7 +190,7 @@ class ClassCovarianceCache:
                     raise RuntimeError("A covariance cache needs labelled batches `(x, y, ...)`.")
                 yield batch[0].to(device), batch[1].to(device)
 
-        with _eval_mode(model):
+        with eval_mode(model):
             accumulate_covariances(forward or model, layers, batches(), accumulator)
         return cls.from_accumulator(accumulator, model_fingerprint(model, settings))
 

@@ -51,6 +51,7 @@ from unsc_lightning.nullspace.batches import (
     map_tensors,
     output_logits,
 )
+from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.nullspace.projection import NullSpaceProjector
 from unsc_lightning.nullspace.settings import NullSpaceEngineError, check_engine_settings
 
@@ -295,16 +296,11 @@ class NullSpaceEngine:
         device = torch.device(device) if device is not None else self._device()
         adapter = batch_adapter or default_batch_adapter
         forward = forward or self.model
-        modes = {module: module.training for module in self.model.modules()}
-        self.model.eval()
         start = time.perf_counter()
         self.timings = {"bases": 0.0}
-        try:
+        with eval_mode(self.model):
             bases, report = BasisPass(self, device, adapter, forward, reduce).run(batches)
-            self.timings["total"] = time.perf_counter() - start
-        finally:
-            for module, training in modes.items():
-                module.train(training)
+        self.timings["total"] = time.perf_counter() - start
         self.report = report
         self._set_bases(bases)
         self._probe_logits = None
@@ -432,14 +428,8 @@ class NullSpaceEngine:
 
     # -- evidence -------------------------------------------------------------------------------
     def _logits_on_probe(self, forward: Callable[..., Any]) -> Tensor:
-        modes = {module: module.training for module in self.model.modules()}
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return output_logits(call_model(forward, self.probe)).detach().float().clone()
-        finally:
-            for module, training in modes.items():
-                module.train(training)
+        with eval_mode(self.model), torch.no_grad():
+            return output_logits(call_model(forward, self.probe)).detach().float().clone()
 
     def prediction_change(self, forward: Callable[..., Any] | None = None) -> float | None:
         """Fraction of the remaining probe whose predicted class changed since the bases were
