@@ -66,7 +66,7 @@ from unsc_lightning.lab.render import (
     sweep_markdown,
 )
 from unsc_lightning.lab.runs import UnlearningRun, make_datamodule, run_method, train_classifier
-from unsc_lightning.lab.scoring import GAP_METRICS, MIA_VARIANTS, recovery, score
+from unsc_lightning.lab.scoring import GAP_METRICS, MIA_VARIANTS, gap_to_retrain, recovery, score
 from unsc_lightning.lab.sequential import (
     request_classes,
     run_sequential_seed,
@@ -408,15 +408,6 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(present), statistics.pstdev(present) if len(present) > 1 else 0.0
 
 
-def _gap(scores: dict[str, Any], retrain: dict[str, Any]) -> float | None:
-    gaps = [
-        abs(scores[m] - retrain[m])
-        for m in GAP_METRICS
-        if scores[m] is not None and retrain[m] is not None
-    ]
-    return statistics.fmean(gaps) if gaps else None
-
-
 def summarize(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Mean and std over seeds of every metric, and the average gap to the retrained model."""
     methods = [m for m in METHOD_NAMES if all(m in r for r in per_seed.values())]
@@ -437,7 +428,7 @@ def summarize(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[
             ),
             default=None,
         )
-        gaps = [_gap(r[method], r["retrain"]) for r in per_seed.values()]
+        gaps = [gap_to_retrain(r[method], r["retrain"]) for r in per_seed.values()]
         entry["avg_gap_mean"], entry["avg_gap_std"] = _mean_std(gaps)
         entry["cached"] = any(r[method].get("cached", False) for r in per_seed.values())
         entry["diverged_seeds"] = [

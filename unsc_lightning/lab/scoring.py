@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import torch
@@ -13,6 +14,18 @@ from unsc_lightning.metrics import MIAEfficacy, linear_probe_accuracy, relearnin
 
 #: Metrics averaged into the gap to the retrained model.
 GAP_METRICS = ("acc_r", "acc_f", "mia_efficacy")
+
+
+def gap_to_retrain(scores: dict[str, Any], retrain: dict[str, Any]) -> float | None:
+    """Mean absolute difference to the retrained model over :data:`GAP_METRICS` (the headline)."""
+    gaps = [
+        abs(scores[m] - retrain[m])
+        for m in GAP_METRICS
+        if scores[m] is not None and retrain[m] is not None
+    ]
+    return statistics.fmean(gaps) if gaps else None
+
+
 #: The membership attacks the bench reports: key -> (variant, direction).
 MIA_VARIANTS: dict[str, tuple[str, str]] = {
     "mia_efficacy": ("SVC (RBF, C=3), true-class confidence", "closer to retrain"),

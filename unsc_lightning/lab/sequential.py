@@ -29,7 +29,7 @@ from unsc_lightning.data import ForgetSpec
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.lab.recipes import METHODS, TrainRecipe
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
-from unsc_lightning.lab.scoring import GAP_METRICS, score
+from unsc_lightning.lab.scoring import GAP_METRICS, gap_to_retrain, score
 from unsc_lightning.reporting import RunEnvironment
 
 Printer = Callable[[str], None]
@@ -61,15 +61,6 @@ def logit_drift(before: nn.Module, after: nn.Module, loader: Any) -> float:
         change += float((new - old).square().sum())
         reference += float(old.square().sum())
     return (change / max(reference, 1e-24)) ** 0.5
-
-
-def _gap(scores: dict[str, Any], retrain: dict[str, Any]) -> float | None:
-    gaps = [
-        abs(scores[m] - retrain[m])
-        for m in GAP_METRICS
-        if scores[m] is not None and retrain[m] is not None
-    ]
-    return statistics.fmean(gaps) if gaps else None
 
 
 def run_sequential_seed(
@@ -133,7 +124,7 @@ def run_sequential_seed(
                 else None,
                 run=environment.environment,
             )
-            scores["avg_gap"] = _gap(scores, retrain_scores)
+            scores["avg_gap"] = gap_to_retrain(scores, retrain_scores)
             results.setdefault(name, []).append(scores)
             previous[name] = run.model
             say(
@@ -144,7 +135,7 @@ def run_sequential_seed(
             advance()
     for name in ("original", "retrain"):
         for step, scores in enumerate(results[name]):
-            scores["avg_gap"] = _gap(scores, results["retrain"][step])
+            scores["avg_gap"] = gap_to_retrain(scores, results["retrain"][step])
     return results
 
 
