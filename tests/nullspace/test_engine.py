@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from helpers.problems import (
     mlp,
     quiet_trainer,
 )
+from helpers.zoo import PlainClassifier
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,20 +31,11 @@ def _projector(basis: Tensor) -> Tensor:
     return basis.double() @ basis.double().T
 
 
-class PlainModule(L.LightningModule):
-    """What a user writes: forward, training_step, configure_optimizers. No `num_classes`."""
+class PlainModule(PlainClassifier):
+    """What a user writes (forward, training_step, configure_optimizers), with plain SGD."""
 
     def __init__(self, model: nn.Module, lr: float = 0.1) -> None:
-        super().__init__()
-        self.model = model
-        self.lr = lr
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
+        super().__init__(model, lr=lr)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
