@@ -41,9 +41,11 @@ from helpers.zoo import (  # noqa: E402  (the zoo lives with the tests: one defi
     train_zoo_model,
     zoo_accuracy,
     zoo_datamodule,
+    zoo_tensors,
 )
 
 from unsc_lightning import NullSpaceCalibration, UnlearningModule  # noqa: E402
+from unsc_lightning.metrics.recovery import linear_probe_accuracy  # noqa: E402
 
 COLUMNS = [
     "model",
@@ -107,6 +109,11 @@ def run(entry: ZooEntry, seed: int, options: argparse.Namespace) -> dict[str, An
         row[f"{label}_acc_r"] = accuracy["acc_r"]
         row[f"{label}_acc_f"] = accuracy["acc_f"]
     row.update(epochs=epochs, seconds=seconds)
+    if options.probe:  # forgotten-class accuracy of a linear probe on the penultimate features
+        x_train, y_train, x_test, y_test = zoo_tensors(entry.data)
+        for label, model in (("original", original), ("retrain", retrain), ("unsc", unlearned)):
+            probe = linear_probe_accuracy(model, x_train, y_train, x_test, y_test, forget)
+            row[f"{label}_probe_f"] = round(100 * probe.forget_acc, 2)
     return row
 
 
@@ -121,6 +128,9 @@ def main() -> None:
     args.add_argument("--unlearn", type=json.loads, default={}, help="UnlearningModule options")
     args.add_argument(
         "--callback", type=json.loads, default={}, help="NullSpaceCalibration options"
+    )
+    args.add_argument(
+        "--probe", action="store_true", help="also report a linear probe's forgotten-class accuracy"
     )
     args.add_argument("--cache-dir", type=Path, default=Path("/tmp/unsc_zoo_cache"))
     options = args.parse_args()
