@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from unsc_lightning.cli import main as cli_main
 from unsc_lightning.lab.audit import AuditConfig, main
 from unsc_lightning.metrics import forgetting_quality, per_example_epsilon, ulira
 
 TINY = ["--num-samples", "600", "--train-epochs", "1", "--models", "3", "--workers", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_audit_writes_scores_that_follow_from_its_statistics(

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from unsc_lightning import UnlearningConfigError
 from unsc_lightning.cli import main as cli_main
@@ -15,14 +13,6 @@ from unsc_lightning.lab.bench import main, resolve_methods, summarize
 
 TINY = ["--dataset", "mnist1d", "--num-samples", "600", "--train-epochs", "3", "--seeds", "0"]
 SCHEMA = ("acc_r_mean", "acc_r_std", "acc_f_mean", "acc_f_std", "mia_efficacy_mean", "seconds_mean")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bench_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

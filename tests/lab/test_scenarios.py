@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import asdict
 
 import pytest
@@ -15,14 +14,6 @@ from unsc_lightning.data.embedded import DIGIT_GROUPS, coarse_of, digits_bundle
 from unsc_lightning.lab.bench import BenchConfig, forget_settings
 
 MNIST1D_SMALL = {"num_samples": 1000}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SCENARIOS = {

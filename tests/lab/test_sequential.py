@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from unsc_lightning.lab.runs import make_datamodule, restrict_forget_split
 from unsc_lightning.lab.sequential import logit_drift, request_classes
 
 TINY = ["--dataset", "mnist1d", "--num-samples", "600", "--train-epochs", "2", "--seeds", "0"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_second_request_trains_on_its_own_class_and_keeps_the_rest_out() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -60,14 +59,6 @@ TINY_RECIPES: dict[str, MethodRecipe] = {
     "salun": MethodRecipe(epochs=3, lr=1e-2, batch_size=64, options={"mask_ratio": 0.5}),
     "scrub": MethodRecipe(epochs=4, lr=1e-2, batch_size=64, options={"max_epochs": 3}),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from unsc_lightning.nullspace.accounting import Accounting, account_parameters
+from unsc_lightning.nullspace.accounting import Accounting, Constraint, account_parameters
 from unsc_lightning.nullspace.basis import (
     BasisInfo,
 )
@@ -167,6 +167,7 @@ class NullSpaceEngine:
         self.label_digest: str | None = None
         self._bases: dict[str, Tensor] = {}
         self._projectors: dict[str, NullSpaceProjector] = {}
+        self._by_parameter: dict[int, list[tuple[str, Constraint]]] = {}
         self._frozen: list[nn.Parameter] = []
         self._modes: dict[nn.Module, bool] = {}
         self._step_hooks: list[RemovableHandle] = []
@@ -337,6 +338,13 @@ class NullSpaceEngine:
             for key, c in self.accounting.constraints.items()
             if key in self._bases
         }
+        # update mode looks constraints up by parameter on every step: index them once here
+        self._by_parameter = {}
+        for key, constraint in self.accounting.constraints.items():
+            if key in self._projectors:
+                self._by_parameter.setdefault(id(constraint.parameter), []).append(
+                    (key, constraint)
+                )
 
     # -- guard ----------------------------------------------------------------------------------
     def freeze_(self) -> None:
@@ -393,9 +401,7 @@ class NullSpaceEngine:
     @torch.no_grad()
     def project_update_(self, parameter_id: int, before: Tensor) -> None:
         """Replace a parameter's change since ``before`` by its projection (update mode)."""
-        for key, constraint in self.accounting.constraints.items():
-            if id(constraint.parameter) != parameter_id or key not in self._projectors:
-                continue
+        for key, constraint in self._by_parameter.get(parameter_id, []):
             delta = constraint.parameter.detach() - before
             spec = constraint.spec
             spec.write_matrix_(delta, self._projectors[key].project(spec.to_matrix(delta)))
@@ -404,12 +410,11 @@ class NullSpaceEngine:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Project each step's update of ``optimizer`` (exact for any optimizer, weight decay
         included): the weights are copied before ``step`` and the change projected after it."""
-        constrained = {id(c.parameter): c.parameter for c in self.accounting.constraints.values()}
 
         def before(opt: torch.optim.Optimizer, *_: Any) -> None:
             for group in opt.param_groups:
                 for parameter in group["params"]:
-                    if id(parameter) in constrained:
+                    if id(parameter) in self._by_parameter:
                         self._before_step[id(parameter)] = parameter.detach().clone()
 
         def after(opt: torch.optim.Optimizer, *_: Any) -> None:
