@@ -1,0 +1,174 @@
+"""The faster per-class rule equals the former dense one: same ranks, same subspaces, same energy.
+
+``per_class_basis`` skips classes whose energy the basis already captures and, on the CPU,
+computes only the kept eigenvectors of each residual (tridiagonal reduction, eigenvalues alone,
+then the selected vectors). ``_dense_per_class_basis`` is the former implementation (a full
+``eigh`` of every d x d residual): the reference here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from unsc_lightning.nullspace import basis as basis_module
+from unsc_lightning.nullspace.basis import (
+    _dense_per_class_basis,
+    class_threshold_schedule,
+    extend_by_class,
+    per_class_basis,
+)
+
+DTYPE = torch.float64
+SAME = 1e-9
+
+
+def projector(basis: Tensor) -> Tensor:
+    return basis @ basis.T
+
+
+def random_covariances(
+    dim: int, classes: int, rows: int, seed: int = 0, shared: int = 0
+) -> dict[int, Tensor]:
+    """``classes`` covariances ``R_kᵀ R_k`` of ``rows`` rows each (rank ``min(rows, dim)``).
+
+    The rows have a decaying spectrum; ``shared`` directions are common to every class, so later
+    classes find part of their energy already in the basis.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.randn(shared, dim, generator=generator, dtype=DTYPE) * 3
+    covariances = {}
+    for k in range(classes):
+        scales = torch.logspace(0, -3, dim, dtype=DTYPE)
+        rows_k = torch.randn(rows, dim, generator=generator, dtype=DTYPE) * scales
+        rows_k = (
+            rows_k @ torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=DTYPE))[0]
+        )
+        if shared:
+            rows_k[:shared] += common
+        covariances[k] = rows_k.T @ rows_k
+    return covariances
+
+
+def assert_equal_bases(
+    covariances: dict[int, Tensor], threshold: object, **kwargs: object
+) -> tuple[Tensor, Tensor]:
+    basis, info = per_class_basis(covariances, threshold, **kwargs)  # type: ignore[arg-type]
+    reference, reference_info = _dense_per_class_basis(covariances, threshold, **kwargs)  # type: ignore[arg-type]
+    assert info.rank == reference_info.rank == basis.shape[1] == reference.shape[1]
+    assert info.dim == reference_info.dim
+    assert info.energy == pytest.approx(reference_info.energy, abs=1e-12)
+    torch.testing.assert_close(projector(basis), projector(reference), atol=SAME, rtol=0)
+    torch.testing.assert_close(
+        basis.T @ basis, torch.eye(basis.shape[1], dtype=DTYPE), atol=1e-12, rtol=0
+    )
+    return basis, reference
+
+
+@pytest.mark.parametrize("dim", [40, 96])
+@pytest.mark.parametrize("threshold", [0.9, 0.97, 0.999, 1.0])
+def test_full_rank_classes_equal_the_dense_rule(dim, threshold):
+    covariances = random_covariances(dim, classes=6, rows=2 * dim, shared=dim // 4)
+    basis, _ = assert_equal_bases(covariances, threshold)
+    assert 0 < basis.shape[1] <= dim
+
+
+def test_the_authors_schedule_equals_the_dense_rule():
+    covariances = random_covariances(64, classes=10, rows=100, seed=1, shared=10)
+    basis, _ = assert_equal_bases(covariances, class_threshold_schedule(0.97, 0.003))
+    assert basis.shape[1] > 0
+
+
+@pytest.mark.parametrize("threshold", [0.95, 1.0])
+def test_low_rank_classes_equal_the_dense_rule(threshold):
+    # 6 classes of 7 rows each in d = 80: the residuals have many exactly-zero eigenvalues
+    covariances = random_covariances(80, classes=6, rows=7, seed=2)
+    basis, _ = assert_equal_bases(covariances, threshold)
+    if threshold == 1.0:
+        assert basis.shape[1] == 6 * 7  # every row direction, none of the zero ones
+
+
+def test_rank_bounds_take_the_low_rank_path_and_equal_the_dense_rule():
+    covariances = random_covariances(120, classes=4, rows=6, seed=3)
+    bounds = dict.fromkeys(covariances, 6)  # 3 * (6 + 8) < 120: the small eigenproblem
+    assert_equal_bases(covariances, 0.99, rank_bounds=bounds)
+    # loose bounds (dense in d) give the same subspaces too
+    assert_equal_bases(covariances, 0.99, rank_bounds=dict.fromkeys(covariances, 500))
+
+
+def test_group_by_group_extension_equals_one_call():
+    covariances = random_covariances(72, classes=7, rows=90, seed=4, shared=12)
+    schedule = class_threshold_schedule(0.97, 0.003)
+    whole, _ = per_class_basis(covariances, schedule)
+    first, _ = per_class_basis({k: covariances[k] for k in (0, 1, 2)}, schedule)
+    grouped, _ = per_class_basis({k: covariances[k] for k in (3, 4, 5, 6)}, schedule, first)
+    assert torch.equal(grouped, whole)  # the same operations in the same order
+    stepped = torch.zeros(72, 0, dtype=DTYPE)
+    for k in sorted(covariances):
+        stepped = extend_by_class(stepped, covariances[k], schedule(k))
+    assert torch.equal(stepped, whole)
+    # and an initial basis in the dense reference spans the same space
+    dense_first, _ = _dense_per_class_basis({k: covariances[k] for k in (0, 1, 2)}, schedule)
+    dense, _ = _dense_per_class_basis(
+        {k: covariances[k] for k in (3, 4, 5, 6)}, schedule, dense_first
+    )
+    torch.testing.assert_close(projector(grouped), projector(dense), atol=SAME, rtol=0)
+
+
+def test_no_full_eigendecomposition_on_the_cpu(monkeypatch):
+    covariances = random_covariances(64, classes=4, rows=80, seed=5, shared=8)
+    expected, _ = _dense_per_class_basis(covariances, 0.97)
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dense eigh was computed")
+
+    monkeypatch.setattr(torch.linalg, "eigh", forbidden)
+    monkeypatch.setattr(torch.linalg, "svd", forbidden)
+    basis, _ = per_class_basis(covariances, 0.97)
+    torch.testing.assert_close(projector(basis), projector(expected), atol=SAME, rtol=0)
+
+
+def test_a_class_the_basis_already_captures_needs_no_decomposition(monkeypatch):
+    generator = torch.Generator().manual_seed(6)
+    rows = torch.randn(50, 48, generator=generator, dtype=DTYPE)
+    inside = torch.randn(30, 50, generator=generator, dtype=DTYPE) @ rows  # in the span of rows
+    covariances = {0: rows.T @ rows, 1: inside.T @ inside, 2: 2 * rows.T @ rows}
+    calls: list[int] = []
+    directions = basis_module._class_directions
+
+    def counting(cov: Tensor, *args: object) -> Tensor:
+        calls.append(cov.shape[0])
+        return directions(cov, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(basis_module, "_class_directions", counting)
+    basis, info = per_class_basis(covariances, 1.0)
+    assert calls == [48]  # class 0 only: classes 1 and 2 lie inside its span
+    assert basis.shape[1] == 48 and info.energy == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_lapack_failure_falls_back_to_the_dense_decomposition(monkeypatch):
+    from scipy.linalg import lapack
+
+    covariances = random_covariances(48, classes=3, rows=60, seed=7)
+    expected, _ = _dense_per_class_basis(covariances, 0.97)
+    failures: list[int] = []
+
+    def failing_sterf(diagonal: object, off: object) -> tuple[object, int]:
+        failures.append(1)
+        return diagonal, 1  # LAPACK's "did not converge"
+
+    monkeypatch.setattr(lapack, "dsterf", failing_sterf)
+    basis, _ = per_class_basis(covariances, 0.97)
+    assert failures  # the partial path was tried ...
+    torch.testing.assert_close(
+        projector(basis), projector(expected), atol=SAME, rtol=0
+    )  # ... and fell back
+
+
+def test_threshold_one_on_a_full_basis_adds_nothing():
+    covariances = random_covariances(36, classes=3, rows=80, seed=8)
+    basis, info = per_class_basis(covariances, 1.0)
+    assert basis.shape[1] == 36 and info.rank == 36
+    again, _ = per_class_basis(covariances, 1.0, basis)
+    assert torch.equal(again, basis)
