@@ -7,6 +7,11 @@ bases from the file without reading any data (see
 :class:`~unsc_lightning.nullspace.cache.ClassCovarianceCache`). The package never overwrites a
 file it did not write: an existing path that is not a covariance cache is refused.
 
+A file also records the per-class rule's basis along the held classes (a few ``d x r`` floats per
+layer, see :class:`~unsc_lightning.nullspace.cache.ClassCovarianceCache`): a later request that
+forgets class ``f`` runs the rule only on the classes above ``f``. The file is rewritten (rank
+zero, atomically) when a request added such a record.
+
 Deletion hygiene: unless the callback has ``keep_forgotten_statistics=True``, the forgotten data
 are not read into the cache, and statistics of the classes a request forgets that an earlier
 request left in the file are zeroed before the bases are used and the file is written back, so
@@ -70,7 +75,22 @@ def serve(callback: NullSpaceCalibration, trainer: L.Trainer, pl_module: L.Light
         callback.class_threshold_step,
         engine.keys,
     )
-    _drop_forgotten(callback, trainer, plan, cache)
+    dropped = _drop_forgotten(callback, cache, plan)
+    if trainer.is_global_zero:
+        if not plan.hit and callback.rule == "per_class":
+            # a data pass was needed anyway: record the rule along every held class, so a later
+            # request forgetting class f runs it only on the classes above f
+            cache.prepare_rule_states(
+                callback.threshold, callback.class_threshold_step, engine.keys
+            )
+        if dropped or cache.states_changed:
+            cache.save(plan.path)
+        if dropped:
+            rank_zero_info(
+                f"NullSpaceCalibration: dropped the statistics of the forgotten classes {dropped} "
+                f"from the covariance cache {plan.path} (`keep_forgotten_statistics=True` keeps "
+                "them)."
+            )
     samples = int(cache.samples_per_class[plan.remaining].sum())
     engine.set_bases(bases, samples=samples, classes=plan.remaining)
     del cache  # release the per-class d x d covariances
@@ -84,22 +104,19 @@ def serve(callback: NullSpaceCalibration, trainer: L.Trainer, pl_module: L.Light
 
 
 def _drop_forgotten(
-    callback: NullSpaceCalibration, trainer: L.Trainer, plan: _Plan, cache: ClassCovarianceCache
-) -> None:
-    """Zero the statistics of every class this request does not keep, and rewrite the file."""
+    callback: NullSpaceCalibration, cache: ClassCovarianceCache, plan: _Plan
+) -> list[int]:
+    """Zero the statistics of every class this request does not keep; the classes dropped.
+
+    The caller rewrites the file when any were dropped.
+    """
     if callback.keep_forgotten_statistics:
-        return
+        return []
     kept = set(plan.remaining)
     forgotten = [k for k in cache.classes if k not in kept]
-    if not forgotten:
-        return
-    cache.drop_classes_(forgotten)
-    if trainer.is_global_zero:
-        cache.save(plan.path)
-        rank_zero_info(
-            f"NullSpaceCalibration: dropped the statistics of the forgotten classes {forgotten} "
-            f"from the covariance cache {plan.path} (`keep_forgotten_statistics=True` keeps them)."
-        )
+    if forgotten:
+        cache.drop_classes_(forgotten)
+    return forgotten
 
 
 def _num_classes(pl_module: L.LightningModule, trainer: L.Trainer) -> int:

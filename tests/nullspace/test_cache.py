@@ -578,3 +578,179 @@ def test_ddp_builds_the_same_cache_and_every_rank_is_served(data, original, tmp_
     for name, basis in expected.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         torch.testing.assert_close(ranks[0][name], basis)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-class rule states: a later request reuses the rule's basis before its first forgotten class
+# --------------------------------------------------------------------------------------------
+def without_states(cache: ClassCovarianceCache) -> ClassCovarianceCache:
+    """The same sums (shared), no recorded rule state."""
+    fresh = ClassCovarianceCache(
+        cache.sums, cache.samples_per_class, cache.fingerprint, cache.rows_seen
+    )
+    fresh.rows_per_sample = dict(cache.rows_per_sample)
+    return fresh
+
+
+@pytest.fixture
+def extension_calls(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The trace of every class covariance the cache runs the per-class rule on."""
+    from unsc_lightning.nullspace import cache as cache_module
+
+    calls: list[float] = []
+    extend = cache_module.extend_by_class
+
+    def counting(basis: Tensor, cov: Tensor, *args: Any) -> Tensor:
+        calls.append(float(torch.trace(cov)))
+        return extend(basis, cov, *args)
+
+    monkeypatch.setattr(cache_module, "extend_by_class", counting)
+    return calls
+
+
+def built_cache(data: tuple[Tensor, Tensor], original: nn.Module) -> ClassCovarianceCache:
+    x, y = data
+    return ClassCovarianceCache.build(
+        original, linear_layers(original), CountingLoader(x, y), NUM_CLASSES
+    )
+
+
+def assert_equal_results(
+    bases: dict[str, tuple[Tensor, Any]], expected: dict[str, tuple[Tensor, Any]]
+) -> None:
+    assert bases.keys() == expected.keys()
+    for name, (basis, info) in bases.items():
+        assert torch.equal(basis, expected[name][0]), name  # the same operations, same order
+        assert info == expected[name][1], name
+
+
+def traces_of(cache: ClassCovarianceCache, classes: list[int]) -> list[float]:
+    """What ``extension_calls`` records when the rule runs on ``classes`` in every layer."""
+    return [float(torch.trace(total[k])) for total in cache.sums.values() for k in classes]
+
+
+@pytest.mark.parametrize(("threshold", "step"), [(0.97, 0.003), (1.0, 0.0)])
+def test_second_request_runs_the_rule_only_after_its_first_forgotten_class(
+    data, original, extension_calls, threshold, step
+):
+    cache = built_cache(data, original)
+    cache.prepare_rule_states(threshold, step)
+    assert extension_calls == traces_of(cache, list(range(NUM_CLASSES)))
+    assert all(state.classes == list(range(NUM_CLASSES)) for state in cache.rule_states.values())
+    extension_calls.clear()
+
+    bases = cache.bases([0, 1, 3, 4], threshold, class_threshold_step=step)
+
+    assert extension_calls == traces_of(cache, [3, 4])  # classes 0 and 1 come from the record
+    fresh = without_states(cache)
+    assert_equal_results(bases, fresh.bases([0, 1, 3, 4], threshold, class_threshold_step=step))
+    assert_equal_results(
+        bases, build_bases(cache.accumulator(), threshold, "per_class", [0, 1, 3, 4], step)
+    )
+
+
+def test_another_threshold_does_not_reuse_the_record(data, original, extension_calls):
+    cache = built_cache(data, original)
+    cache.prepare_rule_states(0.97)
+    extension_calls.clear()
+    bases = cache.bases([0, 1, 2, 3], 0.9)
+    assert extension_calls == traces_of(cache, [0, 1, 2, 3])
+    assert_equal_results(bases, without_states(cache).bases([0, 1, 2, 3], 0.9))
+
+
+def test_rule_states_survive_save_and_load(data, original, tmp_path, extension_calls):
+    cache = built_cache(data, original)
+    cache.bases([0, 1, 2, 3, 4], 0.97)  # records the state of the held classes on the way
+    assert cache.states_changed
+    path = cache.save(tmp_path / "covariances.pt")
+    assert not cache.states_changed
+    extension_calls.clear()
+
+    loaded = ClassCovarianceCache.load(path)
+    assert loaded.rule_states.keys() == cache.rule_states.keys() and not loaded.states_changed
+    for key, state in cache.rule_states.items():
+        assert torch.equal(loaded.rule_states[key].basis, state.basis)
+    bases = loaded.bases([0, 1, 2, 4], 0.97)
+    assert extension_calls == traces_of(loaded, [4])
+    assert_equal_results(bases, without_states(loaded).bases([0, 1, 2, 4], 0.97))
+
+
+def test_a_changed_covariance_is_not_served_from_the_record(data, original, extension_calls):
+    cache = built_cache(data, original)
+    cache.prepare_rule_states(0.97)
+    for total in cache.sums.values():
+        total[2].mul_(1.5)  # edited in place, behind the cache's back
+    extension_calls.clear()
+
+    bases = cache.bases([0, 1, 2, 3], 0.97)
+
+    assert extension_calls == traces_of(cache, [2, 3])  # the prefix stops before class 2
+    assert_equal_results(bases, without_states(cache).bases([0, 1, 2, 3], 0.97))
+
+
+def test_dropping_a_class_removes_every_direction_built_from_it(data, original, tmp_path):
+    cache = built_cache(data, original)
+    cache.prepare_rule_states(1.0)
+    full = {key: state.widths for key, state in cache.rule_states.items()}
+
+    cache.drop_classes_([2])
+
+    for key, state in cache.rule_states.items():
+        assert state.classes == [0, 1]
+        assert state.basis.shape[1] == state.widths[-1] == full[key][1]
+    loaded = ClassCovarianceCache.load(cache.save(tmp_path / "covariances.pt"))
+    assert all(state.classes == [0, 1] for state in loaded.rule_states.values())
+    assert_equal_results(
+        loaded.bases([0, 1, 3, 4], 1.0), without_states(loaded).bases([0, 1, 3, 4], 1.0)
+    )
+    cache.drop_classes_([0])
+    assert cache.rule_states == {}
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda states: states.clear() or states.update({"0|0.97|0.0": "not a state"}),
+        lambda states: next(iter(states.values())).update(widths=[1, 2]),
+        lambda states: next(iter(states.values())).update(basis=torch.zeros(3, 2)),
+        lambda states: next(iter(states.values())).pop("signatures"),
+    ],
+)
+def test_a_malformed_rule_state_in_the_file_is_ignored(data, original, tmp_path, tamper):
+    cache = built_cache(data, original)
+    cache.prepare_rule_states(0.97)
+    path = cache.save(tmp_path / "covariances.pt")
+    payload = torch.load(path, weights_only=True)
+    tamper(payload["rule_states"])
+    torch.save(payload, path)
+
+    loaded = ClassCovarianceCache.load(path)
+
+    assert len(loaded.rule_states) == len(payload["rule_states"]) - 1
+    assert_equal_results(
+        loaded.bases([0, 2, 3], 0.97), without_states(loaded).bases([0, 2, 3], 0.97)
+    )
+
+
+def test_callback_records_the_rule_and_keeps_no_state_of_a_forgotten_class(
+    data, original, tmp_path
+):
+    x, y = data
+    path = tmp_path / "covariances.pt"
+    fit_unlearning(
+        original, ClassForgetDataModule(x, y, forget_classes=[4]), covariance_cache=str(path)
+    )
+    first = ClassCovarianceCache.load(path)
+    assert first.classes == [0, 1, 2, 3] and first.rule_states
+    assert all(state.classes == [0, 1, 2, 3] for state in first.rule_states.values())
+
+    # class 4 is read from the data; class 1 is forgotten, so nothing built from it may stay
+    _, second = fit_unlearning(
+        original, ClassForgetDataModule(x, y, forget_classes=[1]), covariance_cache=str(path)
+    )
+    stored = ClassCovarianceCache.load(path)
+    assert stored.classes == [0, 2, 3, 4]
+    assert stored.rule_states
+    assert all(1 not in state.classes for state in stored.rule_states.values())
+    _, uncached = fit_unlearning(original, ClassForgetDataModule(x, y, forget_classes=[1]))
+    assert_same_subspaces(dict(second.bases), dict(uncached.bases))

@@ -15,6 +15,15 @@ Memory and disk: ``8 · num_classes · Σ_l d_l²`` bytes (float64), the same as
 per-class accumulator. The cache holds second-moment statistics of every class, forgotten ones
 included: delete it (or those classes, :meth:`ClassCovarianceCache.drop_classes_`) when the
 forgotten data must leave no trace.
+
+Per-class rule states: the paper's rule extends one basis class by class in ascending id, so the
+basis after the classes below the first forgotten one is the same for every request that keeps
+them. The cache records, per layer and threshold schedule, the basis the rule built along one class
+sequence (its columns in the order they were added and the width after each class, a few
+``d x r`` floats); a later request reuses the longest prefix it shares and runs the rule only on
+the classes after it. A recorded prefix is used only while every covariance it was built from is
+unchanged (each class's trace and a fixed random quadratic form are checked), and dropping a class
+removes every recorded direction that depended on it.
 """
 
 from __future__ import annotations
@@ -29,14 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unsc_lightning.nullspace.basis import BasisInfo
+from unsc_lightning.nullspace.basis import BasisInfo, extend_by_class
 from unsc_lightning.nullspace.covariance import (
     CovarianceAccumulator,
     accumulate_covariances,
     layer_dims,
 )
 from unsc_lightning.nullspace.guard import eval_mode
-from unsc_lightning.nullspace.layers import BasisRule, build_bases
+from unsc_lightning.nullspace.layers import BasisRule, build_bases, threshold_for
 
 #: Format version of the cache file; a file of another version is rebuilt, never reinterpreted.
 CACHE_VERSION = 1
@@ -104,6 +113,10 @@ class ClassCovarianceCache:
         self.rows_seen = {name: int((rows_seen or {}).get(name, 0)) for name in self.sums}
         #: most rows one sample gave each layer (bounds each class's rank; 0 = unknown)
         self.rows_per_sample = {name: 0 for name in self.sums}
+        #: per-class rule states, ``"layer|threshold|step" -> _RuleState`` (see the module doc)
+        self.rule_states: dict[str, _RuleState] = {}
+        #: whether ``rule_states`` changed since the cache was loaded or saved
+        self.states_changed = False
 
     # -- what the cache holds -------------------------------------------------------------------
     @property
@@ -217,11 +230,25 @@ class ClassCovarianceCache:
 
     def drop_classes_(self, classes: Iterable[int]) -> ClassCovarianceCache:
         """Zero the covariances of ``classes`` (e.g. forgotten data that must leave no trace)."""
-        for k in {int(k) for k in classes}:
+        dropped = {int(k) for k in classes}
+        for k in dropped:
             for total in self.sums.values():
                 total[k].zero_()
             self.samples_per_class[k] = 0
+        # no recorded direction may depend on a dropped class: keep only the prefixes before it
+        for key, state in list(self.rule_states.items()):
+            kept = next((i for i, k in enumerate(state.classes) if k in dropped), None)
+            if kept is not None:
+                self._set_state(key, state.truncated(kept))
         return self
+
+    def _set_state(self, key: str, state: _RuleState | None) -> None:
+        if state is None or not state.classes:
+            if self.rule_states.pop(key, None) is not None:
+                self.states_changed = True
+            return
+        self.rule_states[key] = state
+        self.states_changed = True
 
     # -- bases ----------------------------------------------------------------------------------
     def accumulator(self, layers: Iterable[str] | None = None) -> CovarianceAccumulator:
@@ -265,9 +292,78 @@ class ClassCovarianceCache:
                 f"The covariance cache holds no sample of the remaining classes {missing}; "
                 "rebuild it from data that contain them."
             )
-        return build_bases(
-            self.accumulator(layers), threshold, rule, remaining, class_threshold_step
-        )
+        if rule != "per_class" or not remaining:
+            return build_bases(
+                self.accumulator(layers), threshold, rule, remaining, class_threshold_step
+            )
+        names = list(self.sums) if layers is None else list(layers)
+        return {
+            name: self._per_class(
+                name, remaining, threshold_for(threshold, name), class_threshold_step
+            )
+            for name in names
+        }
+
+    def prepare_rule_states(
+        self,
+        threshold: float | Mapping[str, float],
+        class_threshold_step: float = 0.0,
+        layers: Iterable[str] | None = None,
+    ) -> None:
+        """Record the per-class rule along every held class, for later requests to start from.
+
+        A request that forgets class ``f`` then runs the rule only on the classes above ``f``.
+        Costs one per-class basis build (less the prefix already recorded).
+        """
+        held = self.classes
+        if held:
+            for name in list(self.sums) if layers is None else list(layers):
+                self._per_class(name, held, threshold_for(threshold, name), class_threshold_step)
+
+    def _bounds(self, name: str, classes: list[int]) -> dict[int, int] | None:
+        # as :func:`build_bases`: rank(C_k) <= rows summed into it
+        per_sample = self.rows_per_sample.get(name, 0)
+        if not per_sample:
+            return None
+        return {k: int(self.samples_per_class[k]) * per_sample for k in classes}
+
+    def _per_class(
+        self, name: str, remaining: list[int], eps: float, step: float
+    ) -> tuple[Tensor, BasisInfo]:
+        sums = self.sums[name]
+        dim = sums.shape[-1]
+        key = f"{name}|{float(eps)!r}|{float(step)!r}"
+        bounds = self._bounds(name, remaining)
+        signatures = _signatures(sums, remaining)
+        stored = self.rule_states.get(key)
+        start = 0 if stored is None else stored.shared_prefix(remaining, signatures, bounds)
+        if stored is not None and start:
+            basis = stored.basis[:, : stored.widths[start - 1]].to(sums.device).contiguous()
+        else:
+            basis = torch.zeros(dim, 0, dtype=torch.float64, device=sums.device)
+        widths = [] if stored is None else list(stored.widths[:start])
+        for k in remaining[start:]:
+            bound = None if bounds is None else bounds[k]
+            basis = extend_by_class(basis, sums[k], min(eps + step * k, 1.0), bound)
+            widths.append(basis.shape[1])
+        if stored is None or start < len(remaining):
+            candidate = _RuleState(
+                list(remaining),
+                widths,
+                [-1 if bounds is None else bounds[k] for k in remaining],
+                signatures,
+                basis.detach().to("cpu"),
+            )
+            # keep the state that follows the held classes longest (it serves the most requests)
+            held = self.classes
+            if stored is None or candidate.follows(held) > stored.follows(held):
+                self._set_state(key, candidate)
+        summed = sums[remaining].sum(0)
+        summed = (summed + summed.T) / 2
+        total = float(torch.trace(summed))
+        kept = float(torch.trace(basis.T @ summed @ basis)) if basis.shape[1] else 0.0
+        energy = kept / total if total > 0 else 1.0
+        return basis, BasisInfo(dim=dim, rank=basis.shape[1], energy=energy)
 
     # -- storage --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -282,6 +378,7 @@ class ClassCovarianceCache:
             "rows_seen": self.rows_seen,
             "rows_per_sample": self.rows_per_sample,
             "sums": {name: total.to("cpu") for name, total in self.sums.items()},
+            "rule_states": {key: state.to_payload() for key, state in self.rule_states.items()},
         }
         try:
             torch.save(payload, tmp)
@@ -293,6 +390,7 @@ class ClassCovarianceCache:
             ) from error
         finally:
             tmp.unlink(missing_ok=True)
+        self.states_changed = False
         return path
 
     @classmethod
@@ -311,9 +409,108 @@ class ClassCovarianceCache:
                 f"Covariance cache {str(path)!r} has format version {version!r}, expected "
                 f"{CACHE_VERSION}; it must be rebuilt."
             )
-        return cls(
+        cache = cls(
             payload["sums"],
             payload["samples_per_class"],
             payload["fingerprint"],
             payload["rows_seen"],
         )._with_rows_per_sample(payload.get("rows_per_sample", {}))
+        states = payload.get("rule_states", {})
+        for key, stored in states.items() if isinstance(states, dict) else ():
+            state = _RuleState.from_payload(stored)
+            # a malformed or foreign state is not used (the rule then runs in full)
+            name = str(key).split("|", 1)[0]
+            dim = cache.dims.get(name)
+            if state is not None and dim is not None and state.basis.shape[0] == dim:
+                cache.rule_states[str(key)] = state
+        return cache
+
+
+def _signatures(sums: Tensor, classes: list[int]) -> Tensor:
+    """Per class: ``trace(C_k)`` and ``sᵀ C_k s`` for a fixed Gaussian ``s`` (float64, CPU)."""
+    dim = sums.shape[-1]
+    probe = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probe = probe.to(sums.device)
+    selected = sums[classes].to(torch.float64)
+    traces = selected.diagonal(dim1=-2, dim2=-1).sum(-1)
+    forms = (selected @ probe) @ probe
+    return torch.stack([traces, forms], dim=1).cpu()
+
+
+class _RuleState:
+    """The per-class rule's basis along one class sequence (see the module doc)."""
+
+    def __init__(
+        self,
+        classes: list[int],
+        widths: list[int],
+        bounds: list[int],
+        signatures: Tensor,
+        basis: Tensor,
+    ) -> None:
+        self.classes, self.widths, self.bounds = classes, widths, bounds
+        self.signatures, self.basis = signatures, basis
+
+    def shared_prefix(
+        self, classes: list[int], signatures: Tensor, bounds: Mapping[int, int] | None
+    ) -> int:
+        """How many leading classes of ``classes`` this state was built from, unchanged."""
+        count = 0
+        for i, k in enumerate(classes[: len(self.classes)]):
+            bound = -1 if bounds is None else bounds[k]
+            if self.classes[i] != k or self.bounds[i] != bound:
+                break
+            mine, theirs = self.signatures[i], signatures[i]
+            if not bool(((mine - theirs).abs() <= 1e-12 * (mine.abs() + theirs.abs())).all()):
+                break
+            count += 1
+        return count
+
+    def follows(self, classes: list[int]) -> int:
+        """Length of the common prefix of this state's classes and ``classes``."""
+        count = 0
+        for mine, theirs in zip(self.classes, classes):
+            if mine != theirs:
+                break
+            count += 1
+        return count
+
+    def truncated(self, count: int) -> _RuleState:
+        """The state after its first ``count`` classes."""
+        width = self.widths[count - 1] if count else 0
+        return _RuleState(
+            self.classes[:count],
+            self.widths[:count],
+            self.bounds[:count],
+            self.signatures[:count].clone(),
+            self.basis[:, :width].clone(),
+        )
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.classes),
+            "widths": list(self.widths),
+            "bounds": list(self.bounds),
+            "signatures": self.signatures,
+            "basis": self.basis,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> _RuleState | None:
+        try:
+            classes = [int(k) for k in payload["classes"]]
+            widths = [int(w) for w in payload["widths"]]
+            bounds = [int(b) for b in payload["bounds"]]
+            signatures = payload["signatures"].to("cpu", torch.float64)
+            basis = payload["basis"].to("cpu", torch.float64)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        consistent = (
+            len(classes) == len(widths) == len(bounds) == signatures.shape[0]
+            and tuple(signatures.shape[1:]) == (2,)
+            and basis.dim() == 2
+            and classes == sorted(set(classes))
+            and widths == sorted(widths)
+            and (not widths or widths[-1] == basis.shape[1])
+        )
+        return cls(classes, widths, bounds, signatures, basis) if consistent else None
