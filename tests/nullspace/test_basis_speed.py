@@ -172,3 +172,15 @@ def test_threshold_one_on_a_full_basis_adds_nothing():
     assert basis.shape[1] == 36 and info.rank == 36
     again, _ = per_class_basis(covariances, 1.0, basis)
     assert torch.equal(again, basis)
+
+
+def test_the_cheaper_residual_equals_the_projected_covariance():
+    covariance = random_covariances(50, classes=1, rows=70, seed=9)[0]
+    generator = torch.Generator().manual_seed(9)
+    basis = torch.linalg.qr(torch.randn(50, 12, generator=generator, dtype=DTYPE))[0]
+    projection = torch.eye(50, dtype=DTYPE) - basis @ basis.T
+    residual = basis_module._residual_symmetric(covariance, basis)
+    expected = projection @ covariance @ projection
+    torch.testing.assert_close(residual, expected, atol=1e-10 * float(expected.abs().max()), rtol=0)
+    assert torch.equal(residual, residual.T)  # exactly symmetric: LAPACK reads one triangle
+    assert basis_module._residual_symmetric(covariance, basis[:, :0]) is covariance

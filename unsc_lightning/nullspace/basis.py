@@ -45,6 +45,17 @@ def _residual(cov: Tensor, basis: Tensor | None) -> Tensor:
     return cov - basis @ cu.T - cu @ basis.T + basis @ inner @ basis.T
 
 
+def _residual_symmetric(cov: Tensor, basis: Tensor) -> Tensor:
+    # the same residual in 4 d² r flops, exactly symmetric: with A = C U and
+    # B = A - U (Uᵀ A) / 2, (I - UUᵀ) C (I - UUᵀ) = C - (U Bᵀ + B Uᵀ) since Uᵀ A = Uᵀ C U
+    if not basis.shape[1]:
+        return cov
+    product = cov @ basis
+    half = product - basis @ ((basis.T @ product) / 2)
+    outer = basis @ half.T
+    return cov - (outer + outer.T)
+
+
 def eigh_descending(
     cov: Tensor, rank_bound: int | None = None, basis: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -191,7 +202,7 @@ def _top_residual_vectors(
     from scipy.linalg import lapack
 
     dim = cov.shape[0]
-    residual = _symmetric(_residual(cov, basis))
+    residual = _residual_symmetric(cov, basis)
     largest = torch.maximum(torch.trace(residual), residual.abs().max())
     scale = float(largest.clamp_min(torch.finfo(torch.float64).tiny))
     # C-contiguous and symmetric: its transpose is the same matrix in Fortran order (no copy)

@@ -358,7 +358,9 @@ class ClassCovarianceCache:
             held = self.classes
             if stored is None or candidate.follows(held) > stored.follows(held):
                 self._set_state(key, candidate)
-        summed = sums[remaining].sum(0)
+        summed = torch.zeros_like(sums[0], dtype=torch.float64)
+        for k in remaining:
+            summed += sums[k]
         summed = (summed + summed.T) / 2
         total = float(torch.trace(summed))
         kept = float(torch.trace(basis.T @ summed @ basis)) if basis.shape[1] else 0.0
@@ -430,11 +432,11 @@ def _signatures(sums: Tensor, classes: list[int]) -> Tensor:
     """Per class: ``trace(C_k)`` and ``sᵀ C_k s`` for a fixed Gaussian ``s`` (float64, CPU)."""
     dim = sums.shape[-1]
     probe = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    probe = probe.to(sums.device)
-    selected = sums[classes].to(torch.float64)
-    traces = selected.diagonal(dim1=-2, dim2=-1).sum(-1)
-    forms = (selected @ probe) @ probe
-    return torch.stack([traces, forms], dim=1).cpu()
+    probe = probe.to(device=sums.device, dtype=sums.dtype)
+    index = torch.tensor(classes, dtype=torch.long, device=sums.device)
+    traces = sums.diagonal(dim1=-2, dim2=-1).sum(-1).index_select(0, index)
+    forms = (sums @ probe).index_select(0, index) @ probe  # no copy of the selected sums
+    return torch.stack([traces, forms], dim=1).to("cpu", torch.float64)
 
 
 class _RuleState:
@@ -457,14 +459,13 @@ class _RuleState:
         """How many leading classes of ``classes`` this state was built from, unchanged."""
         count = 0
         for i, k in enumerate(classes[: len(self.classes)]):
-            bound = -1 if bounds is None else bounds[k]
-            if self.classes[i] != k or self.bounds[i] != bound:
-                break
-            mine, theirs = self.signatures[i], signatures[i]
-            if not bool(((mine - theirs).abs() <= 1e-12 * (mine.abs() + theirs.abs())).all()):
+            if self.classes[i] != k or self.bounds[i] != (-1 if bounds is None else bounds[k]):
                 break
             count += 1
-        return count
+        mine, theirs = self.signatures[:count], signatures[:count]
+        changed = ((mine - theirs).abs() > 1e-12 * (mine.abs() + theirs.abs())).any(dim=1)
+        first = torch.nonzero(changed)
+        return int(first[0]) if first.numel() else count
 
     def follows(self, classes: list[int]) -> int:
         """Length of the common prefix of this state's classes and ``classes``."""
