@@ -13,18 +13,34 @@ labels over ``--classes`` classes) is added to per-class sums ``(C, d, d)`` in f
 
 The shapes are those of MNIST1DConvNet / AllCNN / ResNet-18 layers.
 
+Section ``rule`` (``--section``): the per-class basis rule itself (``per_class_basis``, the
+paper's Algorithm 1) on ``--classes`` synthetic covariances per layer size, the library's
+implementation against the former one (``_dense_per_class_basis``: a full ``eigh`` of every
+class's d x d residual), in one process, with the largest projector difference between the two.
+The sizes are MNIST1DConvNet's (5, 96, 128, 320) and AllCNN-like (27, 432, 864, 1728). Every class
+shares a dominant spectrum and adds a few directions of its own, so the basis grows fast over the
+first classes and little after (as on real features).
+
 Example:
     python benchmarks/bench_per_class.py --threads 1 --json bench_per_class.json
+    python benchmarks/bench_per_class.py --threads 1 --section rule --repeats 2
 """
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
 import torch
-from _common import best, machine, parser, setup, table, timed, write_json
+from _common import best, machine, parser, setup, synchronize, table, timed, write_json
 from torch import Tensor
+
+from unsc_lightning.nullspace.basis import (
+    _dense_per_class_basis,
+    class_threshold_schedule,
+    per_class_basis,
+)
 
 SHAPES = [  # (layer, d, rows per sample)
     ("allcnn conv1 (3x3, 48 ch, 32x32)", 432, 1024),
@@ -84,16 +100,71 @@ KERNELS = {
 }
 
 
+RULE_DIMS = [5, 96, 128, 320, 27, 432, 864, 1728]
+
+
+def class_covariances(dim: int, classes: int, device: torch.device) -> dict[int, Tensor]:
+    """Shared power-law spectrum in a common rotation, per-class reweighting and own directions."""
+    generator = torch.Generator().manual_seed(dim)
+    rotation = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))[0]
+    spectrum = 1.0 / torch.arange(1, dim + 1, dtype=torch.float64) ** 1.5
+    covariances = {}
+    for k in range(classes):
+        weights = spectrum * (1 + 0.5 * torch.rand(dim, generator=generator, dtype=torch.float64))
+        own = torch.randn(dim, max(1, dim // 64), generator=generator, dtype=torch.float64) * 0.05
+        cov = (rotation * weights) @ rotation.T + own @ own.T
+        covariances[k] = cov.to(device)
+    return covariances
+
+
+def rule_section(options: Any, device: torch.device) -> list[dict[str, Any]]:
+    schedule = class_threshold_schedule(0.97, 0.003)  # the authors' per-class schedule
+    results = []
+    for dim in options.rule_dims:
+        covariances = class_covariances(dim, options.classes, device)
+        row: dict[str, Any] = {"d": dim, "classes": options.classes}
+        bases = {}
+        for name, rule in (("former", _dense_per_class_basis), ("new", per_class_basis)):
+            call = partial(rule, covariances, schedule)
+            times = []
+            for _ in range(options.repeats):
+                start = time.perf_counter()
+                bases[name] = call()
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+            row[f"{name}_ms"] = 1e3 * best(times)
+        former, new = bases["former"][0], bases["new"][0]
+        row["rank"] = new.shape[1]
+        row["speedup"] = row["former_ms"] / row["new_ms"]
+        row["max_projector_difference"] = (
+            float((former @ former.T - new @ new.T).abs().max())
+            if former.shape == new.shape
+            else float("inf")
+        )
+        results.append(row)
+        print(row, flush=True)
+    print(
+        table(
+            results,
+            ["d", "classes", "rank", "former_ms", "new_ms", "speedup", "max_projector_difference"],
+        )
+    )
+    return results
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0])
     args.add_argument("--batch", type=int, default=128)
     args.add_argument("--classes", type=int, default=10)
     args.add_argument("--max-einsum-gflop", type=float, default=20.0, help="skip einsum above this")
+    args.add_argument("--section", choices=["kernels", "rule", "both"], default="both")
+    args.add_argument("--rule-dims", type=int, nargs="+", default=RULE_DIMS)
     options = args.parse_args()
     device = setup(options)
+    rule_results = rule_section(options, device) if options.section != "kernels" else []
     generator = torch.Generator().manual_seed(0)
     results: list[dict[str, Any]] = []
-    for layer, dim, per_sample in SHAPES:
+    for layer, dim, per_sample in SHAPES if options.section != "rule" else []:
         labels = (
             torch.randint(0, options.classes, (options.batch,), generator=generator).sort().values
         )
@@ -124,7 +195,8 @@ def main() -> None:
         results.append(row)
         print(row, flush=True)
     columns = ["layer", "d", "rows_per_sample"] + [f"{name}_ms" for name in KERNELS]
-    print(table(results, columns))
+    if results:
+        print(table(results, columns))
     write_json(
         options.json,
         {
@@ -132,6 +204,7 @@ def main() -> None:
             "batch": options.batch,
             "classes": options.classes,
             "results": results,
+            "rule_results": rule_results,
             "machine": machine(device),
         },
     )

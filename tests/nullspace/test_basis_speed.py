@@ -184,3 +184,25 @@ def test_the_cheaper_residual_equals_the_projected_covariance():
     torch.testing.assert_close(residual, expected, atol=1e-10 * float(expected.abs().max()), rtol=0)
     assert torch.equal(residual, residual.T)  # exactly symmetric: LAPACK reads one triangle
     assert basis_module._residual_symmetric(covariance, basis[:, :0]) is covariance
+
+
+@pytest.mark.parametrize("complement", [True, False])
+def test_the_complement_and_the_residual_give_the_dense_rule(monkeypatch, complement):
+    # the complement Q of U (d x (d - r)): Qᵀ C Q has the residual's nonzero eigenpairs
+    chosen: list[bool] = []
+
+    def choose(dim: int, width: int) -> bool:
+        chosen.append(complement)
+        return complement
+
+    monkeypatch.setattr(basis_module, "_complement_cheaper", choose)
+    covariances = random_covariances(60, classes=6, rows=90, seed=10, shared=15)
+    assert_equal_bases(covariances, class_threshold_schedule(0.97, 0.005))
+    assert_equal_bases(covariances, 1.0)
+    assert chosen  # classes after the first were decomposed this way
+
+
+def test_the_complement_is_chosen_once_the_basis_holds_much_of_the_space():
+    assert not basis_module._complement_cheaper(320, 20)
+    assert basis_module._complement_cheaper(320, 200)
+    assert basis_module._complement_cheaper(864, 600)

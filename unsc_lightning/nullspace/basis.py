@@ -186,32 +186,58 @@ def _orthonormal_extension(basis: Tensor, new: Tensor) -> Tensor:
 _PARTIAL_MIN_DIM = 32
 
 
+def _complement_cheaper(dim: int, width: int) -> bool:
+    # flop estimates: the d x d residual (4 d² r + 4 d r²) and its tridiagonal reduction, against
+    # an orthonormal complement Q (QR of U, then Q = H [0; I]: 2 d r² + 4 d n r), Qᵀ C Q
+    # (2 d² n + 2 d n²) and the reduction of that n x n matrix; the reduction (half of it
+    # matrix-vector work) counts about four flops per flop of a matrix product
+    free = dim - width
+    residual = 4 * dim * dim * width + 4 * dim * width * width + 4 * dim**3
+    complement = 2 * dim * width * width + 4 * dim * free * width
+    complement += 2 * dim * dim * free + 2 * dim * free * free + 4 * free**3
+    return complement < residual
+
+
 def _top_residual_vectors(
     cov: Tensor, basis: Tensor, threshold: float, total: float, captured: float
 ) -> Tensor | None:
     """The leading residual eigenvectors the energy rule keeps, without a full ``eigh``.
 
-    The residual ``(I - UUᵀ) C (I - UUᵀ)`` is reduced to tridiagonal form once (LAPACK
-    ``dsytrd``, a fraction of a full ``eigh``); its eigenvalues alone (``dsterf``, ``O(d²)``)
-    decide the rank, and only that many eigenvectors are computed (``dstemr``) and transformed
-    back. The eigenvalues and the kept subspace are those of
-    :func:`eigh_descending` up to rounding. ``None`` (the caller decomposes densely) when LAPACK
-    reports a failure. CPU float64 only.
+    The nonzero eigenpairs of the residual ``(I - UUᵀ) C (I - UUᵀ)`` are those of
+    ``Qᵀ C Q`` for an orthonormal complement ``Q`` (``d x (d - r)``) of ``U``, mapped by ``Q``:
+    once ``U`` holds a good part of the dimensions, the smaller matrix is decomposed instead.
+    Either matrix is reduced to tridiagonal form once (LAPACK ``dsytrd``, a fraction of a full
+    ``eigh``); its eigenvalues alone (``dsterf``, ``O(d²)``) decide the rank, and only that many
+    eigenvectors are computed (``dstemr``) and transformed back. The eigenvalues and the kept
+    subspace are those of :func:`eigh_descending` up to rounding. ``None`` (the caller decomposes
+    densely) when LAPACK reports a failure. CPU float64 only.
     """
     import numpy as np
     from scipy.linalg import lapack
 
-    dim = cov.shape[0]
-    residual = _residual_symmetric(cov, basis)
-    largest = torch.maximum(torch.trace(residual), residual.abs().max())
+    dim, width = cov.shape[0], basis.shape[1]
+    complement: Tensor | None = None
+    if width and _complement_cheaper(dim, width):
+        reflectors, tau = torch.geqrf(basis)
+        corner = torch.zeros(dim, dim - width, dtype=cov.dtype)
+        corner[width:].fill_diagonal_(1.0)
+        complement = torch.ormqr(reflectors, tau, corner)  # columns r.. of the full Q of U
+        projected = complement.T @ (cov @ complement)
+        matrix = (projected + projected.T) / 2
+    else:
+        matrix = _residual_symmetric(cov, basis)
+    size = matrix.shape[0]
+    if size < 3:
+        return None
+    largest = torch.maximum(torch.trace(matrix), matrix.abs().max())
     scale = float(largest.clamp_min(torch.finfo(torch.float64).tiny))
     # C-contiguous and symmetric: its transpose is the same matrix in Fortran order (no copy)
-    normalised = (residual / scale).numpy().T
-    work, info = lapack.dsytrd_lwork(dim, lower=1)
+    normalised = (matrix / scale).numpy().T
+    work, info = lapack.dsytrd_lwork(size, lower=1)
     if info:
         return None
-    packed, diagonal, off, tau, info = lapack.dsytrd(
-        normalised, lower=1, lwork=max(int(work), dim), overwrite_a=1
+    packed, diagonal, off, tau_t, info = lapack.dsytrd(
+        normalised, lower=1, lwork=max(int(work), size), overwrite_a=1
     )
     if info:
         return None
@@ -219,19 +245,19 @@ def _top_residual_vectors(
     if info:
         return None
     values = torch.from_numpy(ascending[::-1].copy()).clamp_min(0) * scale
-    rank = energy_rank(values, threshold, total, captured)
-    rank = min(rank, dim - basis.shape[1])
+    rank = min(energy_rank(values, threshold, total, captured), dim - width)
     if rank == 0:
         return basis.new_zeros(dim, 0)
     padded = np.concatenate([off, [0.0]])
-    found, _, vectors, info = lapack.dstemr(diagonal, padded, 2, 0.0, 0.0, dim - rank + 1, dim)
+    found, _, vectors, info = lapack.dstemr(diagonal, padded, 2, 0.0, 0.0, size - rank + 1, size)
     if info or found != rank:
         return None
     small = torch.from_numpy(vectors[:, :rank][:, ::-1].copy(order="C"))
     # Q = diag(1, H_1 ... H_{n-1}): the reflectors below the subdiagonal, in QR (geqrf) layout
-    reflectors = torch.from_numpy(np.ascontiguousarray(packed[1:, :-1]))
-    rotated = torch.ormqr(reflectors, torch.from_numpy(tau.copy()), small[1:])
-    return torch.cat([small[:1], rotated])
+    below = torch.from_numpy(np.ascontiguousarray(packed[1:, :-1]))
+    rotated = torch.ormqr(below, torch.from_numpy(tau_t.copy()), small[1:])
+    directions = torch.cat([small[:1], rotated])
+    return directions if complement is None else complement @ directions
 
 
 def _class_directions(
@@ -276,7 +302,7 @@ def _extend(basis: Tensor, cov: Tensor, threshold: float, rank_bound: int | None
     dim = cov.shape[0]
     total = float(torch.trace(cov))
     width = basis.shape[1]
-    captured = float(torch.trace(basis.T @ cov @ basis)) if width else 0.0
+    captured = float(((cov @ basis) * basis).sum()) if width else 0.0  # trace(Uᵀ C U)
     eps = min(threshold, 1.0)
     # what `energy_rank` decides without any eigenvalue: nothing (more) to capture
     if total <= 0 or eps * total - captured <= RELATIVE_TOLERANCE * total or width >= dim:
