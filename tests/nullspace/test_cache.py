@@ -754,3 +754,25 @@ def test_callback_records_the_rule_and_keeps_no_state_of_a_forgotten_class(
     assert all(1 not in state.classes for state in stored.rule_states.values())
     _, uncached = fit_unlearning(original, ClassForgetDataModule(x, y, forget_classes=[1]))
     assert_same_subspaces(dict(second.bases), dict(uncached.bases))
+
+
+def test_a_forgotten_class_that_added_no_direction_does_not_end_the_prefix(extension_calls):
+    generator = torch.Generator().manual_seed(3)
+    rows = {k: torch.randn(4, 24, generator=generator, dtype=torch.float64) for k in range(5)}
+    rows[2] = torch.randn(3, 8, generator=generator, dtype=torch.float64) @ torch.cat(
+        [rows[0], rows[1]]
+    )  # class 2 lies in the span of classes 0 and 1
+    sums = torch.stack([rows[k].T @ rows[k] for k in range(5)])
+    cache = ClassCovarianceCache({"layer": sums}, torch.full((5,), 4), "fingerprint")
+    cache.prepare_rule_states(1.0)
+    assert cache.rule_states["layer|1.0|0.0"].widths == [4, 8, 8, 12, 16]
+    extension_calls.clear()
+
+    served = cache.bases([0, 1, 3, 4], 1.0)  # forgets class 2, which added nothing
+    assert extension_calls == []
+    recomputed = cache.bases([0, 2, 3, 4], 1.0)  # forgets class 1, which added 4 directions
+    assert extension_calls == traces_of(cache, [2, 3, 4])
+
+    fresh = without_states(cache)
+    assert_equal_results(served, fresh.bases([0, 1, 3, 4], 1.0))
+    assert_equal_results(recomputed, fresh.bases([0, 2, 3, 4], 1.0))

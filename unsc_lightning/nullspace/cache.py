@@ -336,12 +336,13 @@ class ClassCovarianceCache:
         bounds = self._bounds(name, remaining)
         signatures = _signatures(sums, remaining)
         stored = self.rule_states.get(key)
-        start = 0 if stored is None else stored.shared_prefix(remaining, signatures, bounds)
-        if stored is not None and start:
-            basis = stored.basis[:, : stored.widths[start - 1]].to(sums.device).contiguous()
+        matched = [] if stored is None else stored.shared_prefix(remaining, signatures, bounds)
+        start = len(matched)
+        widths = [] if stored is None else [stored.widths[i] for i in matched]
+        if stored is not None and widths:
+            basis = stored.basis[:, : widths[-1]].to(sums.device).contiguous()
         else:
             basis = torch.zeros(dim, 0, dtype=torch.float64, device=sums.device)
-        widths = [] if stored is None else list(stored.widths[:start])
         for k in remaining[start:]:
             bound = None if bounds is None else bounds[k]
             basis = extend_by_class(basis, sums[k], min(eps + step * k, 1.0), bound)
@@ -455,17 +456,32 @@ class _RuleState:
 
     def shared_prefix(
         self, classes: list[int], signatures: Tensor, bounds: Mapping[int, int] | None
-    ) -> int:
-        """How many leading classes of ``classes`` this state was built from, unchanged."""
-        count = 0
-        for i, k in enumerate(classes[: len(self.classes)]):
-            if self.classes[i] != k or self.bounds[i] != (-1 if bounds is None else bounds[k]):
+    ) -> list[int]:
+        """Positions in this state of the leading classes of ``classes`` it can serve.
+
+        A class of the state that ``classes`` lacks (a forgotten one) is passed over when it
+        added no direction: the rule then met the next class with the same basis. A class is
+        served only while its covariance (trace and probe form) and rank bound are unchanged.
+        """
+        mine, theirs = self.signatures.tolist(), signatures.tolist()
+        matched: list[int] = []
+        i = 0
+        for j, k in enumerate(classes):
+            while (
+                i < len(self.classes)
+                and self.classes[i] < k
+                and self.widths[i] == (self.widths[i - 1] if i else 0)
+            ):
+                i += 1
+            if i == len(self.classes) or self.classes[i] != k:
                 break
-            count += 1
-        mine, theirs = self.signatures[:count], signatures[:count]
-        changed = ((mine - theirs).abs() > 1e-12 * (mine.abs() + theirs.abs())).any(dim=1)
-        first = torch.nonzero(changed)
-        return int(first[0]) if first.numel() else count
+            if self.bounds[i] != (-1 if bounds is None else bounds[k]):
+                break
+            if any(abs(a - b) > 1e-12 * (abs(a) + abs(b)) for a, b in zip(mine[i], theirs[j])):
+                break
+            matched.append(i)
+            i += 1
+        return matched
 
     def follows(self, classes: list[int]) -> int:
         """Length of the common prefix of this state's classes and ``classes``."""
