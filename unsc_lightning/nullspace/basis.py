@@ -356,7 +356,7 @@ def per_class_basis(
         basis = _extend(basis, cov, eps, bound)
     assert summed is not None
     total_energy = float(torch.trace(summed))
-    kept = float(torch.trace(basis.T @ summed @ basis)) if basis.shape[1] else 0.0
+    kept = float(((summed @ basis) * basis).sum()) if basis.shape[1] else 0.0
     energy = kept / total_energy if total_energy > 0 else 1.0
     return basis, BasisInfo(dim=dim, rank=basis.shape[1], energy=energy)
 

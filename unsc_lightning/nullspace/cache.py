@@ -364,7 +364,7 @@ class ClassCovarianceCache:
             summed += sums[k]
         summed = (summed + summed.T) / 2
         total = float(torch.trace(summed))
-        kept = float(torch.trace(basis.T @ summed @ basis)) if basis.shape[1] else 0.0
+        kept = float(((summed @ basis) * basis).sum()) if basis.shape[1] else 0.0
         energy = kept / total if total > 0 else 1.0
         return basis, BasisInfo(dim=dim, rank=basis.shape[1], energy=energy)
 
