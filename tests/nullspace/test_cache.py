@@ -776,3 +776,19 @@ def test_a_forgotten_class_that_added_no_direction_does_not_end_the_prefix(exten
     fresh = without_states(cache)
     assert_equal_results(served, fresh.bases([0, 1, 3, 4], 1.0))
     assert_equal_results(recomputed, fresh.bases([0, 2, 3, 4], 1.0))
+
+
+def test_a_stale_record_is_replaced_by_a_run_that_serves_the_held_classes(
+    data, original, extension_calls
+):
+    cache = built_cache(data, original)
+    cache.prepare_rule_states(0.97)
+    for total in cache.sums.values():
+        total[2].mul_(1.5)  # the record is stale from class 2 on
+
+    cache.bases([0, 1, 2, 3], 0.97)  # follows the held classes 0..3: longer than the valid 0, 1
+    assert all(state.classes == [0, 1, 2, 3] for state in cache.rule_states.values())
+    extension_calls.clear()
+    bases = cache.bases([0, 1, 2, 3], 0.97)
+    assert extension_calls == []
+    assert_equal_results(bases, without_states(cache).bases([0, 1, 2, 3], 0.97))

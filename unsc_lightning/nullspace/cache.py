@@ -282,6 +282,10 @@ class ClassCovarianceCache:
         Returns:
             ``name -> (U, info)`` with ``U`` float64 ``d x r``, as :func:`build_bases`.
 
+        The per-class rule starts from the recorded rule state that shares the longest prefix
+        with ``remaining_classes`` and records its own run when that serves the held classes
+        longer (``states_changed``; :meth:`save` writes the records with the sums).
+
         Raises:
             ValueError: when a remaining class has no sample in the cache.
         """
@@ -355,9 +359,14 @@ class ClassCovarianceCache:
                 signatures,
                 basis.detach().to("cpu"),
             )
-            # keep the state that follows the held classes longest (it serves the most requests)
+            # keep the state that serves the held classes longest (it serves the most requests);
+            # a stored class whose covariance changed ends what the stored state serves
             held = self.classes
-            if stored is None or candidate.follows(held) > stored.follows(held):
+            serves = 0
+            if stored is not None:
+                held_signatures = _signatures(sums, held)
+                serves = len(stored.shared_prefix(held, held_signatures, self._bounds(name, held)))
+            if stored is None or candidate.follows(held) > serves:
                 self._set_state(key, candidate)
         summed = torch.zeros_like(sums[0], dtype=torch.float64)
         for k in remaining:
