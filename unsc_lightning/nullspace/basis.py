@@ -45,12 +45,13 @@ def _residual(cov: Tensor, basis: Tensor | None) -> Tensor:
     return cov - basis @ cu.T - cu @ basis.T + basis @ inner @ basis.T
 
 
-def _residual_symmetric(cov: Tensor, basis: Tensor) -> Tensor:
-    # the same residual in 4 d² r flops, exactly symmetric: with A = C U and
-    # B = A - U (Uᵀ A) / 2, (I - UUᵀ) C (I - UUᵀ) = C - (U Bᵀ + B Uᵀ) since Uᵀ A = Uᵀ C U
+def _residual_symmetric(cov: Tensor, basis: Tensor, product: Tensor | None = None) -> Tensor:
+    # the same residual in 4 d² r flops, exactly symmetric: with A = C U (``product``, when the
+    # caller has it) and B = A - U (Uᵀ A) / 2, (I - UUᵀ) C (I - UUᵀ) = C - (U Bᵀ + B Uᵀ) since
+    # Uᵀ A = Uᵀ C U
     if not basis.shape[1]:
         return cov
-    product = cov @ basis
+    product = cov @ basis if product is None else product
     half = product - basis @ ((basis.T @ product) / 2)
     outer = basis @ half.T
     return cov - (outer + outer.T)
@@ -199,7 +200,12 @@ def _complement_cheaper(dim: int, width: int) -> bool:
 
 
 def _top_residual_vectors(
-    cov: Tensor, basis: Tensor, threshold: float, total: float, captured: float
+    cov: Tensor,
+    basis: Tensor,
+    threshold: float,
+    total: float,
+    captured: float,
+    product: Tensor | None = None,
 ) -> Tensor | None:
     """The leading residual eigenvectors the energy rule keeps, without a full ``eigh``.
 
@@ -225,7 +231,7 @@ def _top_residual_vectors(
         projected = complement.T @ (cov @ complement)
         matrix = (projected + projected.T) / 2
     else:
-        matrix = _residual_symmetric(cov, basis)
+        matrix = _residual_symmetric(cov, basis, product)
     size = matrix.shape[0]
     if size < 3:
         return None
@@ -267,12 +273,14 @@ def _class_directions(
     total: float,
     captured: float,
     bound: int | None,
+    product: Tensor | None = None,
 ) -> Tensor:
-    # the residual eigenvectors that extend ``basis`` for one class (the energy rule's rank)
+    # the residual eigenvectors that extend ``basis`` for one class (the energy rule's rank);
+    # ``product`` is ``cov @ basis`` when the caller has it
     dim = cov.shape[0]
     low_rank = bound is not None and 3 * (bound + 8) < dim
     if cov.device.type == "cpu" and dim >= _PARTIAL_MIN_DIM and not low_rank:
-        found = _top_residual_vectors(cov, basis, threshold, total, captured)
+        found = _top_residual_vectors(cov, basis, threshold, total, captured, product)
         if found is not None:
             return found
     values, vectors = eigh_descending(cov, bound, basis)
@@ -302,12 +310,13 @@ def _extend(basis: Tensor, cov: Tensor, threshold: float, rank_bound: int | None
     dim = cov.shape[0]
     total = float(torch.trace(cov))
     width = basis.shape[1]
-    captured = float(((cov @ basis) * basis).sum()) if width else 0.0  # trace(Uᵀ C U)
+    product = cov @ basis if width else None
+    captured = float((product * basis).sum()) if product is not None else 0.0  # trace(Uᵀ C U)
     eps = min(threshold, 1.0)
     # what `energy_rank` decides without any eigenvalue: nothing (more) to capture
     if total <= 0 or eps * total - captured <= RELATIVE_TOLERANCE * total or width >= dim:
         return basis
-    vectors = _class_directions(cov, basis, eps, total, captured, rank_bound)
+    vectors = _class_directions(cov, basis, eps, total, captured, rank_bound, product)
     return _orthonormal_extension(basis, vectors) if vectors.shape[1] else basis
 
 
