@@ -1,4 +1,5 @@
-"""Null-space engine: pure torch, no Lightning; usable from any training loop."""
+"""Null-space engine: torch (and SciPy's LAPACK wrappers on CPU), no Lightning; usable from any
+training loop."""
 
 from unsc_lightning.nullspace.accounting import (
     NORM_LAYERS,
