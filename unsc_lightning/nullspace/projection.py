@@ -66,10 +66,31 @@ class NullSpaceProjector:
         return matrix - (matrix @ factor) @ factor.T
 
     @torch.no_grad()
+    def project_matrix_(self, matrix: Tensor) -> Tensor:
+        """Project an ``out x d`` matrix (or a view of a weight) in place and return it.
+
+        One ``out x min(r, d - r)`` temporary: ``G -= (G U) Uᵀ`` as one ``addmm_``, or
+        ``G = (G Q) Qᵀ`` written back into ``G``.
+        """
+        factor = self.factor.to(device=matrix.device, dtype=matrix.dtype)
+        if self.use_complement:
+            reduced = matrix @ factor
+            if matrix.is_contiguous():
+                torch.mm(reduced, factor.T, out=matrix)
+            else:
+                matrix.copy_(reduced @ factor.T)
+        elif self.rank:
+            matrix.addmm_(matrix @ factor, factor.T, alpha=-1)
+        return matrix
+
+    @torch.no_grad()
     def project_(self, tensor: Tensor) -> Tensor:
         """Project a weight-shaped tensor (gradient or update) in place and return it."""
-        matrix = tensor.reshape(tensor.shape[0], -1)
-        tensor.copy_(self.project(matrix).reshape_as(tensor))
+        matrix = tensor.view(tensor.shape[0], -1) if tensor.is_contiguous() else None
+        if matrix is None:
+            tensor.copy_(self.project(tensor.reshape(tensor.shape[0], -1)).reshape_as(tensor))
+        else:
+            self.project_matrix_(matrix)
         return tensor
 
     @property
