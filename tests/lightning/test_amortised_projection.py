@@ -157,6 +157,7 @@ def test_an_exception_between_projections_leaves_projected_weights(problem):
 
     assert not torch.equal(module.model[0].weight, weight_before)
     assert max_relative_change(retain_before, logits_of(module, problem.retain_x)) <= EXACT
+    assert not module._state_dict_pre_hooks  # the projecting state_dict hook is gone
 
 
 # --------------------------------------------------------------------------------------------

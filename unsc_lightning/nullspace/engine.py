@@ -334,13 +334,16 @@ class NullSpaceEngine:
         self.report = BuildReport(samples, list(classes or []), 0, 0, 0)
         self._set_bases(bases)
 
-    def make_projectors(self) -> None:
-        """(Re)create the projectors next to each weight (call after moving the model)."""
-        self._projectors = {
-            key: NullSpaceProjector(self._bases[key], device=c.parameter.device)
-            for key, c in self.accounting.constraints.items()
-            if key in self._bases
-        }
+    def make_projectors(self, projectors: Mapping[str, NullSpaceProjector] | None = None) -> None:
+        """(Re)create the projectors next to each weight (call after moving the model), or use
+        ready ``projectors`` (``key -> NullSpaceProjector``, e.g. with a known complement)."""
+        if projectors is None:
+            projectors = {
+                key: NullSpaceProjector(self._bases[key], device=c.parameter.device)
+                for key, c in self.accounting.constraints.items()
+                if key in self._bases
+            }
+        self._projectors = dict(projectors)
         # update mode looks constraints up by parameter on every step: index them once here
         self._by_parameter = {}
         for key, constraint in self.accounting.constraints.items():
