@@ -258,6 +258,8 @@ def trained_configuration(
             strict=True,
         )
     )
+    if rule == "auto":
+        rule = "pooled" if name == "resnet18" else "per_class"
     engine = NullSpaceEngine(model, threshold=threshold, rule=rule)  # type: ignore[arg-type]
     engine.build(retain, device=device)
     return engine, x_train[:BATCH].to(device), y_train[:BATCH].to(device)
@@ -269,7 +271,12 @@ def main() -> None:
     args.add_argument("--num-classes", type=int, default=100)
     args.add_argument("--trained", nargs="*", default=["mnist1d_conv", "digits_conv"])
     args.add_argument("--threshold", type=float, default=0.97)
-    args.add_argument("--rule", default="per_class", choices=["per_class", "pooled"])
+    args.add_argument(
+        "--rule",
+        default="auto",
+        choices=["auto", "per_class", "pooled"],
+        help="basis rule; auto: per_class, pooled for resnet18 (per-class d=4608 eigh is slow)",
+    )
     args.add_argument("--retain-samples", type=int, default=1024)
     args.add_argument("--every", type=int, nargs="+", default=[4, 16])
     args.add_argument("--cache-dir", type=Path, default=Path("/tmp/unsc_zoo_cache"))
@@ -282,7 +289,7 @@ def main() -> None:
     ]
     configurations += [
         (
-            f"{name} trained, threshold {options.threshold:g}",
+            f"{name} trained, threshold {options.threshold:g}, rule {options.rule}",
             lambda name=name: trained_configuration(
                 name,
                 options.threshold,

@@ -238,13 +238,13 @@ class NullSpaceCalibration(Callback):
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.engine is not None:
-            self.engine.project_weights_()  # `project_every`: validate the projected weights
+            self.engine.project_weights_(pending_only=True)  # `project_every`
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # before Lightning moves the model back to the CPU in `on_fit_end`
         if self.engine is not None:
-            self.engine.project_weights_()
+            self.engine.project_weights_(pending_only=True)
         metrics: dict[str, float] = {}
         if self._drift_meter is not None and self._drift_meter.layer_names:
             self.drift = self._drift_meter.compute()

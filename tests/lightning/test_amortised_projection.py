@@ -248,3 +248,26 @@ def test_project_state_leaves_adam_moments_alone(problem):
 def test_project_every_rejects_bad_values(kwargs):
     with pytest.raises(UnlearningConfigError, match="project_every"):
         NullSpaceCalibration(**kwargs)
+
+
+def test_state_dict_projects_pending_steps_and_then_changes_nothing(problem):
+    torch.manual_seed(0)
+    model = mlp()
+    engine = NullSpaceEngine(model, threshold=1.0)
+    engine.build(problem.retain_loader())
+    retain_before = logits_of(model, problem.retain_x)
+    optimizer = _adamw(model.parameters())
+    with engine.guard():
+        engine.attach(optimizer, every=EVERY)
+        x, y = next(iter(problem.forget_loader()))
+        for _ in range(2):  # fewer than EVERY: not projected yet
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        assert max_relative_change(retain_before, logits_of(model, problem.retain_x)) > 1e-3
+
+        first = {k: v.clone() for k, v in model.state_dict().items()}
+        second = model.state_dict()
+
+        assert max_relative_change(retain_before, logits_of(model, problem.retain_x)) <= EXACT
+        assert all(torch.equal(first[k], second[k]) for k in first)

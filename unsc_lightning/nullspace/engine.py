@@ -412,17 +412,21 @@ class NullSpaceEngine:
             torch.add(before, delta, out=constraint.parameter.detach())
 
     @torch.no_grad()
-    def project_weights_(self) -> None:
+    def project_weights_(self, pending_only: bool = False) -> None:
         """Replace each constrained weight ``W`` by ``W₀ + (W - W₀)(I - U Uᵀ)``, ``W₀`` the weight
         at :meth:`attach`, and project the attached optimizers' SGD momentum (when asked).
 
-        No-op when nothing is attached. Idempotent: the projected change stays projected.
+        No-op when nothing is attached, or with ``pending_only`` when no optimizer step ran
+        since the last projection (a projected change stays projected, up to rounding).
         """
+        if pending_only and not self._pending:
+            return
         for parameter_id, anchor in self._anchors.items():
             constraints = self._by_parameter.get(parameter_id, [])
             if not constraints:
                 continue
             weight = constraints[0][1].parameter.detach()
+            anchor = anchor.to(weight.device)  # the model may have moved (end of a fit)
             delta = weight - anchor
             for key, constraint in constraints:
                 _project_matrix_(constraint.spec, delta, self._projectors[key])
@@ -468,7 +472,7 @@ class NullSpaceEngine:
                 for parameter_id, constraints in self._by_parameter.items()
             }
             self._step_hooks.append(
-                self.model.register_state_dict_pre_hook(lambda *_: self.project_weights_())
+                self.model.register_state_dict_pre_hook(lambda *_: self.project_weights_(True))
             )
         self._every = every
         if project_state:
