@@ -215,6 +215,16 @@ def test_every_step_equals_the_per_step_update_projection(problem):
     assert not torch.equal(amortised[0].weight, mlp_weight_at_seed())
 
 
+def test_project_every_one_is_update_mode(problem):
+    weights = []
+    for kwargs in ({"mode": "update", "project_every": None}, {"project_every": 1}):
+        module = boring(lambda p: torch.optim.Adam(p, lr=2e-3))
+        quiet_trainer(5, [calibration(problem, **kwargs)]).fit(module, problem.forget_loader())
+        weights.append(module.model[0].weight.detach())
+
+    assert torch.equal(weights[0], weights[1])
+
+
 def mlp_weight_at_seed() -> Tensor:
     torch.manual_seed(0)
     return mlp()[0].weight.detach()
