@@ -88,8 +88,9 @@ class NullSpaceCalibration(Callback):
             steps freely and every ``K`` optimizer steps, before validation, in every checkpoint
             and at the end of the fit (also after an exception) each constrained weight becomes
             ``W₀ + (W - W₀)(I - U Uᵀ)``, ``W₀`` the weight at fit start; SGD momentum is
-            projected too. ``K`` times less projection work; the weights between two
-            projections are not exact. ``None`` (default) projects every step.
+            projected too. ``K`` times less projection work, but the weights between two
+            projections are not exact (the forget accuracy ``UnlearningModule`` stops on is
+            read from them) and it forgets less per epoch. ``None`` (default) projects each step.
 
     Raises:
         UnlearningConfigError: for invalid arguments (at construction) or an unusable model or
