@@ -172,6 +172,7 @@ class NullSpaceEngine:
         self._modes: dict[nn.Module, bool] = {}
         self._step_hooks: list[RemovableHandle] = []
         self._anchors: dict[int, Tensor] = {}  # W₀ of each constrained parameter (attach)
+        self._compact: set[int] = set()  # parameters whose anchor is W₀'s remaining part only
         self._state_optimizers: list[torch.optim.Optimizer] = []
         self._every = 1
         self._pending = 0  # optimizer steps since the last projection of the weights
@@ -427,6 +428,10 @@ class NullSpaceEngine:
                 continue
             weight = constraints[0][1].parameter.detach()
             anchor = anchor.to(weight.device)  # the model may have moved (end of a fit)
+            if parameter_id in self._compact:  # anchor: W₀'s remaining part, restored in place
+                key, constraint = constraints[0]
+                self._projectors[key].restore_remaining_(constraint.spec.to_matrix(weight), anchor)
+                continue
             delta = weight - anchor
             for key, constraint in constraints:
                 _project_matrix_(constraint.spec, delta, self._projectors[key])
@@ -448,6 +453,20 @@ class NullSpaceEngine:
                     for key, constraint in self._by_parameter.get(id(parameter), []):
                         _project_matrix_(constraint.spec, moment, self._projectors[key])
 
+    def _remember_weights(self) -> None:
+        """``W₀`` of each constrained parameter: for a weight that is one plain ``out x d`` view,
+        only its remaining part (``W₀ U``, or ``W₀ U Uᵀ`` when r > d/2); else a copy."""
+        self._compact = set()
+        for parameter_id, constraints in self._by_parameter.items():
+            weight = constraints[0][1].parameter.detach()
+            key, constraint = constraints[0]
+            if len(constraints) == 1 and _is_view(constraint.spec, weight):
+                matrix = constraint.spec.to_matrix(weight)
+                self._anchors[parameter_id] = self._projectors[key].remaining_part(matrix)
+                self._compact.add(parameter_id)
+            else:
+                self._anchors[parameter_id] = weight.clone()
+
     def attach(
         self, optimizer: torch.optim.Optimizer, every: int = 1, project_state: bool = False
     ) -> None:
@@ -467,10 +486,7 @@ class NullSpaceEngine:
         if every < 1:
             raise NullSpaceEngineError(f"Expected `every` >= 1 optimizer steps, got {every!r}.")
         if not self._anchors:
-            self._anchors = {
-                parameter_id: constraints[0][1].parameter.detach().clone()
-                for parameter_id, constraints in self._by_parameter.items()
-            }
+            self._remember_weights()
             self._step_hooks.append(
                 self.model.register_state_dict_pre_hook(lambda *_: self.project_weights_(True))
             )
@@ -492,6 +508,7 @@ class NullSpaceEngine:
         while self._step_hooks:
             self._step_hooks.pop().remove()
         self._anchors = {}
+        self._compact = set()
         self._state_optimizers = []
         self._pending = 0
 
@@ -589,7 +606,14 @@ def _project_matrix_(spec: Any, tensor: Tensor, projector: NullSpaceProjector) -
     """Project ``tensor`` (weight-shaped) onto the null space in place, without a copy when
     ``spec.to_matrix`` is a plain view of it."""
     matrix = spec.to_matrix(tensor)
-    if matrix.data_ptr() == tensor.data_ptr() and matrix.numel() == tensor.numel():
+    if _is_view(spec, tensor, matrix):
         projector.project_matrix_(matrix)
     else:
         spec.write_matrix_(tensor, projector.project(matrix))
+
+
+def _is_view(spec: Any, tensor: Tensor, matrix: Tensor | None = None) -> bool:
+    """Whether ``spec.to_matrix(tensor)`` is all of ``tensor``'s storage (in-place ops write
+    through)."""
+    matrix = spec.to_matrix(tensor) if matrix is None else matrix
+    return matrix.data_ptr() == tensor.data_ptr() and matrix.numel() == tensor.numel()
