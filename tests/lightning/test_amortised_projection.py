@@ -94,6 +94,22 @@ def test_project_every_leaves_remaining_outputs_unchanged_at_the_end(problem, op
     assert max(drift.after_step[EVERY - 1 :: EVERY]) <= EXACT
 
 
+def test_project_every_with_ranks_above_half_the_dimension(problem):
+    """Hidden width 40: the second and third layers' bases have rank 32 > 40 / 2, so their
+    projection uses the complement factor."""
+    torch.manual_seed(0)
+    module = BoringClassifier(mlp(hidden=40), optimizer=lambda p: torch.optim.Adam(p, lr=2e-3))
+    retain_before = logits_of(module, problem.retain_x)
+    forget_before = logits_of(module, problem.forget_x)
+    callback = calibration(problem)
+
+    quiet_trainer(EPOCHS, [callback]).fit(module, train_dataloaders=problem.forget_loader())
+
+    assert callback.layer_infos["model.2"].rank > 20
+    assert max_relative_change(retain_before, logits_of(module, problem.retain_x)) <= EXACT
+    assert mean_relative_change(forget_before, logits_of(module, problem.forget_x)) >= MOVED
+
+
 class _Validating(BoringClassifier):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
@@ -161,7 +177,7 @@ def test_an_exception_between_projections_leaves_projected_weights(problem):
 
 
 # --------------------------------------------------------------------------------------------
-# Engine API: every=1 is the per-step update projection; first moments are projected
+# Engine API: every=1 is the per-step update projection; SGD momentum is projected
 # --------------------------------------------------------------------------------------------
 def _adamw(parameters: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=2e-3, weight_decay=0.1)
