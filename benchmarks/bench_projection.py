@@ -1,28 +1,43 @@
-"""Per-step cost of the null-space projection on the CIFAR ResNet-18 (batch 128).
+"""Per-step cost of the null-space projection modes, on random and on trained bases.
 
-For each rank fraction (``--ranks``: the basis of every constrained layer has
-``r = fraction * d`` random orthonormal columns, the ranks UNSC gets at energy thresholds of
-0.97-0.99 on trained networks) the script times, in one process and interleaved:
+Two kinds of configuration, each timed in one process, interleaved, fastest of ``--repeats``,
+every figure a ratio to the unprojected optimizer step (forward + backward + ``SGD.step``) of the
+same model and batch (128):
 
-- an unprojected optimizer step (forward + backward + ``SGD.step``), the reference;
-- the projection of every constrained weight gradient alone, as implemented
-  (:class:`~unsc_lightning.nullspace.NullSpaceProjector.project_`, low-rank or complement form,
-  whichever is cheaper), with a dense ``d x d`` projector, and with an in-place variant
-  (``addmm_`` into the gradient, no temporaries beyond ``G U``);
-- a full projected step (``mode="gradient"``) and the extra work of ``mode="update"`` (copy
-  every constrained weight before the step, project the change after it; the same for any
-  optimizer, so it is timed around no step at all).
+- ``random``: the CIFAR ResNet-18 (``ResNet18CIFAR``, 100 classes) with random orthonormal bases
+  of ``r = fraction * d`` columns in every layer (``--ranks``; content does not change the cost
+  of dense products);
+- ``trained`` (``--trained``): zoo models trained inside this script (or read from the zoo's
+  ``--cache-dir``): the MNIST-1D CNN and the digits CNN (``unsc_lightning.models``) and,
+  on request, torchvision's ResNet-18 on digits upsampled to 32x32, with the bases
+  :class:`~unsc_lightning.nullspace.NullSpaceEngine` builds from their remaining data at
+  ``--threshold`` (the ranks UNSC really uses).
 
-Timings are the fastest of ``--repeats``. Content does not change the cost of dense products, so
-the bases are random; every projector is checked against the dense reference first.
+Timed per configuration:
+
+- ``gradient``: :meth:`NullSpaceEngine.project_gradients_` alone (``mode="gradient"``), and a
+  whole projected step;
+- ``update``: what ``mode="update"`` adds to a step: before (``update_old``: copy every weight
+  before the step, project the change after it) and now (:meth:`NullSpaceEngine.attach`: one
+  copy at fit start, ``W₀ + (W - W₀)(I - UUᵀ)`` written in place after the step); and a whole
+  step under ``attach``;
+- ``every_K`` (``--every``): ``project_every=K`` projects the weights once every ``K`` steps:
+  its cost per step is the weight projection's divided by ``K`` (the optimizer step is
+  untouched in between; hook bookkeeping is a counter).
+
+Also reported per model: the rank fraction of each basis, the projection multiply-adds as a
+share of the step's, and the arithmetic of projecting a layer's input rows instead (cheaper
+only where the layer's output positions x batch ``L·B`` are fewer than its outputs).
 
 Example:
-    python benchmarks/bench_projection.py --threads 1 --json bench_projection.json
+    python benchmarks/bench_projection.py --threads 1 --json docs/results/bench_projection.json
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,26 +47,22 @@ from torch import Tensor, nn
 
 from unsc_lightning.models.paper import ResNet18CIFAR
 from unsc_lightning.nullspace import NullSpaceProjector
-from unsc_lightning.nullspace.layers import select_layers
+from unsc_lightning.nullspace.engine import NullSpaceEngine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 BATCH = 128
+FORGET = 3
 
 
-def random_orthogonal(dims: set[int], device: torch.device, seed: int = 0) -> dict[int, Tensor]:
-    """One random orthogonal ``d x d`` matrix per distinct layer dimension."""
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        d: torch.linalg.qr(torch.randn(d, d, generator=generator))[0].to(device)
-        for d in sorted(dims)
-    }
+def orthogonal_of(dim: int, device: torch.device, seed: int = 0) -> Tensor:
+    generator = torch.Generator().manual_seed(seed + dim)
+    return torch.linalg.qr(torch.randn(dim, dim, generator=generator))[0].to(device)
 
 
 def projector_from(orthogonal: Tensor, rank: int) -> NullSpaceProjector:
-    """A :class:`NullSpaceProjector` for ``U = Q[:, :rank]`` without recomputing the complement.
-
-    The complement of the first ``rank`` columns of an orthogonal ``Q`` is its other columns;
-    this is the factor the constructor would compute with a (slow, d x d) QR.
-    """
+    """A :class:`NullSpaceProjector` for ``U = Q[:, :rank]`` of an orthogonal ``Q``: its
+    complement is the other columns (the factor the constructor would get from a d x d QR)."""
     dim = orthogonal.shape[0]
     projector = NullSpaceProjector(orthogonal[:, :0])
     projector.dim, projector.rank = dim, rank
@@ -61,48 +72,90 @@ def projector_from(orthogonal: Tensor, rank: int) -> NullSpaceProjector:
     return projector
 
 
-def project_in_place(projector: NullSpaceProjector, grad: Tensor) -> None:
-    """Proposed ``project_``: one ``G @ F`` temporary, the second product written into ``G``."""
-    matrix = grad.view(grad.shape[0], -1)
-    factor = projector.factor
-    if projector.use_complement:
-        torch.mm(matrix @ factor, factor.T, out=matrix)
-    elif projector.rank:
-        matrix.addmm_(matrix @ factor, factor.T, alpha=-1)
+def layer_shapes(engine: NullSpaceEngine, inputs: Tensor) -> dict[str, dict[str, int]]:
+    """Per basis key: ``out``, ``d`` and ``LB`` (output positions x batch) of one forward."""
+    outputs = {
+        key: int(c.spec.to_matrix(c.parameter).shape[0])
+        for key, c in engine.accounting.constraints.items()
+    }
+    positions: dict[str, int] = {}
+    handles = []
+    for key, constraint in engine.accounting.constraints.items():
 
+        def hook(m: nn.Module, args: Any, out: Any, key: str = key) -> None:
+            out = out[0] if isinstance(out, tuple) else out
+            if isinstance(out, Tensor):
+                positions[key] = max(1, out.numel() // outputs[key])
 
-def step_flops(model: nn.Module, layers: dict[str, nn.Module], inputs: Tensor) -> float:
-    """Multiply-adds of forward + backward of the weight layers (3x the forward's)."""
-    macs: list[float] = []
-    handles = [
-        layer.register_forward_hook(
-            lambda m, args, out: macs.append(out.numel() * m.weight[0].numel())
-        )
-        for layer in layers.values()
-    ]
+        handles.append(constraint.sites[0][1].register_forward_hook(hook))
     with torch.no_grad():
-        model(inputs)
+        engine.model(inputs)
     for handle in handles:
         handle.remove()
-    return 3.0 * sum(macs)
+    return {
+        key: {"out": outputs[key], "d": c.dim, "LB": positions.get(key, inputs.shape[0])}
+        for key, c in engine.accounting.constraints.items()
+    }
 
 
-def main() -> None:
-    args = parser(__doc__.splitlines()[0])
-    args.add_argument("--ranks", type=float, nargs="+", default=[0.5, 0.7, 0.9])
-    args.add_argument("--num-classes", type=int, default=100)
-    options = args.parse_args()
-    device = setup(options)
+def arithmetic(engine: NullSpaceEngine, inputs: Tensor) -> dict[str, Any]:
+    """Multiply-adds of the step and of each projection form (ranks of the engine's bases)."""
+    shapes = layer_shapes(engine, inputs)
+    step = sum(3.0 * s["out"] * s["d"] * s["LB"] for s in shapes.values())
+    weights = rows = 0.0
+    layers = {}
+    for key, s in shapes.items():
+        projector = engine._projectors[key]
+        small = min(projector.rank, projector.dim - projector.rank)
+        weight_form = 2.0 * s["out"] * s["d"] * small
+        row_form = 2.0 * s["LB"] * s["d"] * small
+        weights += weight_form
+        rows += min(weight_form, row_form)
+        layers[key] = {**s, "r": projector.rank, "rank_fraction": projector.rank / s["d"]}
+    return {
+        "step_macs": step,
+        "projection_macs_ratio": weights / step,
+        "projection_macs_ratio_with_row_form": rows / step,
+        "layers_where_rows_are_cheaper": [k for k, s in shapes.items() if s["LB"] < s["out"]],
+        "layers": layers,
+    }
 
-    torch.manual_seed(0)
-    model = ResNet18CIFAR(num_classes=options.num_classes).to(device)
-    layers = select_layers(model).layers
-    weights = {name: layer.weight for name, layer in layers.items()}
-    inputs = torch.randn(BATCH, 3, 32, 32, device=device)
-    targets = torch.randint(0, options.num_classes, (BATCH,), device=device)
-    sgd = torch.optim.SGD(model.parameters(), lr=1e-4)
-    orthogonal = random_orthogonal({int(w[0].numel()) for w in weights.values()}, device)
-    flops = step_flops(model, layers, inputs)
+
+def old_update_extra(engine: NullSpaceEngine) -> Callable[[Callable[[], None]], None]:
+    """``mode="update"`` before amortisation: clone each weight, step, project the change."""
+
+    @torch.no_grad()
+    def around(step: Callable[[], None]) -> None:
+        before = {
+            pid: c[0][1].parameter.detach().clone() for pid, c in engine._by_parameter.items()
+        }
+        step()
+        for pid, old in before.items():
+            for key, constraint in engine._by_parameter[pid]:
+                delta = constraint.parameter.detach() - old
+                spec = constraint.spec
+                spec.write_matrix_(delta, engine._projectors[key].project(spec.to_matrix(delta)))
+                constraint.parameter.copy_(old + delta)
+
+    return around
+
+
+def measure(
+    engine: NullSpaceEngine,
+    inputs: Tensor,
+    targets: Tensor,
+    everies: list[int],
+    device: torch.device,
+    repeats: int,
+) -> dict[str, Any]:
+    """Timings of one configuration as ratios to the unprojected step."""
+    model = engine.model
+    model.train()
+    engine.freeze_()  # as in a fit: frozen parameters get no gradient in any variant
+    params = [p for p in model.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(params, lr=1e-6)
+    attached = torch.optim.SGD(params, lr=1e-6)
+    engine.attach(attached, every=1)  # the weight copy W₀ and the after-step projection
 
     def backward() -> None:
         sgd.zero_grad(set_to_none=False)
@@ -112,139 +165,185 @@ def main() -> None:
         backward()
         sgd.step()
 
-    rows: list[dict[str, Any]] = []
-    backward()  # warm-up, and gradients for the projection-only timings
-    for fraction in options.ranks:
-        row = measure(
-            fraction, orthogonal, weights, plain_step, backward, sgd, device, options.repeats
+    def gradient_step() -> None:
+        backward()
+        engine.project_gradients_()
+        sgd.step()
+
+    def update_step() -> None:
+        attached.zero_grad(set_to_none=False)
+        F.cross_entropy(model(inputs), targets).backward()
+        attached.step()  # + project_weights_ in the post-step hook
+
+    around = old_update_extra(engine)
+    variants: list[tuple[str, Callable[[], None]]] = [
+        ("step_s", plain_step),
+        ("gradient_step_s", gradient_step),
+        ("update_step_s", update_step),
+        ("gradient_projection_s", engine.project_gradients_),
+        ("weight_projection_s", engine.project_weights_),
+        ("update_old_extra_s", lambda: around(lambda: None)),
+    ]
+    backward()
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for key, fn in variants:
+            times.setdefault(key, []).append(timed(fn, device))
+    engine.release_()
+    row: dict[str, Any] = {k: best(v) for k, v in times.items()}
+    step = row["step_s"]
+    row.update(
+        overhead_gradient=row["gradient_projection_s"] / step,
+        overhead_update_old=row["update_old_extra_s"] / step,
+        overhead_update=row["weight_projection_s"] / step,
+        measured_gradient_step_ratio=row["gradient_step_s"] / step,
+        measured_update_step_ratio=row["update_step_s"] / step,
+        update_vs_gradient=row["weight_projection_s"] / row["gradient_projection_s"],
+        update_old_vs_gradient=row["update_old_extra_s"] / row["gradient_projection_s"],
+    )
+    for every in everies:
+        row[f"overhead_every_{every}"] = row["weight_projection_s"] / every / step
+    return row
+
+
+def check_projectors(engine: NullSpaceEngine) -> None:
+    """Each projector equals the dense ``G (I - U Uᵀ)`` (in place and as a copy)."""
+    generator = torch.Generator().manual_seed(1)
+    for key, projector in engine._projectors.items():
+        factor = projector.factor.cpu().double()
+        dense = factor @ factor.T
+        if not projector.use_complement:
+            dense = torch.eye(projector.dim, dtype=torch.float64) - dense
+        grad = torch.randn(3, projector.dim, generator=generator)
+        reference = grad.double() @ dense
+        got = projector.project_matrix_(grad.to(projector.factor.device)).cpu().double()
+        error = float((got - reference).abs().max()) / (float(reference.abs().max()) + 1e-12)
+        if error > 1e-4:
+            raise AssertionError(f"projection of `{key}` differs from the dense reference")
+
+
+def random_configuration(
+    fraction: float, num_classes: int, device: torch.device
+) -> tuple[NullSpaceEngine, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = ResNet18CIFAR(num_classes=num_classes).to(device)
+    engine = NullSpaceEngine(model)
+    orthogonals: dict[int, Tensor] = {}
+    projectors = {}
+    for key, constraint in engine.accounting.constraints.items():
+        dim = constraint.dim
+        if dim not in orthogonals:
+            orthogonals[dim] = orthogonal_of(dim, device)
+        projectors[key] = projector_from(orthogonals[dim], round(fraction * dim))
+    engine.make_projectors(projectors)
+    inputs = torch.randn(BATCH, 3, 32, 32, device=device)
+    targets = torch.randint(0, num_classes, (BATCH,), device=device)
+    return engine, inputs, targets
+
+
+def trained_configuration(
+    name: str, threshold: float, rule: str, retain_samples: int, cache: Path, device: torch.device
+) -> tuple[NullSpaceEngine, Tensor, Tensor]:
+    from helpers.zoo import ZOO, zoo_tensors  # the zoo lives with the tests
+    from zoo import trained  # benchmarks/zoo.py: trains the original, or reads the cache
+
+    entry = ZOO[name]
+    model = trained(entry, [FORGET], False, 0, "cpu", cache).to(device)
+    x_train, y_train, _, _ = zoo_tensors(entry.data)
+    keep = y_train != FORGET
+    retain = list(
+        zip(
+            x_train[keep][:retain_samples].split(BATCH),
+            y_train[keep][:retain_samples].split(BATCH),
+            strict=True,
         )
-        row["flop_ratio"] = row.pop("projection_macs") / flops
-        row["flop_ratio_dense"] = row.pop("dense_macs") / flops
+    )
+    if rule == "auto":
+        rule = "pooled" if name == "resnet18" else "per_class"
+    engine = NullSpaceEngine(model, threshold=threshold, rule=rule)  # type: ignore[arg-type]
+    engine.build(retain, device=device)
+    return engine, x_train[:BATCH].to(device), y_train[:BATCH].to(device)
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0])
+    args.add_argument("--ranks", type=float, nargs="*", default=[0.5])
+    args.add_argument("--num-classes", type=int, default=100)
+    args.add_argument("--trained", nargs="*", default=["mnist1d_conv", "digits_conv"])
+    args.add_argument("--threshold", type=float, default=0.97)
+    args.add_argument(
+        "--rule",
+        default="auto",
+        choices=["auto", "per_class", "pooled"],
+        help="basis rule; auto: per_class, pooled for resnet18 (per-class d=4608 eigh is slow)",
+    )
+    args.add_argument("--retain-samples", type=int, default=1024)
+    args.add_argument("--every", type=int, nargs="+", default=[4, 16])
+    args.add_argument("--cache-dir", type=Path, default=Path("/tmp/unsc_zoo_cache"))
+    options = args.parse_args()
+    device = setup(options)
+
+    configurations: list[tuple[str, Callable[[], tuple[NullSpaceEngine, Tensor, Tensor]]]] = [
+        (f"ResNet18CIFAR random r={f:g}d", lambda f=f: random_configuration(f, 100, device))
+        for f in options.ranks
+    ]
+    configurations += [
+        (
+            f"{name} trained, threshold {options.threshold:g}, rule {options.rule}",
+            lambda name=name: trained_configuration(
+                name,
+                options.threshold,
+                options.rule,
+                options.retain_samples,
+                options.cache_dir,
+                device,
+            ),
+        )
+        for name in options.trained
+    ]
+    rows: list[dict[str, Any]] = []
+    for label, make in configurations:
+        engine, inputs, targets = make()
+        check_projectors(engine)
+        shape = arithmetic(engine, inputs)
+        row: dict[str, Any] = {
+            "configuration": label,
+            **measure(engine, inputs, targets, options.every, device, options.repeats),
+        }
+        row.update({k: v for k, v in shape.items() if k != "layers"})
+        fractions = [layer["rank_fraction"] for layer in shape["layers"].values()]
+        row["rank_fraction_min_max"] = [min(fractions), max(fractions)]
+        row["layers"] = shape["layers"]
         rows.append(row)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        printed = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        printed.pop("layers")
+        print(printed, flush=True)
 
     columns = [
-        "rank_fraction",
+        "configuration",
         "step_s",
-        "projection_s",
-        "overhead",
-        "overhead_inplace",
-        "overhead_dense",
-        "overhead_update_mode",
-        "measured_step_ratio",
-        "flop_ratio",
+        "overhead_gradient",
+        "overhead_update_old",
+        "overhead_update",
+        *[f"overhead_every_{k}" for k in options.every],
+        "measured_gradient_step_ratio",
+        "measured_update_step_ratio",
+        "projection_macs_ratio",
+        "projection_macs_ratio_with_row_form",
     ]
     print(table(rows, columns))
-    layer_dims = {name: [int(w.shape[0]), int(w[0].numel())] for name, w in weights.items()}
     write_json(
         options.json,
         {
             "benchmark": "bench_projection",
-            "model": f"ResNet18CIFAR(num_classes={options.num_classes})",
             "batch": BATCH,
-            "layers": layer_dims,
-            "step_macs": flops,
+            "threshold": options.threshold,
+            "rule": options.rule,
+            "retain_samples": options.retain_samples,
             "machine": machine(device),
             "results": rows,
         },
     )
-
-
-def measure(
-    fraction: float,
-    orthogonal: dict[int, Tensor],
-    weights: dict[str, nn.Parameter],
-    plain_step: Callable[[], None],
-    backward: Callable[[], None],
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    repeats: int,
-) -> dict[str, Any]:
-    """Timings of one rank fraction (fastest of the repeats), as ratios to the unprojected step."""
-    projectors = {
-        name: projector_from(orthogonal[int(w[0].numel())], round(fraction * w[0].numel()))
-        for name, w in weights.items()
-    }
-    dense = {
-        name: torch.eye(p.dim, device=device)
-        - orthogonal[p.dim][:, : p.rank] @ orthogonal[p.dim][:, : p.rank].T
-        for name, p in projectors.items()
-    }
-    check_against_dense(projectors, dense, weights)
-
-    def project_as_implemented() -> None:
-        for name, projector in projectors.items():
-            projector.project_(weights[name].grad)
-
-    def project_dense() -> None:
-        for name, weight in weights.items():
-            grad = weight.grad
-            grad.copy_((grad.view(grad.shape[0], -1) @ dense[name]).view_as(grad))
-
-    def project_proposed() -> None:
-        for name, projector in projectors.items():
-            project_in_place(projector, weights[name].grad)
-
-    def projected_step() -> None:
-        backward()
-        project_as_implemented()
-        optimizer.step()
-
-    def update_mode_extra() -> None:
-        # what `mode="update"` adds around an optimizer step (see NullSpaceCalibration)
-        before = {name: w.detach().clone() for name, w in weights.items()}
-        with torch.no_grad():
-            for name, old in before.items():
-                weight = weights[name]
-                delta = projectors[name].project_(weight.detach() - old)
-                weight.copy_(old + delta)
-
-    times: dict[str, list[float]] = {}
-    for _ in range(repeats):
-        for key, fn in (
-            ("step_s", plain_step),
-            ("projected_step_s", projected_step),
-            ("projection_s", project_as_implemented),
-            ("projection_inplace_s", project_proposed),
-            ("projection_dense_s", project_dense),
-            ("update_mode_extra_s", update_mode_extra),
-        ):
-            times.setdefault(key, []).append(timed(fn, device))
-    row: dict[str, Any] = {"rank_fraction": fraction, **{k: best(v) for k, v in times.items()}}
-    step = row["step_s"]
-    row.update(
-        overhead=row["projection_s"] / step,
-        overhead_inplace=row["projection_inplace_s"] / step,
-        overhead_dense=row["projection_dense_s"] / step,
-        overhead_update_mode=row["update_mode_extra_s"] / step,
-        measured_step_ratio=row["projected_step_s"] / step,
-        projection_macs=sum(
-            2 * weights[name].shape[0] * p.dim * min(p.rank, p.dim - p.rank)
-            for name, p in projectors.items()
-        ),
-        dense_macs=sum(weights[name].shape[0] * p.dim * p.dim for name, p in projectors.items()),
-    )
-    return row
-
-
-def check_against_dense(
-    projectors: dict[str, NullSpaceProjector], dense: dict[str, Tensor], weights: dict[str, Any]
-) -> None:
-    """Every projector (as implemented and in place) equals the dense ``G (I - U Uᵀ)``."""
-    generator = torch.Generator().manual_seed(1)
-    for name, projector in projectors.items():
-        grad = torch.randn(weights[name].shape, generator=generator).to(dense[name].device)
-        reference = grad.view(grad.shape[0], -1) @ dense[name]
-        as_implemented = projector.project_(grad.clone()).view(grad.shape[0], -1)
-        in_place = grad.clone()
-        project_in_place(projector, in_place)
-        scale = float(reference.abs().max()) + 1e-12
-        for got in (as_implemented, in_place.view(grad.shape[0], -1)):
-            error = float((got - reference).abs().max()) / scale
-            if error > 1e-4:
-                raise AssertionError(
-                    f"projection of `{name}` differs from the dense reference ({error:.1e})"
-                )
 
 
 if __name__ == "__main__":

@@ -160,6 +160,14 @@ def validate_callback_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
         raise UnlearningConfigError(
             f"Expected `mode` to be 'auto', 'gradient' or 'update', got {arguments['mode']!r}."
         )
+    project_every = arguments.get("project_every")
+    if project_every is not None:
+        integer("project_every", project_every, 1)
+        if arguments["mode"] == "gradient":
+            raise UnlearningConfigError(
+                "`project_every` projects weight updates every K optimizer steps and cannot be "
+                "combined with `mode='gradient'`; use `mode='update'` or `mode='auto'`."
+            )
     every = arguments["drift_every_n_steps"]
     if not is_int(every) or every < 0:
         raise UnlearningConfigError(

@@ -84,6 +84,13 @@ class NullSpaceCalibration(Callback):
         batch_adapter: ``batch -> (inputs, labels)`` for retain batches other than ``x``,
             ``(x, y, ...)`` or a dict with ``labels`` (see
             :func:`~unsc_lightning.nullspace.engine.default_batch_adapter`).
+        project_every: amortised update projection (implies ``mode="update"``): the optimizer
+            steps freely and every ``K`` optimizer steps, before validation, in every checkpoint
+            and at the end of the fit (also after an exception) each constrained weight becomes
+            ``W₀ + (W - W₀)(I - U Uᵀ)``, ``W₀`` the weight at fit start; SGD momentum is
+            projected too. ``K`` times less projection work, but the weights between two
+            projections are not exact (the forget accuracy ``UnlearningModule`` stops on is
+            read from them) and it forgets less per epoch. ``None`` (default) projects each step.
 
     Raises:
         UnlearningConfigError: for invalid arguments (at construction) or an unusable model or
@@ -118,6 +125,7 @@ class NullSpaceCalibration(Callback):
         batch_adapter: BatchAdapter | None = None,
         memory_budget: int | None = None,
         keep_forgotten_statistics: bool = False,
+        project_every: int | None = None,
     ) -> None:
         arguments = validate_callback_arguments(locals())
         self.threshold: float | dict[str, float] = arguments["threshold"]
@@ -139,6 +147,7 @@ class NullSpaceCalibration(Callback):
         self.keep_forgotten_statistics = keep_forgotten_statistics
         self.batch_adapter: BatchAdapter = batch_adapter or default_batch_adapter
         self.memory_budget = memory_budget
+        self.project_every: int | None = project_every
         # runtime state
         self.engine: NullSpaceEngine | None = None
         self.active_mode: Literal["gradient", "update"] | None = None
@@ -192,14 +201,15 @@ class NullSpaceCalibration(Callback):
                 self._build(trainer, pl_module)
             engine.make_projectors()
         self._check_shape = self.retain_input_shape is not None
-        self.active_mode = choose_mode(self.mode, trainer.optimizers)
+        self.active_mode = choose_mode(self.mode, trainer.optimizers, self.project_every)
         if self.active_mode == "gradient" and engine.accounting.constraints:
             clip = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
             for message in gradient_mode_warnings(trainer.optimizers, *clip):
                 rank_zero_warn(message)
         if self.active_mode == "update":
+            every = self.project_every or 1
             for optimizer in trainer.optimizers:
-                engine.attach(optimizer)
+                engine.attach(optimizer, every, project_state=every > 1)
 
     @override
     def on_train_batch_start(
@@ -227,8 +237,15 @@ class NullSpaceCalibration(Callback):
             pl_module.log_dict({f"nullspace_drift/{name}": value for name, value in values.items()})
 
     @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.engine is not None:
+            self.engine.project_weights_(pending_only=True)  # `project_every`
+
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # before Lightning moves the model back to the CPU in `on_fit_end`
+        if self.engine is not None:
+            self.engine.project_weights_(pending_only=True)
         metrics: dict[str, float] = {}
         if self._drift_meter is not None and self._drift_meter.layer_names:
             self.drift = self._drift_meter.compute()

@@ -23,11 +23,16 @@ def gradient_exact(optimizer: Any) -> bool:
     return plain_sgd(optimizer) or type(optimizer).__name__ == "LBFGS"
 
 
-def choose_mode(mode: str, optimizers: Sequence[Any]) -> ActiveMode:
+def choose_mode(
+    mode: str, optimizers: Sequence[Any], project_every: int | None = None
+) -> ActiveMode:
     """``"auto"``: gradient projection for plain SGD without weight decay, else update
-    projection (and an info line saying which)."""
-    if mode in ("gradient", "update"):
-        return mode  # type: ignore[return-value]
+    projection (and an info line saying which); always update projection with
+    ``project_every`` (amortised: the weights are projected every ``K`` steps)."""
+    if project_every is not None or mode == "update":
+        return "update"
+    if mode == "gradient":
+        return "gradient"
     chosen: ActiveMode = "gradient" if all(plain_sgd(opt) for opt in optimizers) else "update"
     names = ", ".join(type(o).__name__ for o in optimizers) or "none"
     rank_zero_info(

@@ -160,24 +160,28 @@ def test_update_mode_is_exact_with_accumulation_and_value_clipping(problem):
     assert forget_change >= MOVED
 
 
-class _BeforeStepCopies(L.Callback):
-    """Records how many pre-step weight copies the calibration holds between steps."""
+class _WeightCopies(L.Callback):
+    """Records the weight copies (``W₀``) the calibration's engine holds after each step."""
 
     def __init__(self, calibration: NullSpaceCalibration) -> None:
         self.calibration = calibration
-        self.held: list[int] = []
+        self.held: list[tuple[int, ...]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.held.append(len(self.calibration.engine._before_step))
+        anchors = self.calibration.engine._anchors.values()
+        self.held.append(tuple(anchor.data_ptr() for anchor in anchors))
 
 
-def test_update_mode_holds_weight_copies_only_during_the_step(problem):
+def test_update_mode_holds_one_weight_copy_for_the_whole_fit(problem):
+    """One copy of each constrained weight, made once (no copy per step), freed at the end."""
     callback = NullSpaceCalibration(
         threshold=1.0, mode="update", retain_dataloader=problem.retain_loader()
     )
-    probe = _BeforeStepCopies(callback)
+    probe = _WeightCopies(callback)
     module = unlearning_module(optimizer="adam", lr=2e-3)
 
     quiet_trainer(2, [callback, probe]).fit(module, train_dataloaders=problem.forget_loader())
 
-    assert probe.held and set(probe.held) == {0}
+    assert len(probe.held) == 4 and len(set(probe.held)) == 1
+    assert len(probe.held[0]) == len(callback.engine.constrained_parameters) == 3
+    assert callback.engine._anchors == {}

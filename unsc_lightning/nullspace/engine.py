@@ -171,7 +171,11 @@ class NullSpaceEngine:
         self._frozen: list[nn.Parameter] = []
         self._modes: dict[nn.Module, bool] = {}
         self._step_hooks: list[RemovableHandle] = []
-        self._before_step: dict[int, Tensor] = {}
+        self._anchors: dict[int, Tensor] = {}  # W₀ of each constrained parameter (attach)
+        self._compact: set[int] = set()  # parameters whose anchor is W₀'s remaining part only
+        self._state_optimizers: list[torch.optim.Optimizer] = []
+        self._every = 1
+        self._pending = 0  # optimizer steps since the last projection of the weights
         self.probe: Any = None
         self._probe_logits: Tensor | None = None
 
@@ -331,13 +335,16 @@ class NullSpaceEngine:
         self.report = BuildReport(samples, list(classes or []), 0, 0, 0)
         self._set_bases(bases)
 
-    def make_projectors(self) -> None:
-        """(Re)create the projectors next to each weight (call after moving the model)."""
-        self._projectors = {
-            key: NullSpaceProjector(self._bases[key], device=c.parameter.device)
-            for key, c in self.accounting.constraints.items()
-            if key in self._bases
-        }
+    def make_projectors(self, projectors: Mapping[str, NullSpaceProjector] | None = None) -> None:
+        """(Re)create the projectors next to each weight (call after moving the model), or use
+        ready ``projectors`` (``key -> NullSpaceProjector``, e.g. with a known complement)."""
+        if projectors is None:
+            projectors = {
+                key: NullSpaceProjector(self._bases[key], device=c.parameter.device)
+                for key, c in self.accounting.constraints.items()
+                if key in self._bases
+            }
+        self._projectors = dict(projectors)
         # update mode looks constraints up by parameter on every step: index them once here
         self._by_parameter = {}
         for key, constraint in self.accounting.constraints.items():
@@ -395,41 +402,115 @@ class NullSpaceEngine:
             grad = constraint.parameter.grad
             projector = self._projectors.get(key)
             if grad is not None and projector is not None:
-                spec = constraint.spec
-                spec.write_matrix_(grad, projector.project(spec.to_matrix(grad)))
+                _project_matrix_(constraint.spec, grad, projector)
 
     @torch.no_grad()
     def project_update_(self, parameter_id: int, before: Tensor) -> None:
         """Replace a parameter's change since ``before`` by its projection (update mode)."""
         for key, constraint in self._by_parameter.get(parameter_id, []):
             delta = constraint.parameter.detach() - before
-            spec = constraint.spec
-            spec.write_matrix_(delta, self._projectors[key].project(spec.to_matrix(delta)))
-            constraint.parameter.copy_(before + delta)
+            _project_matrix_(constraint.spec, delta, self._projectors[key])
+            torch.add(before, delta, out=constraint.parameter.detach())
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Project each step's update of ``optimizer`` (exact for any optimizer, weight decay
-        included): the weights are copied before ``step`` and the change projected after it."""
+    @torch.no_grad()
+    def project_weights_(self, pending_only: bool = False) -> None:
+        """Replace each constrained weight ``W`` by ``W₀ + (W - W₀)(I - U Uᵀ)``, ``W₀`` the weight
+        at :meth:`attach`, and project the attached optimizers' SGD momentum (when asked).
 
-        def before(opt: torch.optim.Optimizer, *_: Any) -> None:
-            for group in opt.param_groups:
-                for parameter in group["params"]:
-                    if id(parameter) in self._by_parameter:
-                        self._before_step[id(parameter)] = parameter.detach().clone()
+        No-op when nothing is attached, or with ``pending_only`` when no optimizer step ran
+        since the last projection (a projected change stays projected, up to rounding).
+        """
+        if pending_only and not self._pending:
+            return
+        for parameter_id, anchor in self._anchors.items():
+            constraints = self._by_parameter.get(parameter_id, [])
+            if not constraints:
+                continue
+            weight = constraints[0][1].parameter.detach()
+            anchor = anchor.to(weight.device)  # the model may have moved (end of a fit)
+            if parameter_id in self._compact:  # anchor: W₀'s remaining part, restored in place
+                key, constraint = constraints[0]
+                self._projectors[key].restore_remaining_(constraint.spec.to_matrix(weight), anchor)
+                continue
+            delta = weight - anchor
+            for key, constraint in constraints:
+                _project_matrix_(constraint.spec, delta, self._projectors[key])
+            torch.add(anchor, delta, out=weight)
+        for optimizer in self._state_optimizers:
+            self._project_moments_(optimizer)
+        self._pending = 0
+
+    def _project_moments_(self, optimizer: torch.optim.Optimizer) -> None:
+        # SGD momentum is a direction of future steps: projected, the weights do not drift
+        # along remaining directions between two projections (see _FIRST_MOMENTS)
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                state = optimizer.state.get(parameter, {})
+                for name in _FIRST_MOMENTS:
+                    moment = state.get(name)
+                    if not isinstance(moment, Tensor) or moment.shape != parameter.shape:
+                        continue
+                    for key, constraint in self._by_parameter.get(id(parameter), []):
+                        _project_matrix_(constraint.spec, moment, self._projectors[key])
+
+    def _remember_weights(self) -> None:
+        """``W₀`` of each constrained parameter: for a weight that is one plain ``out x d`` view,
+        only its remaining part (``W₀ U``, or ``W₀ U Uᵀ`` when r > d/2); else a copy."""
+        self._compact = set()
+        for parameter_id, constraints in self._by_parameter.items():
+            weight = constraints[0][1].parameter.detach()
+            key, constraint = constraints[0]
+            if len(constraints) == 1 and _is_view(constraint.spec, weight):
+                matrix = constraint.spec.to_matrix(weight)
+                self._anchors[parameter_id] = self._projectors[key].remaining_part(matrix)
+                self._compact.add(parameter_id)
+            else:
+                self._anchors[parameter_id] = weight.clone()
+
+    def attach(
+        self, optimizer: torch.optim.Optimizer, every: int = 1, project_state: bool = False
+    ) -> None:
+        """Keep ``optimizer``'s steps in the null space (exact for any optimizer, weight decay
+        included).
+
+        The constrained weights ``W₀`` are copied once (at the first attach); every ``every``
+        optimizer steps (counted over all attached optimizers), any ``state_dict()`` of the model
+        (so every checkpoint) and :meth:`detach` replace ``W`` by ``W₀ + (W - W₀)(I - U Uᵀ)``
+        (:meth:`project_weights_`). ``every=1`` projects each step's update (update mode);
+        ``every=K`` lets the optimizer step freely in between, ``K`` times less projection work,
+        with the same guarantee for the weights whenever they are read through
+        :meth:`project_weights_`, ``state_dict`` or at the end. ``project_state`` also projects
+        SGD momentum buffers at each projection (without, the weights drift further along
+        remaining directions between projections; Adam's moments are never projected).
+        """
+        if every < 1:
+            raise NullSpaceEngineError(f"Expected `every` >= 1 optimizer steps, got {every!r}.")
+        if not self._anchors:
+            self._remember_weights()
+            self._step_hooks.append(
+                self.model.register_state_dict_pre_hook(lambda *_: self.project_weights_(True))
+            )
+        self._every = every
+        if project_state:
+            self._state_optimizers.append(optimizer)
 
         def after(opt: torch.optim.Optimizer, *_: Any) -> None:
-            for parameter_id, old in self._before_step.items():
-                self.project_update_(parameter_id, old)
-            self._before_step.clear()
+            self._pending += 1
+            if self._pending >= self._every:
+                self.project_weights_()
 
-        self._step_hooks.append(optimizer.register_step_pre_hook(before))
         self._step_hooks.append(optimizer.register_step_post_hook(after))
 
     def detach(self) -> None:
-        """Remove the step hooks of :meth:`attach`."""
+        """Project the weights a last time (see :meth:`attach`) and remove the step hooks."""
+        if self._anchors:  # also after an exception inside a step: project what moved
+            self.project_weights_()
         while self._step_hooks:
             self._step_hooks.pop().remove()
-        self._before_step.clear()
+        self._anchors = {}
+        self._compact = set()
+        self._state_optimizers = []
+        self._pending = 0
 
     # -- evidence -------------------------------------------------------------------------------
     def _logits_on_probe(self, forward: Callable[..., Any]) -> Tensor:
@@ -513,3 +594,26 @@ class NullSpaceEngine:
         self.label_digest = state.get("label_digest")
         self.report = BuildReport(int(state.get("samples", 0)), list(state["classes"]), 0, 0, 0)
         self.make_projectors()
+
+
+#: optimizer state projected with the weights: SGD's momentum, a linear sum of past gradients.
+#: Adam's ``exp_avg`` is not: projecting it moves momentum into coordinates whose ``exp_avg_sq``
+#: is ~0, and ``m / (sqrt(v) + eps)`` then explodes (measured: remaining logits x6000 in a step).
+_FIRST_MOMENTS = ("momentum_buffer",)
+
+
+def _project_matrix_(spec: Any, tensor: Tensor, projector: NullSpaceProjector) -> None:
+    """Project ``tensor`` (weight-shaped) onto the null space in place, without a copy when
+    ``spec.to_matrix`` is a plain view of it."""
+    matrix = spec.to_matrix(tensor)
+    if _is_view(spec, tensor, matrix):
+        projector.project_matrix_(matrix)
+    else:
+        spec.write_matrix_(tensor, projector.project(matrix))
+
+
+def _is_view(spec: Any, tensor: Tensor, matrix: Tensor | None = None) -> bool:
+    """Whether ``spec.to_matrix(tensor)`` is all of ``tensor``'s storage (in-place ops write
+    through)."""
+    matrix = spec.to_matrix(tensor) if matrix is None else matrix
+    return matrix.data_ptr() == tensor.data_ptr() and matrix.numel() == tensor.numel()

@@ -66,10 +66,58 @@ class NullSpaceProjector:
         return matrix - (matrix @ factor) @ factor.T
 
     @torch.no_grad()
+    def project_matrix_(self, matrix: Tensor) -> Tensor:
+        """Project an ``out x d`` matrix (or a view of a weight) in place and return it.
+
+        One ``out x min(r, d - r)`` temporary: ``G -= (G U) Uᵀ`` as one ``addmm_``, or
+        ``G = (G Q) Qᵀ`` written back into ``G``.
+        """
+        factor = self.factor.to(device=matrix.device, dtype=matrix.dtype)
+        if self.use_complement:
+            reduced = matrix @ factor
+            if matrix.is_contiguous():
+                torch.mm(reduced, factor.T, out=matrix)
+            else:
+                matrix.copy_(reduced @ factor.T)
+        elif self.rank:
+            matrix.addmm_(matrix @ factor, factor.T, alpha=-1)
+        return matrix
+
+    @torch.no_grad()
+    def remaining_part(self, matrix: Tensor) -> Tensor:
+        """What the projection removes from ``matrix``, compactly: ``M U`` (``out x r``) when
+        ``r <= d/2``, else ``M U Uᵀ`` (``out x d``). See :meth:`restore_remaining_`."""
+        factor = self.factor.to(device=matrix.device, dtype=matrix.dtype)
+        if self.use_complement:
+            return matrix - (matrix @ factor) @ factor.T
+        return matrix @ factor
+
+    @torch.no_grad()
+    def restore_remaining_(self, matrix: Tensor, remaining: Tensor) -> Tensor:
+        """``M <- M (I - U Uᵀ) + M₀ U Uᵀ`` in place, ``remaining`` = :meth:`remaining_part` of
+        ``M₀``: the change ``M - M₀`` projected, with as many passes over ``M`` as
+        :meth:`project_matrix_` (no ``M - M₀`` temporary, no full copy of ``M₀`` when r <= d/2).
+        """
+        factor = self.factor.to(device=matrix.device, dtype=matrix.dtype)
+        remaining = remaining.to(device=matrix.device, dtype=matrix.dtype)
+        if self.use_complement:
+            reduced = matrix @ factor
+            if matrix.is_contiguous():
+                torch.addmm(remaining, reduced, factor.T, out=matrix)
+            else:
+                matrix.copy_(torch.addmm(remaining, reduced, factor.T))
+        elif self.rank:
+            matrix.addmm_(matrix @ factor - remaining, factor.T, alpha=-1)
+        return matrix
+
+    @torch.no_grad()
     def project_(self, tensor: Tensor) -> Tensor:
         """Project a weight-shaped tensor (gradient or update) in place and return it."""
-        matrix = tensor.reshape(tensor.shape[0], -1)
-        tensor.copy_(self.project(matrix).reshape_as(tensor))
+        matrix = tensor.view(tensor.shape[0], -1) if tensor.is_contiguous() else None
+        if matrix is None:
+            tensor.copy_(self.project(tensor.reshape(tensor.shape[0], -1)).reshape_as(tensor))
+        else:
+            self.project_matrix_(matrix)
         return tensor
 
     @property
