@@ -7,17 +7,87 @@ samples are seen, and sums from different batches, workers or DDP ranks merge by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from unsc_lightning.nullspace.representation import WeightRows, layer_rows, representation_dim
+from unsc_lightning.nullspace.representation import (
+    WeightRows,
+    _conv_forward_rows,
+    _linear_forward_rows,
+    channels_last_gram_to_weight_order,
+    conv_rows_channels_last,
+    layer_rows,
+    representation_dim,
+)
 
 RowsCallback = Callable[[str, Tensor], None]
+
+#: ``gram_dtype="auto"`` forms a batch's Gram products in float32 only for bases whose energy
+#: threshold is at most this. Float32 products leave rounding noise of order ``1e-7 * trace``
+#: spread over every direction, truly null ones included; a threshold of ``1 - 1e-3`` or less
+#: leaves at least ``1e-3 * trace`` of energy outside the basis, four orders above that noise,
+#: so the energy cut, not the ``RELATIVE_TOLERANCE`` of the eigenvalues, decides the rank. The
+#: measured effect on the embedded nets (``tests/nullspace/test_gram_precision.py``): identical
+#: ranks at thresholds up to 0.9999, eigenvalues above the cut within ``1e-6`` of the largest.
+FLOAT32_GRAM_MAX_THRESHOLD = 0.999
+
+GramDtype = Literal["auto"] | torch.dtype
+
+
+@dataclass(frozen=True)
+class GramOptions:
+    """How a basis pass forms the Gram products ``Σ x xᵀ`` of each batch.
+
+    Whatever the choice, the sums are accumulated in float64 across batches.
+
+    Attributes:
+        dtype: ``"auto"`` (default): float32 products for a basis (per class, for the per-class
+            rule) whose energy threshold is at most :data:`FLOAT32_GRAM_MAX_THRESHOLD`, float64
+            otherwise (``threshold=1.0``, embeddings, a per-class schedule reaching near 1.0),
+            so a threshold that keeps every non-zero direction never counts float32 noise.
+            ``torch.float64``: every product in float64 (the reference; 2-3x slower on CPU).
+            ``torch.float32``: every product in float32, even at ``threshold=1.0`` (then
+            rounding noise near ``1e-7 * trace`` can be kept as directions). Rows in float64
+            (a float64 model) always multiply in float64; float16/bfloat16 rows are widened
+            first. On CUDA, TF32 is switched off for the products.
+        row_fraction: opt-in subsampling: each layer's rows of each class and batch are reduced
+            to a random ``ceil(row_fraction * n)`` of their ``n`` (for convolutions: positions;
+            for a Linear fed one vector per sample: samples). Cheaper, and no longer exact: the
+            basis then spans the remaining data's rows only approximately. ``None`` = all rows.
+        seed: seed of the subsampling (the same data in the same order give the same rows).
+    """
+
+    dtype: GramDtype = "auto"
+    row_fraction: float | None = None
+    seed: int = 0
+
+    def dtype_for(self, threshold: float) -> torch.dtype:
+        """The product dtype for a basis kept at energy ``threshold``."""
+        if self.dtype == "auto":
+            return torch.float32 if threshold <= FLOAT32_GRAM_MAX_THRESHOLD else torch.float64
+        return self.dtype
+
+
+@contextmanager
+def _ieee_float32(device: torch.device) -> Iterator[None]:
+    # TF32 rounds float32 products to 10 mantissa bits: switched off around the Gram products
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
 
 
 class _HookOwner:
@@ -122,6 +192,7 @@ class CovarianceAccumulator:
         num_classes: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
+        gram: GramOptions | None = None,
     ) -> None:
         self.dims = dict(dims)
         self.num_classes = num_classes
@@ -139,6 +210,15 @@ class CovarianceAccumulator:
         self._class_counts: list[int] = []
         self._skipped = 0
         self._order: Tensor | None = None
+        #: ``(layer, class slot) -> product dtype`` of a batch's Gram (``None``: ``dtype``)
+        self.product_dtype: Callable[[str, int], torch.dtype] | None = None
+        self.row_fraction = None if gram is None else gram.row_fraction
+        seed = 0 if gram is None else gram.seed
+        self._generator = torch.Generator().manual_seed(seed)
+        self._float32_products = False
+        #: ``layer -> (kernel_size, channels per group)`` for rows that come channels-last
+        #: (:class:`SiteRecorder` ``channels_last``): their Gram is permuted to weight order
+        self.column_orders: dict[str, ColumnOrder] = {}
 
     @classmethod
     def from_sums(
@@ -201,15 +281,16 @@ class CovarianceAccumulator:
         """Add the rows of one forward call of layer ``name``.
 
         Per class, the rows of each class are one contiguous block (batches sorted by label, or
-        gathered once), so each class costs one ``addmm_`` on a view: no boolean masks, no copy
-        per class and no device synchronisation. Non-finite rows are detected afterwards by
-        :meth:`check_finite` from the diagonal of the sums (``O(d)`` instead of a pass over the rows).
+        gathered once), so each class costs one product on a view: no boolean masks, no copy
+        per class and no device synchronisation. Each block's Gram is formed in the dtype
+        :attr:`product_dtype` gives (default: :attr:`dtype`, straight into the sums with
+        ``addmm_``); a float32 Gram is added into the float64 sums. Non-finite rows are
+        detected afterwards by :meth:`check_finite` from the diagonal of the sums (``O(d)``
+        instead of a pass over the rows).
         """
         target = self.sums[name]
-        rows = rows.to(device=target.device, dtype=self.dtype)
-        self.rows_seen[name] += rows.shape[0]
         if not self.per_class:
-            target.addmm_(rows.T, rows)
+            self._accumulate(name, target, self._rows(rows), self._product(name, 0))
             return
         samples = sum(self._class_counts) + self._skipped
         if samples == 0 or rows.shape[0] % samples:
@@ -226,8 +307,41 @@ class CovarianceAccumulator:
         for cls, count in enumerate(self._class_counts):
             if count:
                 block = rows[start : start + count * rows_per_sample]
-                target[cls].addmm_(block.T, block)
+                self._accumulate(name, target[cls], self._rows(block), self._product(name, cls))
                 start += count * rows_per_sample
+
+    def _product(self, name: str, slot: int) -> torch.dtype:
+        return self.dtype if self.product_dtype is None else self.product_dtype(name, slot)
+
+    def _rows(self, rows: Tensor) -> Tensor:
+        # the opt-in subsampling: a random ``ceil(fraction * n)`` of the block's rows, in order
+        if self.row_fraction is None or self.row_fraction >= 1.0:
+            return rows
+        count = rows.shape[0]
+        keep = math.ceil(self.row_fraction * count)
+        if keep >= count:
+            return rows
+        index = torch.randperm(count, generator=self._generator)[:keep].sort().values
+        return rows.index_select(0, index.to(rows.device))
+
+    def _accumulate(self, name: str, target: Tensor, rows: Tensor, product: torch.dtype) -> None:
+        self.rows_seen[name] += rows.shape[0]
+        order = self.column_orders.get(name)
+        if product == target.dtype or rows.dtype == torch.float64:
+            rows = rows.to(device=target.device, dtype=target.dtype)
+            if order is None:
+                target.addmm_(rows.T, rows)
+            else:
+                target.add_(channels_last_gram_to_weight_order(rows.T @ rows, *order))
+            return
+        # a float32 Gram (half-precision rows widened exactly first), added into the float64 sums
+        rows = rows.to(device=target.device, dtype=product)
+        with _ieee_float32(target.device):
+            gram = torch.mm(rows.T, rows)
+        if order is not None:
+            gram = channels_last_gram_to_weight_order(gram, *order)
+        target.add_(gram)
+        self._float32_products = True
 
     def add_shared(self, name: str, rows: Tensor) -> None:
         """Add rows that every sample of the batch shares (a layer fed an input without the
@@ -262,9 +376,14 @@ class CovarianceAccumulator:
         ).tolist()
         for name, ok in zip(self.sums, finite):
             if not ok:
+                overflow = (
+                    " (or its float32 Gram products overflowed: build with `gram=torch.float64`)"
+                    if self._float32_products
+                    else ""
+                )
                 raise RuntimeError(
-                    f"Layer `{name}` received NaN or inf inputs while building the remaining-data "
-                    "bases; check the retain data and the model (e.g. with "
+                    f"Layer `{name}` received NaN or inf inputs{overflow} while building the "
+                    "remaining-data bases; check the retain data and the model (e.g. with "
                     "`torch.autograd.set_detect_anomaly`)."
                 )
 
@@ -369,6 +488,15 @@ class SiteRecorder(_HookOwner):
         on_shared_rows: called instead for a layer whose input has no batch dimension (neither
             its first nor second dimension is :attr:`batch_size`): its rows belong to every
             sample of the batch.
+        row_dtype: ``key -> dtype`` the rows of that key are wanted in: a Linear's or a
+            convolution's input of a narrower floating dtype is widened to it *before* its rows
+            are formed (exact), so a convolution's patches are copied once, straight in that
+            dtype, instead of formed and cast afterwards. Never narrows. ``None``: as they come.
+        channels_last: hand a convolution's rows in ``(*kernel, channel)`` column order
+            (:func:`~unsc_lightning.nullspace.representation.conv_rows_channels_last`, several
+            times faster to form) for the keys listed in :attr:`column_orders`; the consumer
+            must permute their Gram back (:class:`CovarianceAccumulator` does, given
+            ``column_orders``).
     """
 
     def __init__(
@@ -376,14 +504,26 @@ class SiteRecorder(_HookOwner):
         sites: Iterable[Site],
         on_rows: RowsCallback,
         on_shared_rows: RowsCallback | None = None,
+        row_dtype: Callable[[str], torch.dtype] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.on_shared_rows = on_shared_rows
+        self.row_dtype = row_dtype
         #: samples of the batch being forwarded (set by the caller; ``None`` = unknown)
         self.batch_size: int | None = None
         self.by_layer: dict[nn.Module, list[tuple[str, WeightRows]]] = {}
+        layouts: dict[str, set[ColumnOrder | None]] = {}
         for key, layer, spec in sites:
             self.by_layer.setdefault(layer, []).append((key, spec))
+            layouts.setdefault(key, set()).add(_column_order(layer, spec))
+        #: ``key -> (kernel_size, channels per group)`` of the keys whose rows come channels-last
+        self.column_orders: dict[str, ColumnOrder] = {}
+        if channels_last:
+            for key, found in layouts.items():
+                order = next(iter(found))
+                if len(found) == 1 and order is not None:
+                    self.column_orders[key] = order
         self.on_rows = on_rows
         self.seen: set[str] = set()
 
@@ -396,7 +536,12 @@ class SiteRecorder(_HookOwner):
             )
             for key, spec in specs:
                 self.seen.add(key)
-                rows = spec.rows(module, args, kwargs).detach()
+                widened = self._widened(key, spec, args)
+                if key in self.column_orders and not shared:
+                    inputs = cast(Tensor, widened[0] if widened else kwargs["input"])
+                    rows = conv_rows_channels_last(module, inputs.detach())
+                else:
+                    rows = spec.rows(module, widened, kwargs).detach()
                 if shared and self.on_shared_rows is not None:
                     self.on_shared_rows(key, rows)
                 else:
@@ -404,10 +549,36 @@ class SiteRecorder(_HookOwner):
 
         return hook
 
+    def _widened(self, key: str, spec: WeightRows, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if self.row_dtype is None or spec.rows not in _WIDENABLE or not args:
+            return args
+        first = args[0]
+        if not isinstance(first, Tensor) or not first.is_floating_point():
+            return args
+        dtype = self.row_dtype(key)
+        if first.dtype == dtype or torch.finfo(first.dtype).bits >= torch.finfo(dtype).bits:
+            return args
+        return (first.detach().to(dtype), *args[1:])
+
     def _register(self) -> None:
         for layer, specs in self.by_layer.items():
             handle = layer.register_forward_pre_hook(self._hook(specs), with_kwargs=True)
             self._handles.append(handle)
+
+
+#: ``(kernel_size, channels per group)``: how channels-last convolution rows are laid out
+ColumnOrder = tuple[tuple[int, ...], int]
+
+
+def _column_order(layer: nn.Module, spec: WeightRows) -> ColumnOrder | None:
+    if spec.rows is not _conv_forward_rows or not isinstance(layer, nn.modules.conv._ConvNd):
+        return None
+    return tuple(layer.kernel_size), int(layer.in_channels // layer.groups)
+
+
+#: rows that are a reshaping or windowing of the first input alone: widening that input first
+#: gives the same rows, copied once
+_WIDENABLE = (_linear_forward_rows, _conv_forward_rows)
 
 
 def _without_batch(args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int | None) -> bool:

@@ -220,6 +220,61 @@ def conv_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     return _patch_rows(windows, conv.groups)
 
 
+def conv_rows_channels_last(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """The rows of :func:`conv_rows` with each patch's entries in ``(*kernel, channel)`` order.
+
+    The same patches, with columns permuted: channels vary fastest, then the kernel taps. The
+    input is copied once channels-last (``k / stride`` times smaller than the rows), after which
+    each row gathers contiguous runs of channels, which copies several times faster than
+    :func:`conv_rows`' runs of taps. A Gram ``Σ x xᵀ`` of these rows is brought to the weight's
+    ``(channel, *kernel)`` order by :func:`channels_last_gram_to_weight_order`.
+
+    Returns:
+        Tensor ``(B * L * groups, prod(kernel_size) * in_channels / groups)``, ordered like
+        :func:`conv_rows` (sample, position, group).
+    """
+    conv = cast(nn.modules.conv._ConvNd, layer)
+    if inputs.dim() == len(conv.kernel_size) + 1:  # unbatched input
+        inputs = inputs.unsqueeze(0)
+    padded = _padded(conv, inputs).movedim(1, -1).contiguous()  # (B, *S, C)
+    spatial = len(conv.kernel_size)
+    batch, sizes, channels = padded.shape[0], padded.shape[1:-1], padded.shape[-1]
+    groups = int(conv.groups)
+    per_group = channels // groups
+    positions = [
+        (size - spacing * (k - 1) - 1) // step + 1
+        for size, k, step, spacing in zip(sizes, conv.kernel_size, conv.stride, conv.dilation)
+    ]
+    strides = padded.stride()
+    view = padded.as_strided(
+        (batch, *positions, groups, *conv.kernel_size, per_group),
+        (
+            strides[0],
+            *(strides[1 + i] * conv.stride[i] for i in range(spatial)),
+            per_group,
+            *(strides[1 + i] * conv.dilation[i] for i in range(spatial)),
+            1,
+        ),
+    )
+    return view.reshape(-1, per_group * math.prod(conv.kernel_size))
+
+
+def channels_last_gram_to_weight_order(
+    gram: Tensor, kernel_size: tuple[int, ...], per_group: int
+) -> Tensor:
+    """A ``(d, d)`` Gram of :func:`conv_rows_channels_last` rows in the weight's column order.
+
+    Returns:
+        A permuted view of ``gram``, ``G[(c, *a), (c', *a')] = gram[(*a, c), (*a', c')]``.
+    """
+    spatial = len(kernel_size)
+    taps = tuple(range(spatial))
+    grid = gram.reshape(*kernel_size, per_group, *kernel_size, per_group)
+    other = tuple(spatial + 1 + i for i in taps)
+    grid = grid.permute(spatial, *taps, 2 * spatial + 1, *other)
+    return grid.reshape(gram.shape)
+
+
 def conv1d_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     """Rows of a Conv1d layer, ``(B * L * groups, in_channels / groups * k)``."""
     return conv_rows(layer, inputs)
