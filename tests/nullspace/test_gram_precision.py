@@ -316,3 +316,18 @@ def test_subsampled_rank_bound_still_bounds_the_rank():
     engine.build([(x, y)])
     assert engine.layer_infos["0"].rank <= 6
     assert math.isfinite(engine.layer_infos["0"].energy)
+
+
+def test_subsampled_conv_rows_are_a_seeded_subset_of_each_samples_positions():
+    conv = nn.Conv2d(4, 2, 3, stride=(1, 2), padding=1, groups=2)
+    x = torch.randn(3, 4, 6, 7, dtype=torch.float64)
+    full = conv_rows_channels_last(conv, x).reshape(3, -1, 2 * 9)  # (B, L * groups, d)
+    draw = torch.Generator().manual_seed(5)
+    part = conv_rows_channels_last(conv, x, 0.3, draw).reshape(3, -1, 2 * 9)
+    positions = full.shape[1] // 2
+    assert part.shape[1] == 2 * math.ceil(0.3 * positions)
+    for sample in range(3):
+        rows = {tuple(r.tolist()) for r in full[sample]}
+        assert all(tuple(r.tolist()) in rows for r in part[sample])
+    again = conv_rows_channels_last(conv, x, 0.3, torch.Generator().manual_seed(5))
+    assert torch.equal(again.reshape(part.shape), part)

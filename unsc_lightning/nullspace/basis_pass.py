@@ -104,8 +104,11 @@ class BasisPass:
             accumulator.add_shared,
             row_dtype=products.of_rows,
             channels_last=True,
+            row_fraction=engine.gram.row_fraction,
+            seed=engine.gram.seed,
         )
-        accumulator.column_orders = recorder.column_orders
+        accumulator.column_orders = dict(recorder.column_orders)
+        accumulator.presampled = set(recorder.column_orders)
         with recorder:
             for batch in batches:
                 inputs, labels = self.adapter(batch)
@@ -147,7 +150,7 @@ class BasisPass:
                 accumulator.check_finite()
                 self._peak(accumulator)
             self.seen_keys |= recorder.seen
-        return accumulator
+        return accumulator.weight_order_()
 
     def _slots(self, labels: Tensor, slots: _Slots) -> Tensor:
         """Each sample's slot, ``-1`` for a sample not taken (class not held, or at its cap).

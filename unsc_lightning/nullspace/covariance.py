@@ -217,8 +217,11 @@ class CovarianceAccumulator:
         self._generator = torch.Generator().manual_seed(seed)
         self._float32_products = False
         #: ``layer -> (kernel_size, channels per group)`` for rows that come channels-last
-        #: (:class:`SiteRecorder` ``channels_last``): their Gram is permuted to weight order
+        #: (:class:`SiteRecorder` ``channels_last``): their sums stay in that order until
+        #: :meth:`weight_order_`
         self.column_orders: dict[str, ColumnOrder] = {}
+        #: layers whose rows arrive already subsampled (not subsampled again here)
+        self.presampled: set[str] = set()
 
     @classmethod
     def from_sums(
@@ -290,7 +293,7 @@ class CovarianceAccumulator:
         """
         target = self.sums[name]
         if not self.per_class:
-            self._accumulate(name, target, self._rows(rows), self._product(name, 0))
+            self._accumulate(name, target, self._rows(name, rows), self._product(name, 0))
             return
         samples = sum(self._class_counts) + self._skipped
         if samples == 0 or rows.shape[0] % samples:
@@ -307,15 +310,16 @@ class CovarianceAccumulator:
         for cls, count in enumerate(self._class_counts):
             if count:
                 block = rows[start : start + count * rows_per_sample]
-                self._accumulate(name, target[cls], self._rows(block), self._product(name, cls))
+                product = self._product(name, cls)
+                self._accumulate(name, target[cls], self._rows(name, block), product)
                 start += count * rows_per_sample
 
     def _product(self, name: str, slot: int) -> torch.dtype:
         return self.dtype if self.product_dtype is None else self.product_dtype(name, slot)
 
-    def _rows(self, rows: Tensor) -> Tensor:
+    def _rows(self, name: str, rows: Tensor) -> Tensor:
         # the opt-in subsampling: a random ``ceil(fraction * n)`` of the block's rows, in order
-        if self.row_fraction is None or self.row_fraction >= 1.0:
+        if self.row_fraction is None or self.row_fraction >= 1.0 or name in self.presampled:
             return rows
         count = rows.shape[0]
         keep = math.ceil(self.row_fraction * count)
@@ -326,22 +330,23 @@ class CovarianceAccumulator:
 
     def _accumulate(self, name: str, target: Tensor, rows: Tensor, product: torch.dtype) -> None:
         self.rows_seen[name] += rows.shape[0]
-        order = self.column_orders.get(name)
         if product == target.dtype or rows.dtype == torch.float64:
             rows = rows.to(device=target.device, dtype=target.dtype)
-            if order is None:
-                target.addmm_(rows.T, rows)
-            else:
-                target.add_(channels_last_gram_to_weight_order(rows.T @ rows, *order))
+            target.addmm_(rows.T, rows)
             return
         # a float32 Gram (half-precision rows widened exactly first), added into the float64 sums
         rows = rows.to(device=target.device, dtype=product)
         with _ieee_float32(target.device):
             gram = torch.mm(rows.T, rows)
-        if order is not None:
-            gram = channels_last_gram_to_weight_order(gram, *order)
         target.add_(gram)
         self._float32_products = True
+
+    def weight_order_(self) -> CovarianceAccumulator:
+        """Permute the sums of channels-last layers (:attr:`column_orders`) to weight order."""
+        for name, order in self.column_orders.items():
+            self.sums[name] = channels_last_gram_to_weight_order(self.sums[name], *order)
+        self.column_orders = {}
+        return self
 
     def add_shared(self, name: str, rows: Tensor) -> None:
         """Add rows that every sample of the batch shares (a layer fed an input without the
@@ -495,8 +500,11 @@ class SiteRecorder(_HookOwner):
         channels_last: hand a convolution's rows in ``(*kernel, channel)`` column order
             (:func:`~unsc_lightning.nullspace.representation.conv_rows_channels_last`, several
             times faster to form) for the keys listed in :attr:`column_orders`; the consumer
-            must permute their Gram back (:class:`CovarianceAccumulator` does, given
-            ``column_orders``).
+            must permute their sums back
+            (:meth:`CovarianceAccumulator.weight_order_`, given ``column_orders``).
+        row_fraction: with ``channels_last``, form only a random ``ceil(row_fraction * L)`` of
+            each sample's ``L`` positions of those convolutions (the opt-in subsampling).
+        seed: seed of those draws.
     """
 
     def __init__(
@@ -506,8 +514,12 @@ class SiteRecorder(_HookOwner):
         on_shared_rows: RowsCallback | None = None,
         row_dtype: Callable[[str], torch.dtype] | None = None,
         channels_last: bool = False,
+        row_fraction: float | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.row_fraction = row_fraction
+        self._generator = torch.Generator().manual_seed(seed)
         self.on_shared_rows = on_shared_rows
         self.row_dtype = row_dtype
         #: samples of the batch being forwarded (set by the caller; ``None`` = unknown)
@@ -537,9 +549,12 @@ class SiteRecorder(_HookOwner):
             for key, spec in specs:
                 self.seen.add(key)
                 widened = self._widened(key, spec, args)
-                if key in self.column_orders and not shared:
+                if key in self.column_orders:
                     inputs = cast(Tensor, widened[0] if widened else kwargs["input"])
-                    rows = conv_rows_channels_last(module, inputs.detach())
+                    fraction = None if shared else self.row_fraction
+                    rows = conv_rows_channels_last(
+                        module, inputs.detach(), fraction, self._generator
+                    )
                 else:
                     rows = spec.rows(module, widened, kwargs).detach()
                 if shared and self.on_shared_rows is not None:

@@ -220,7 +220,12 @@ def conv_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     return _patch_rows(windows, conv.groups)
 
 
-def conv_rows_channels_last(layer: nn.Module, inputs: Tensor) -> Tensor:
+def conv_rows_channels_last(
+    layer: nn.Module,
+    inputs: Tensor,
+    fraction: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """The rows of :func:`conv_rows` with each patch's entries in ``(*kernel, channel)`` order.
 
     The same patches, with columns permuted: channels vary fastest, then the kernel taps. The
@@ -229,9 +234,17 @@ def conv_rows_channels_last(layer: nn.Module, inputs: Tensor) -> Tensor:
     :func:`conv_rows`' runs of taps. A Gram ``Σ x xᵀ`` of these rows is brought to the weight's
     ``(channel, *kernel)`` order by :func:`channels_last_gram_to_weight_order`.
 
+    Args:
+        layer: the convolution.
+        inputs: its input, batched or not.
+        fraction: keep only a random ``ceil(fraction * L)`` of each sample's ``L`` output
+            positions (drawn per sample from ``generator``, kept in position order); only those
+            rows are copied. ``None``: every position.
+        generator: the CPU generator of the draws.
+
     Returns:
         Tensor ``(B * L * groups, prod(kernel_size) * in_channels / groups)``, ordered like
-        :func:`conv_rows` (sample, position, group).
+        :func:`conv_rows` (sample, position, group); ``L`` reduced as ``fraction`` says.
     """
     conv = cast(nn.modules.conv._ConvNd, layer)
     if inputs.dim() == len(conv.kernel_size) + 1:  # unbatched input
@@ -256,22 +269,38 @@ def conv_rows_channels_last(layer: nn.Module, inputs: Tensor) -> Tensor:
             1,
         ),
     )
-    return view.reshape(-1, per_group * math.prod(conv.kernel_size))
+    width = per_group * math.prod(conv.kernel_size)
+    count = math.prod(positions)
+    keep = count if fraction is None else math.ceil(fraction * count)
+    if keep >= count:
+        return view.reshape(-1, width)
+    # random positions per sample: the smallest of ``count`` uniform keys, in position order
+    keys = torch.rand(batch, count, generator=generator)
+    chosen = keys.topk(keep, dim=1, largest=False).indices.sort(dim=1).values
+    chosen = chosen.to(padded.device)
+    index: list[Tensor] = [torch.arange(batch, device=padded.device)[:, None]]
+    for size in reversed(positions):  # unravel the flat position, last dimension fastest
+        index.insert(1, chosen % size)
+        chosen = chosen // size
+    return view[tuple(index)].reshape(-1, width)
 
 
 def channels_last_gram_to_weight_order(
     gram: Tensor, kernel_size: tuple[int, ...], per_group: int
 ) -> Tensor:
-    """A ``(d, d)`` Gram of :func:`conv_rows_channels_last` rows in the weight's column order.
+    """A ``(..., d, d)`` Gram of :func:`conv_rows_channels_last` rows in the weight's order.
 
     Returns:
-        A permuted view of ``gram``, ``G[(c, *a), (c', *a')] = gram[(*a, c), (*a', c')]``.
+        ``G[..., (c, *a), (c', *a')] = gram[..., (*a, c), (*a', c')]`` (a copy).
     """
     spatial = len(kernel_size)
     taps = tuple(range(spatial))
-    grid = gram.reshape(*kernel_size, per_group, *kernel_size, per_group)
-    other = tuple(spatial + 1 + i for i in taps)
-    grid = grid.permute(spatial, *taps, 2 * spatial + 1, *other)
+    lead = gram.shape[:-2]
+    grid = gram.reshape(*lead, *kernel_size, per_group, *kernel_size, per_group)
+    skip = len(lead)
+    first = [skip + spatial, *(skip + i for i in taps)]
+    second = [skip + 2 * spatial + 1, *(skip + spatial + 1 + i for i in taps)]
+    grid = grid.permute(*range(skip), *first, *second)
     return grid.reshape(gram.shape)
 
 
