@@ -20,6 +20,7 @@ from unsc_lightning.nullspace.batches import default_batch_adapter
 from unsc_lightning.nullspace.covariance import FLOAT32_GRAM_MAX_THRESHOLD, GramOptions
 from unsc_lightning.nullspace.representation import (
     channels_last_gram_to_weight_order,
+    conv_representation,
     conv_rows,
     conv_rows_channels_last,
     layer_rows,
@@ -331,3 +332,58 @@ def test_subsampled_conv_rows_are_a_seeded_subset_of_each_samples_positions():
         assert all(tuple(r.tolist()) in rows for r in part[sample])
     again = conv_rows_channels_last(conv, x, 0.3, torch.Generator().manual_seed(5))
     assert torch.equal(again.reshape(part.shape), part)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_layers_multiply_only_the_upper_gram_blocks(dtype):
+    from unsc_lightning.nullspace.covariance import _add_symmetric_gram, _parts
+
+    rows = torch.randn(300, 500, dtype=torch.float64).to(dtype)
+    assert _parts(rows) == 3
+    target = torch.ones(500, 500, dtype=torch.float64)
+    _add_symmetric_gram(target, rows)
+    expected = 1 + (rows.double().T @ rows.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(target, expected, rtol=0, atol=tolerance * float(expected.max()))
+    # blocks off the diagonal are mirrored exactly
+    assert torch.equal(target[:167, 167:], target[167:, :167].T)
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        (nn.Conv1d(16, 4, 3, stride=2, padding=1), (7, 16, 21)),
+        (nn.Conv1d(16, 4, 5, stride=2, padding=2, padding_mode="reflect"), (7, 16, 19)),
+        (nn.Conv1d(16, 4, 4, stride=1, padding="same"), (7, 16, 12)),
+        (nn.Conv2d(6, 4, 3, padding=1), (7, 6, 8, 7)),
+        (nn.Conv2d(6, 4, (3, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (7, 6, 9, 8)),
+        (nn.Conv2d(6, 4, 3, stride=1, padding=1, padding_mode="circular"), (7, 6, 5, 6)),
+        (nn.Conv3d(4, 4, (3, 2, 2), padding=1), (7, 4, 5, 4, 3)),
+    ],
+)
+def test_shifted_conv_gram_equals_the_patch_rows_gram(conv, shape):
+    """The Gram from ``stride / kernel`` of the products plus the border rows equals the
+    unfold-based one per class (float64, 1e-10 relative), labels unsorted."""
+    from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1, 2, 0, -1, 1])
+    accumulator = CovarianceAccumulator({"c": conv.weight[0].numel()}, num_classes=3)
+    recorder = SiteRecorder(
+        [("c", conv, conv_representation(conv)[0])],
+        accumulator.add,
+        channels_last=True,
+        shift_gram=True,
+    )
+    assert recorder.shifted == {"c"}
+    accumulator.column_orders = dict(recorder.column_orders)
+    with recorder, torch.no_grad():
+        accumulator.set_labels(labels)
+        conv.double()(x)
+    accumulator.weight_order_()
+    for label in range(3):
+        rows = conv_rows(conv, x[labels == label])
+        expected = rows.T @ rows
+        found = accumulator.sums["c"][label]
+        assert torch.allclose(found, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))

@@ -106,6 +106,7 @@ class BasisPass:
             channels_last=True,
             row_fraction=engine.gram.row_fraction,
             seed=engine.gram.seed,
+            shift_gram=True,
         )
         accumulator.column_orders = dict(recorder.column_orders)
         accumulator.presampled = set(recorder.column_orders)

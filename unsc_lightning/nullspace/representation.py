@@ -220,11 +220,35 @@ def conv_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     return _patch_rows(windows, conv.groups)
 
 
+def channels_last_padded(layer: nn.Module, inputs: Tensor) -> Tensor:
+    """A convolution's input padded as the layer pads it, channels last: ``(B, *S, C)``.
+
+    Zero padding is written straight into a zeroed channels-last buffer (one copy of the
+    input); other modes pad first and then move the channels.
+    """
+    conv = cast(nn.modules.conv._ConvNd, layer)
+    if inputs.dim() == len(conv.kernel_size) + 1:  # unbatched input
+        inputs = inputs.unsqueeze(0)
+    pad = conv._reversed_padding_repeated_twice
+    if conv.padding_mode != "zeros" or any(p < 0 for p in pad):
+        return _padded(conv, inputs).movedim(1, -1).contiguous()
+    spatial = len(conv.kernel_size)
+    # ``pad`` lists (left, right) per dimension, last dimension first
+    before = [pad[2 * (spatial - 1 - i)] for i in range(spatial)]
+    after = [pad[2 * (spatial - 1 - i) + 1] for i in range(spatial)]
+    sizes = [size + b + a for size, b, a in zip(inputs.shape[2:], before, after)]
+    padded = inputs.new_zeros(inputs.shape[0], *sizes, inputs.shape[1])
+    interior = (slice(None), *(slice(b, b + n) for b, n in zip(before, inputs.shape[2:])))
+    padded[interior] = inputs.movedim(1, -1)
+    return padded
+
+
 def conv_rows_channels_last(
     layer: nn.Module,
     inputs: Tensor,
     fraction: float | None = None,
     generator: torch.Generator | None = None,
+    padded: Tensor | None = None,
 ) -> Tensor:
     """The rows of :func:`conv_rows` with each patch's entries in ``(*kernel, channel)`` order.
 
@@ -241,15 +265,15 @@ def conv_rows_channels_last(
             positions (drawn per sample from ``generator``, kept in position order); only those
             rows are copied. ``None``: every position.
         generator: the CPU generator of the draws.
+        padded: :func:`channels_last_padded` of ``inputs``, if already at hand.
 
     Returns:
         Tensor ``(B * L * groups, prod(kernel_size) * in_channels / groups)``, ordered like
         :func:`conv_rows` (sample, position, group); ``L`` reduced as ``fraction`` says.
     """
     conv = cast(nn.modules.conv._ConvNd, layer)
-    if inputs.dim() == len(conv.kernel_size) + 1:  # unbatched input
-        inputs = inputs.unsqueeze(0)
-    padded = _padded(conv, inputs).movedim(1, -1).contiguous()  # (B, *S, C)
+    if padded is None:
+        padded = channels_last_padded(conv, inputs)  # (B, *S, C)
     spatial = len(conv.kernel_size)
     batch, sizes, channels = padded.shape[0], padded.shape[1:-1], padded.shape[-1]
     groups = int(conv.groups)
@@ -283,6 +307,54 @@ def conv_rows_channels_last(
         index.insert(1, chosen % size)
         chosen = chosen // size
     return view[tuple(index)].reshape(-1, width)
+
+
+def conv_shift_borders(
+    layer: nn.Module, inputs: Tensor, padded: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The patches just inside and just past the first spatial dimension's range of outputs.
+
+    For a convolution with stride ``s`` and dilation 1 along its first spatial dimension, tap
+    ``a >= s`` at output row ``i`` reads what tap ``a - s`` reads at row ``i + 1``. So the Gram
+    blocks of the taps ``>= s`` are those of the taps ``< k - s`` over the output rows
+    ``1 .. L``: the same sums minus the row ``0`` terms plus the (virtual) row ``L`` terms.
+    This returns those two rows' patches, restricted to the taps ``< k - s``, in the
+    channels-last column order of :func:`conv_rows_channels_last` (ungrouped layers only).
+
+    Args:
+        layer: the convolution.
+        inputs: its input, batched or not.
+        padded: :func:`channels_last_padded` of ``inputs``, if already at hand.
+
+    Returns:
+        ``(first, last)``, each ``(B * L_rest, (k - s) * prod(other kernel dims) * C)``, where
+        ``L_rest`` counts the output positions of the other spatial dimensions (sample-major).
+    """
+    conv = cast(nn.modules.conv._ConvNd, layer)
+    if padded is None:
+        padded = channels_last_padded(conv, inputs)  # (B, *S, C)
+    batch, sizes, channels = padded.shape[0], padded.shape[1:-1], padded.shape[-1]
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    positions = [
+        (size - spacing * (k - 1) - 1) // step + 1
+        for size, k, step, spacing in zip(sizes, kernel, stride, dilation)
+    ]
+    strides = padded.stride()
+    taps = kernel[0] - stride[0]
+    size = (batch, *positions[1:], taps, *kernel[1:], channels)
+    layout = (
+        strides[0],
+        *(strides[2 + i] * stride[1 + i] for i in range(len(kernel) - 1)),
+        strides[1],
+        *(strides[2 + i] * dilation[1 + i] for i in range(len(kernel) - 1)),
+        1,
+    )
+    width = taps * math.prod(kernel[1:]) * channels
+    offset = padded.storage_offset()
+    first = padded.as_strided(size, layout, offset).reshape(-1, width)
+    past = offset + stride[0] * positions[0] * strides[1]
+    last = padded.as_strided(size, layout, past).reshape(-1, width)
+    return first, last
 
 
 def channels_last_gram_to_weight_order(
