@@ -31,13 +31,16 @@ from unsc_lightning.nullspace.representation import (
 
 RowsCallback = Callable[[str, Tensor], None]
 
-#: ``gram_dtype="auto"`` forms a batch's Gram products in float32 only for bases whose energy
+#: ``gram="auto"`` forms a batch's Gram products in float32 only for bases whose energy
 #: threshold is at most this. Float32 products leave rounding noise of order ``1e-7 * trace``
 #: spread over every direction, truly null ones included; a threshold of ``1 - 1e-3`` or less
 #: leaves at least ``1e-3 * trace`` of energy outside the basis, four orders above that noise,
-#: so the energy cut, not the ``RELATIVE_TOLERANCE`` of the eigenvalues, decides the rank. The
-#: measured effect on the embedded nets (``tests/nullspace/test_gram_precision.py``): identical
-#: ranks at thresholds up to 0.9999, eigenvalues above the cut within ``1e-6`` of the largest.
+#: so the energy cut, not the ``RELATIVE_TOLERANCE`` of the eigenvalues, decides the rank.
+#: Measured on the embedded nets (MNIST-1D conv net trained and random, the digits CNN, a 3x3
+#: conv net on 32x32 digits): identical per-class ranks at every threshold up to 0.99999 (ten
+#: times closer to 1 than this margin) and eigenvalues above the 0.999 cut within ``1.5e-7`` of
+#: the largest; at ``threshold=1.0`` the ranks differ (99 against 113 of 144 directions in one
+#: layer), hence the float64 fallback. ``tests/nullspace/test_gram_precision.py`` guards it.
 FLOAT32_GRAM_MAX_THRESHOLD = 0.999
 
 GramDtype = Literal["auto"] | torch.dtype
