@@ -62,10 +62,13 @@ class GramOptions:
             rounding noise near ``1e-7 * trace`` can be kept as directions). Rows in float64
             (a float64 model) always multiply in float64; float16/bfloat16 rows are widened
             first. On CUDA, TF32 is switched off for the products.
-        row_fraction: opt-in subsampling: each layer's rows of each class and batch are reduced
-            to a random ``ceil(row_fraction * n)`` of their ``n`` (for convolutions: positions;
-            for a Linear fed one vector per sample: samples). Cheaper, and no longer exact: the
-            basis then spans the remaining data's rows only approximately. ``None`` = all rows.
+        row_fraction: opt-in subsampling, no longer exact (the basis then spans the remaining
+            data's rows only approximately): a convolution keeps every
+            ``round(1 / row_fraction)``-th row of output positions along its first spatial
+            dimension, from a random offset drawn per batch (only those patches are copied);
+            every other layer keeps a random ``ceil(row_fraction * n)`` of the ``n`` rows of
+            each class and batch (for a Linear fed one vector per sample: of the samples).
+            ``None`` = all rows.
         seed: seed of the subsampling (the same data in the same order give the same rows).
     """
 
@@ -597,8 +600,8 @@ class SiteRecorder(_HookOwner):
             times faster to form) for the keys listed in :attr:`column_orders`; the consumer
             must permute their sums back
             (:meth:`CovarianceAccumulator.weight_order_`, given ``column_orders``).
-        row_fraction: with ``channels_last``, form only a random ``ceil(row_fraction * L)`` of
-            each sample's ``L`` positions of those convolutions (the opt-in subsampling).
+        row_fraction: with ``channels_last``, form only every ``round(1 / row_fraction)``-th
+            row of output positions of those convolutions (the opt-in subsampling).
         seed: seed of those draws.
     """
 
@@ -616,6 +619,9 @@ class SiteRecorder(_HookOwner):
         super().__init__()
         self.row_fraction = row_fraction
         self._generator = torch.Generator().manual_seed(seed)
+        # per key: the channels-last input and rows buffers, reused from batch to batch (the
+        # rows are consumed by ``on_rows`` before the next call overwrites them)
+        self._workspaces: dict[str, dict[str, Tensor]] = {}
         self.on_shared_rows = on_shared_rows
         self.row_dtype = row_dtype
         #: samples of the batch being forwarded (set by the caller; ``None`` = unknown)
@@ -659,10 +665,11 @@ class SiteRecorder(_HookOwner):
                 widened = self._widened(key, spec, args)
                 if key in self.column_orders:
                     inputs = cast(Tensor, widened[0] if widened else kwargs["input"])
-                    padded = channels_last_padded(module, inputs.detach())
+                    workspace = self._workspaces.setdefault(key, {})
+                    padded = channels_last_padded(module, inputs.detach(), workspace)
                     fraction = None if shared else self.row_fraction
                     rows = conv_rows_channels_last(
-                        module, inputs, fraction, self._generator, padded
+                        module, inputs, fraction, self._generator, padded, workspace
                     )
                     if key in self.shifted and not shared:
                         first, last = conv_shift_borders(module, inputs, padded)

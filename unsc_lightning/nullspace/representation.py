@@ -220,11 +220,33 @@ def conv_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     return _patch_rows(windows, conv.groups)
 
 
-def channels_last_padded(layer: nn.Module, inputs: Tensor) -> Tensor:
+def _buffer(
+    workspace: dict[str, Tensor] | None, name: str, shape: tuple[int, ...], like: Tensor
+) -> Tensor | None:
+    # a reusable buffer of at least ``shape`` (zeros when first made), ``None`` without workspace
+    if workspace is None:
+        return None
+    found = workspace.get(name)
+    if (
+        found is None
+        or found.dtype != like.dtype
+        or found.device != like.device
+        or found.shape[1:] != shape[1:]
+        or found.shape[0] < shape[0]
+    ):
+        found = workspace[name] = like.new_zeros(shape)
+    return found[: shape[0]]
+
+
+def channels_last_padded(
+    layer: nn.Module, inputs: Tensor, workspace: dict[str, Tensor] | None = None
+) -> Tensor:
     """A convolution's input padded as the layer pads it, channels last: ``(B, *S, C)``.
 
     Zero padding is written straight into a zeroed channels-last buffer (one copy of the
-    input); other modes pad first and then move the channels.
+    input); other modes pad first and then move the channels. With a ``workspace`` (a dict the
+    caller keeps) that buffer is reused from call to call: its zero border is never written,
+    and no fresh memory is touched per batch.
     """
     conv = cast(nn.modules.conv._ConvNd, layer)
     if inputs.dim() == len(conv.kernel_size) + 1:  # unbatched input
@@ -237,7 +259,9 @@ def channels_last_padded(layer: nn.Module, inputs: Tensor) -> Tensor:
     before = [pad[2 * (spatial - 1 - i)] for i in range(spatial)]
     after = [pad[2 * (spatial - 1 - i) + 1] for i in range(spatial)]
     sizes = [size + b + a for size, b, a in zip(inputs.shape[2:], before, after)]
-    padded = inputs.new_zeros(inputs.shape[0], *sizes, inputs.shape[1])
+    shape = (inputs.shape[0], *sizes, inputs.shape[1])
+    reused = _buffer(workspace, "padded", shape, inputs)
+    padded = inputs.new_zeros(shape) if reused is None else reused
     interior = (slice(None), *(slice(b, b + n) for b, n in zip(before, inputs.shape[2:])))
     padded[interior] = inputs.movedim(1, -1)
     return padded
@@ -249,6 +273,7 @@ def conv_rows_channels_last(
     fraction: float | None = None,
     generator: torch.Generator | None = None,
     padded: Tensor | None = None,
+    workspace: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """The rows of :func:`conv_rows` with each patch's entries in ``(*kernel, channel)`` order.
 
@@ -261,11 +286,13 @@ def conv_rows_channels_last(
     Args:
         layer: the convolution.
         inputs: its input, batched or not.
-        fraction: keep only a random ``ceil(fraction * L)`` of each sample's ``L`` output
-            positions (drawn per sample from ``generator``, kept in position order); only those
-            rows are copied. ``None``: every position.
+        fraction: keep only every ``round(1 / fraction)``-th output row along the first
+            spatial dimension, from an offset drawn from ``generator`` (one draw per call); only
+            those rows are copied. ``None``: every position.
         generator: the CPU generator of the draws.
         padded: :func:`channels_last_padded` of ``inputs``, if already at hand.
+        workspace: a dict the caller keeps: the rows are copied into a buffer reused from call
+            to call (valid until the next call with the same workspace).
 
     Returns:
         Tensor ``(B * L * groups, prod(kernel_size) * in_channels / groups)``, ordered like
@@ -294,19 +321,19 @@ def conv_rows_channels_last(
         ),
     )
     width = per_group * math.prod(conv.kernel_size)
-    count = math.prod(positions)
-    keep = count if fraction is None else math.ceil(fraction * count)
-    if keep >= count:
+    step = 1 if fraction is None else max(1, round(1 / fraction))
+    if step > 1:
+        # every ``step``-th output row along the first spatial dimension, from a random offset:
+        # a strided view, so only the kept rows are copied
+        offset = int(torch.randint(min(step, positions[0]), (1,), generator=generator))
+        view = view[:, offset::step]
+    if workspace is None:
         return view.reshape(-1, width)
-    # random positions per sample: the smallest of ``count`` uniform keys, in position order
-    keys = torch.rand(batch, count, generator=generator)
-    chosen = keys.topk(keep, dim=1, largest=False).indices.sort(dim=1).values
-    chosen = chosen.to(padded.device)
-    index: list[Tensor] = [torch.arange(batch, device=padded.device)[:, None]]
-    for size in reversed(positions):  # unravel the flat position, last dimension fastest
-        index.insert(1, chosen % size)
-        chosen = chosen // size
-    return view[tuple(index)].reshape(-1, width)
+    count = view.numel()
+    flat = _buffer(workspace, "rows", (count,), padded)
+    assert flat is not None
+    flat.view(view.shape).copy_(view)
+    return flat.view(-1, width)
 
 
 def conv_shift_borders(
