@@ -13,7 +13,7 @@ from helpers.zoo import zoo_tensors
 from torch import Tensor, nn
 
 from unsc_lightning.models import DigitsConvNet
-from unsc_lightning.nullspace import NullSpaceEngine, NullSpaceEngineError
+from unsc_lightning.nullspace import NullSpaceEngine, NullSpaceEngineError, covariance
 from unsc_lightning.nullspace.basis import eigh_descending, energy_rank
 from unsc_lightning.nullspace.basis_pass import BasisPass, _Slots
 from unsc_lightning.nullspace.batches import default_batch_adapter
@@ -143,13 +143,16 @@ def test_auto_follows_the_per_class_schedule(mnist1d_model):
 
 
 @pytest.mark.parametrize("gram", [torch.float64, torch.float32])
-def test_pass_equals_the_sums_of_the_layer_rows(gram):
+def test_pass_equals_the_sums_of_the_layer_rows(gram, monkeypatch):
     """Several batches, the last one smaller (buffers reused from batch to batch)."""
     torch.manual_seed(0)
     model = _conv3x3().eval()
     x, y = zoo_tensors("digits32")[:2]
     x, y = x[:96], y[:96]
     sums = _class_sums(model, x, y, batch_size=40, gram=gram)
+    with monkeypatch.context() as patch:
+        patch.setattr(covariance, "_SHIFTED_ROWS", 1)  # the shifted product for every block
+        shifted = _class_sums(model, x, y, batch_size=40, gram=gram)
     tolerance = 1e-12 if gram == torch.float64 else 1e-6
     inputs: dict[str, Tensor] = {}
     hooks = [
@@ -169,6 +172,8 @@ def test_pass_equals_the_sums_of_the_layer_rows(gram):
             expected = rows.T @ rows
             atol = tolerance * float(expected.max())
             assert torch.allclose(total, expected, rtol=tolerance, atol=atol), (key, label)
+            found = shifted[key][label]
+            assert torch.allclose(found, expected, rtol=tolerance, atol=atol), (key, label)
 
 
 @pytest.mark.parametrize(
@@ -369,11 +374,12 @@ def test_wide_layers_multiply_only_the_upper_gram_blocks(dtype):
         (nn.Conv3d(4, 4, (3, 2, 2), padding=1), (7, 4, 5, 4, 3)),
     ],
 )
-def test_shifted_conv_gram_equals_the_patch_rows_gram(conv, shape):
+def test_shifted_conv_gram_equals_the_patch_rows_gram(conv, shape, monkeypatch):
     """The Gram from ``stride / kernel`` of the products plus the border rows equals the
     unfold-based one per class (float64, 1e-10 relative), labels unsorted."""
     from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 
+    monkeypatch.setattr(covariance, "_SHIFTED_ROWS", 1)  # the shifted product for every block
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64)
     labels = torch.tensor([2, 0, 1, 2, 0, -1, 1])
