@@ -1,78 +1,67 @@
-"""Basis building: wall time and peak memory against a plain no-grad forward pass.
+"""Basis building: the engine's build against a plain no-grad forward pass, as ratios.
 
-For every number of remaining samples (``--samples``) and every variant, a fresh subprocess
-runs (so that its peak memory is its own): a plain ``torch.no_grad()`` forward pass over the
-samples, then the covariance pass of the bases (forward with recording hooks and the
-accumulation), then the eigendecompositions (``build_bases``). Inputs are random and generated
-batch by batch from a seed, so the data themselves take constant memory: the peak memory
-increase measured is the basis pass's own (per-batch rows and the ``d x d`` sums).
+For every model (``--models``) and number of remaining samples (``--samples``), one process
+times, interleaved ``--repeats`` times (the fastest kept): a plain ``torch.no_grad()`` forward
+over the samples, and ``NullSpaceEngine(model, threshold=0.97).build(loader)`` for each variant.
+The build's ``engine.timings`` split it into the pass over the data (forward with recording
+hooks and the Gram products; ``total - bases``) and the eigendecompositions (``bases``).
+Throughputs are ``forward time / pass time`` and ``forward time / build time``: ratios inside
+one process, so they compare across machines better than seconds do. Inputs are random and
+regenerated batch by batch from a seed.
 
 Variants (``--variants``):
 
-- ``legacy``: per-class accumulation as before this benchmark (a boolean mask and a copy per
-  class and layer, a finiteness pass with a device sync per layer), the library's rows;
-- ``per_class``: the library's per-class accumulation (batches sorted by label, one ``addmm_``
-  per class on a view, finiteness checked on the diagonal once per batch), the library's rows;
-- ``pooled``: one pooled covariance, the library's rows.
+- ``float64``: ``gram=torch.float64``, every Gram product in float64 (the exact reference);
+- ``auto``: the default ``gram="auto"``: float32 products summed in float64 (threshold 0.97 is
+  below the float32 margin);
+- ``subsampled``: ``gram=GramOptions(row_fraction=F)`` (``--row-fraction``, default 0.25),
+  approximate. Its basis error is reported as the fraction of held-out remaining rows' energy
+  (fresh random inputs through the same model) that its bases capture, next to the exact bases'
+  (``heldout_energy``, the trace-weighted mean over layers, and the lowest layer's).
 
-Models (``--model``): ``mnist1d`` (MNIST1DConvNet, inputs 1 x 40, default) or ``allcnn``
-(AllCNN at the paper's width 0.5, inputs 3 x 32 x 32).
+Models: ``mnist1d`` (MNIST1DConvNet, inputs 1 x 40, batch 512) and ``allcnn`` (AllCNN at the
+paper's width 0.5, inputs 3 x 32 x 32, batch 128).
 
 Example:
-    python benchmarks/bench_basis.py --samples 1000 4000 16000 --json bench_basis.json
+    python benchmarks/bench_basis.py --threads 1 --repeats 2 --samples 4000 16000 \\
+        --json docs/results/bench_basis_mnist1d.json
+    python benchmarks/bench_basis.py --models allcnn --samples 256 --threads 1
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import (
-    best,
-    machine,
-    parser,
-    peak_rss_mib,
-    setup,
-    synchronize,
-    table,
-    timed,
-    write_json,
-)
-from torch import Tensor, nn
+from _common import best, machine, parser, setup, synchronize, table, timed, write_json
+from torch import Tensor
 
 from unsc_lightning.models import MNIST1DConvNet
 from unsc_lightning.models.paper import AllCNN
-from unsc_lightning.nullspace import (
-    CovarianceAccumulator,
-    accumulate_covariances,
-    layer_dims,
-    recording,
-)
-from unsc_lightning.nullspace.layers import build_bases, select_layers
+from unsc_lightning.nullspace import NullSpaceEngine
+from unsc_lightning.nullspace.covariance import CovarianceAccumulator, GramOptions, SiteRecorder
 
 NUM_CLASSES = 10
+THRESHOLD = 0.97
 MODELS = {
     "mnist1d": (lambda: MNIST1DConvNet(num_classes=NUM_CLASSES), (1, 40), 512),
     "allcnn": (lambda: AllCNN(num_classes=NUM_CLASSES), (3, 32, 32), 128),
 }
-VARIANTS = ("legacy", "per_class", "pooled")
+VARIANTS = ("float64", "auto", "subsampled")
 
 
 class SyntheticLoader:
     """``n`` random labelled samples in batches, regenerated from a seed on every iteration."""
 
     def __init__(
-        self, n: int, batch_size: int, shape: tuple[int, ...], device: torch.device
+        self, n: int, batch_size: int, shape: tuple[int, ...], device: torch.device, seed: int = 0
     ) -> None:
         self.n, self.batch_size, self.shape, self.device = n, batch_size, shape, device
+        self.seed = seed
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(self.seed)
         for start in range(0, self.n, self.batch_size):
             size = min(self.batch_size, self.n - start)
             x = torch.randn(size, *self.shape, generator=generator)
@@ -80,147 +69,144 @@ class SyntheticLoader:
             yield x.to(self.device), y.to(self.device)
 
 
-class LegacyAccumulator(CovarianceAccumulator):
-    """The per-class ``add`` this benchmark started from: a mask and a copy per class and layer."""
-
-    def add(self, name: str, rows: Tensor) -> None:
-        if not torch.isfinite(rows).all():  # a device synchronisation per layer and batch
-            raise RuntimeError(f"Layer `{name}` received NaN or inf inputs.")
-        target = self.sums[name]
-        rows = rows.to(device=target.device, dtype=self.dtype)
-        self.rows_seen[name] += rows.shape[0]
-        labels = self._labels
-        assert labels is not None
-        row_labels = labels.to(rows.device).repeat_interleave(rows.shape[0] // labels.numel())
-        for cls in torch.unique(row_labels).tolist():
-            class_rows = rows[row_labels == cls]
-            target[cls].addmm_(class_rows.T, class_rows)
+def gram_of(variant: str, row_fraction: float) -> Any:
+    if variant == "float64":
+        return torch.float64
+    if variant == "auto":
+        return "auto"
+    return GramOptions(row_fraction=row_fraction, seed=0)
 
 
 @torch.no_grad()
-def legacy_accumulate(
-    model: nn.Module, layers: dict[str, nn.Module], loader: Any, accumulator: Any
-) -> None:
-    with recording(layers, accumulator):
+def heldout_energy(
+    engine: NullSpaceEngine, loader: SyntheticLoader, device: torch.device
+) -> dict[str, float]:
+    """Fraction of the held-out rows' energy inside each basis: ``tr(Uᵀ C U) / tr(C)``."""
+    accumulator = CovarianceAccumulator(engine.dims, device=device)
+    with SiteRecorder(engine.accounting.sites(), accumulator.add, accumulator.add_shared):
         for inputs, labels in loader:
-            accumulator.set_labels(labels)  # forwarded unsorted, no per-batch check
-            model(inputs)
+            accumulator.set_labels(labels)
+            engine.model(inputs)
+    result = {}
+    for key, total in accumulator.sums.items():
+        basis = engine.bases[key].to(device=device, dtype=torch.float64)
+        trace = float(total.trace())
+        result[key] = float((basis.T @ total @ basis).trace()) / trace if trace > 0 else 1.0
+    return result
 
 
-def worker(
-    model_name: str, n: int, variant: str, device: torch.device, repeats: int
-) -> dict[str, Any]:
+def measure(
+    model_name: str,
+    n: int,
+    variants: list[str],
+    device: torch.device,
+    repeats: int,
+    row_fraction: float,
+) -> list[dict[str, Any]]:
     factory, shape, batch_size = MODELS[model_name]
     torch.manual_seed(0)
     model = factory().to(device).eval()
-    layers = select_layers(model).layers
     loader = SyntheticLoader(n, batch_size, shape, device)
-    per_class = not variant.startswith("pooled")
-
-    def covariance_pass() -> CovarianceAccumulator:
-        cls = LegacyAccumulator if variant == "legacy" else CovarianceAccumulator
-        accumulator = cls(
-            layer_dims(layers), num_classes=NUM_CLASSES if per_class else None, device=device
-        )
-        if True:
-            if variant == "legacy":
-                legacy_accumulate(model, layers, loader, accumulator)
-            else:
-                accumulate_covariances(model, layers, loader, accumulator)
-        return accumulator
-
-    with torch.no_grad():  # warm-up: allocator and kernels, one batch
-        model(next(iter(loader))[0])
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        memory_before = torch.cuda.memory_allocated(device) / 2**20
-    memory_before = peak_rss_mib() if device.type != "cuda" else memory_before
-    accumulators: list[CovarianceAccumulator] = []
-    pass_times = [timed(lambda: accumulators.append(covariance_pass()), device)]
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = peak_rss_mib()
-    rule = "per_class" if per_class else "pooled"
-    eig_time = timed(lambda: build_bases(accumulators[0], 0.97, rule), device)
-    accumulators.clear()  # release the sums before the next passes
-    for _ in range(repeats - 1):
-        pass_times.append(timed(covariance_pass, device))
 
     def forward_pass() -> None:
         with torch.no_grad():
             for inputs, _ in loader:
                 model(inputs)
 
-    forward_times = [timed(forward_pass, device) for _ in range(repeats)]
-    forward, covariance = best(forward_times), best(pass_times)
-    return {
-        "model": model_name,
-        "samples": n,
-        "variant": variant,
-        "forward_s": forward,
-        "covariance_pass_s": covariance,
-        "eigendecomposition_s": eig_time,
-        "basis_total_s": covariance + eig_time,
-        "forward_us_per_sample": 1e6 * forward / n,
-        "covariance_us_per_sample": 1e6 * covariance / n,
-        "throughput_vs_forward": forward / covariance,
-        "peak_memory_increase_mib": peak - memory_before,
-        "memory_kind": "cuda max_memory_allocated"
-        if device.type == "cuda"
-        else "peak RSS (ru_maxrss)",
-    }
+    engines: dict[str, NullSpaceEngine] = {}
+
+    def build(variant: str) -> dict[str, float]:
+        engine = NullSpaceEngine(
+            model, threshold=THRESHOLD, gram=gram_of(variant, row_fraction), memory_budget=1 << 34
+        )
+        engine.build(loader)
+        synchronize(device)
+        engines[variant] = engine
+        return dict(engine.timings)
+
+    with torch.no_grad():  # warm-up: allocator and kernels, one batch
+        model(next(iter(loader))[0])
+    forward_times: list[float] = []
+    timings: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for _ in range(repeats):  # interleaved: a load spike disturbs every variant alike
+        forward_times.append(timed(forward_pass, device))
+        for variant in variants:
+            synchronize(device)
+            timings[variant].append(build(variant))
+    forward = best(forward_times)
+    exact_energy = None
+    heldout = SyntheticLoader(min(n, 2048), batch_size, shape, device, seed=1)
+    results = []
+    for variant in variants:
+        total = best([t["total"] for t in timings[variant]])
+        passes = best([t["total"] - t["bases"] for t in timings[variant]])
+        bases = best([t["bases"] for t in timings[variant]])
+        row: dict[str, Any] = {
+            "model": model_name,
+            "samples": n,
+            "variant": variant,
+            "forward_s": forward,
+            "pass_s": passes,
+            "bases_s": bases,
+            "build_s": total,
+            "pass_throughput_vs_forward": forward / passes,
+            "build_throughput_vs_forward": forward / total,
+            "ranks": {k: i.rank for k, i in engines[variant].layer_infos.items()},
+        }
+        if variant in ("float64", "subsampled"):
+            energy = heldout_energy(engines[variant], heldout, device)
+            row["heldout_energy_by_layer"] = energy
+            row["heldout_energy_min"] = min(energy.values())
+            if variant == "float64":
+                exact_energy = energy
+            elif exact_energy is not None:
+                row["exact_heldout_energy_min"] = min(exact_energy.values())
+                row["heldout_energy_loss_max"] = max(exact_energy[k] - energy[k] for k in energy)
+        if variant == "subsampled":
+            row["row_fraction"] = row_fraction
+        results.append(row)
+    return results
 
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0])
-    args.add_argument("--model", choices=sorted(MODELS), default="mnist1d")
-    args.add_argument("--samples", type=int, nargs="+", default=[1000, 4000, 16000])
+    args.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mnist1d"])
+    args.add_argument("--samples", type=int, nargs="+", default=[4000, 16000])
     args.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    args.add_argument("--worker", nargs=2, metavar=("SAMPLES", "VARIANT"), help=argparse_hidden())
+    args.add_argument("--row-fraction", type=float, default=0.25)
     options = args.parse_args()
     device = setup(options)
-    if options.worker:
-        samples, variant = options.worker
-        print(json.dumps(worker(options.model, int(samples), variant, device, options.repeats)))
-        return
     results = []
-    for n in options.samples:
-        for variant in options.variants:
-            command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(n), variant]
-            command += [
-                "--model",
-                options.model,
-                "--device",
-                options.device,
-                "--repeats",
-                str(options.repeats),
-            ]
-            if options.threads:
-                command += ["--threads", str(options.threads)]
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
+    for model_name in options.models:
+        for n in options.samples:
+            rows = measure(
+                model_name, n, options.variants, device, options.repeats, options.row_fraction
+            )
+            for row in rows:
+                print({k: v for k, v in row.items() if "by_layer" not in k}, flush=True)
+            results += rows
     columns = [
+        "model",
         "samples",
         "variant",
         "forward_s",
-        "covariance_pass_s",
-        "eigendecomposition_s",
-        "throughput_vs_forward",
-        "peak_memory_increase_mib",
+        "pass_s",
+        "bases_s",
+        "pass_throughput_vs_forward",
+        "build_throughput_vs_forward",
+        "heldout_energy_min",
+        "heldout_energy_loss_max",
     ]
     print(table(results, columns))
     write_json(
-        options.json, {"benchmark": "bench_basis", "machine": machine(device), "results": results}
+        options.json,
+        {
+            "benchmark": "bench_basis",
+            "what": "NullSpaceEngine.build (threshold 0.97, per-class) vs a no-grad forward",
+            "machine": machine(device),
+            "results": results,
+        },
     )
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from unsc_lightning.nullspace.batches import (
     batch_size_of,
     call_model,
     map_tensors,
-    select_samples,
 )
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 from unsc_lightning.nullspace.settings import NullSpaceEngineError
@@ -91,11 +90,27 @@ class BasisPass:
     def _pass(
         self, batches: Iterable[Any], slots: _Slots, pooled_labels: bool
     ) -> CovarianceAccumulator:
-        accumulator = CovarianceAccumulator(self.dims, num_classes=0, device=self.device)
-        slots.bind(accumulator)
         engine = self.engine
+        accumulator = CovarianceAccumulator(
+            self.dims, num_classes=0, device=self.device, gram=engine.gram
+        )
+        slots.bind(accumulator)
+        products = _ProductDtypes(engine, slots)
+        accumulator.product_dtype = products.of_slot
         sites = engine.accounting.sites()
-        with SiteRecorder(sites, accumulator.add, accumulator.add_shared) as recorder:
+        recorder = SiteRecorder(
+            sites,
+            accumulator.add,
+            accumulator.add_shared,
+            row_dtype=products.of_rows,
+            channels_last=True,
+            row_fraction=engine.gram.row_fraction,
+            seed=engine.gram.seed,
+            shift_gram=True,
+        )
+        accumulator.column_orders = dict(recorder.column_orders)
+        accumulator.presampled = set(recorder.column_orders)
+        with recorder:
             for batch in batches:
                 inputs, labels = self.adapter(batch)
                 size = batch_size_of(inputs, labels)
@@ -106,39 +121,64 @@ class BasisPass:
                 if labels is None or pooled_labels:
                     labels = torch.zeros(size, dtype=torch.long)
                 labels = labels.reshape(-1).long().cpu()
-                self.seen_classes.update(labels.unique().tolist())
                 slot = self._slots(labels, slots)
-                keep = torch.nonzero(slot >= 0).reshape(-1)
-                if keep.numel() == 0:
-                    continue
-                if keep.numel() < size and isinstance(inputs, Tensor):
-                    inputs, slot = select_samples(inputs, keep, size), slot[keep]
-                if engine.probe is None:
-                    engine.probe = map_tensors(inputs, lambda t: t[:_PROBE_SAMPLES].to(self.device))
-                inputs = map_tensors(inputs, lambda t: t.to(self.device))
-                if isinstance(inputs, Tensor):  # class blocks contiguous: one addmm per class
+                if isinstance(inputs, Tensor):
+                    # the kept samples, class blocks contiguous (one product per class): one
+                    # stable sort by slot and one gather (none when already in that order)
                     slot, order = torch.sort(slot, stable=True)
-                    inputs = inputs.index_select(0, order.to(inputs.device))
+                    skipped = int((slot < 0).sum())
+                    slot, order = slot[skipped:], order[skipped:]
+                    if slot.numel() == 0:
+                        continue
+                    if engine.probe is None:  # the first kept samples, in batch order
+                        first = order.sort().values[:_PROBE_SAMPLES]
+                        probe = inputs.index_select(0, first.to(inputs.device))
+                        engine.probe = probe.to(self.device)
+                    if skipped or bool((order[1:] < order[:-1]).any()):
+                        inputs = inputs.index_select(0, order.to(inputs.device))
+                    inputs = inputs.to(self.device)
+                else:
+                    if not bool((slot >= 0).any()):
+                        continue
+                    if engine.probe is None:
+                        engine.probe = map_tensors(
+                            inputs, lambda t: t[:_PROBE_SAMPLES].to(self.device)
+                        )
+                    inputs = map_tensors(inputs, lambda t: t.to(self.device))
                 accumulator.set_labels(slot.to(self.device))
                 recorder.batch_size = int(slot.numel())
                 call_model(self.forward, inputs)
                 accumulator.check_finite()
                 self._peak(accumulator)
             self.seen_keys |= recorder.seen
-        return accumulator
+        return accumulator.weight_order_()
 
     def _slots(self, labels: Tensor, slots: _Slots) -> Tensor:
+        """Each sample's slot, ``-1`` for a sample not taken (class not held, or at its cap).
+
+        Classes are assigned in ascending order (a class taken in this batch is never evicted
+        by a later label of it); within a class the first samples in batch order are taken.
+        """
         cap = self.engine.max_samples_per_class
-        # ascending: a class taken in this batch is never evicted by a later label of it
-        slot_of = {k: slots.assign(k, self.used) for k in sorted(set(labels.tolist()))}
-        result = torch.full_like(labels, -1)
-        for i, label in enumerate(labels.tolist()):
-            slot = slot_of[label]
-            if slot < 0 or (cap is not None and self.used.get(label, 0) >= cap):
-                continue
-            self.used[label] = self.used.get(label, 0) + 1
-            result[i] = slot
-        return result
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        self.seen_classes.update(classes.tolist())
+        assigned = slots.assign_all(classes.tolist(), self.used)
+        taken = []
+        for label, count, slot in zip(classes.tolist(), counts.tolist(), assigned):
+            room = 0 if slot < 0 else count
+            if cap is not None:
+                room = max(0, min(room, cap - self.used.get(label, 0)))
+            if room:
+                self.used[label] = self.used.get(label, 0) + room
+            taken.append(room)
+        # rank of each sample among the samples of its class, in batch order
+        order = torch.argsort(inverse, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(labels.numel()) - starts[inverse[order]]
+        keep = rank < torch.tensor(taken, dtype=torch.long)[inverse]
+        slot_of = torch.tensor(assigned, dtype=torch.long)[inverse]
+        return torch.where(keep, slot_of, torch.full_like(slot_of, -1))
 
     def _union(self, classes: set[int]) -> list[int]:
         if self.reduce is None:
@@ -312,42 +352,53 @@ class _Slots:
 
     def bind(self, accumulator: CovarianceAccumulator) -> None:
         self.accumulator = accumulator
-        for _ in self.classes:
-            self._grow()
+        self._grow(len(self.classes))
 
-    def _grow(self) -> None:
+    def _grow(self, count: int) -> None:
+        # every class new in a batch at once: one copy of the sums, not one per class
         acc = self.accumulator
         assert acc is not None
+        if count == 0:
+            return
         for key, total in acc.sums.items():
             d = total.shape[-1]
-            fresh = torch.zeros(1, d, d, dtype=total.dtype, device=total.device)
+            fresh = torch.zeros(count, d, d, dtype=total.dtype, device=total.device)
             acc.sums[key] = torch.cat([total, fresh]) if total.shape[0] else fresh
         acc.samples_per_class = torch.cat(
-            [acc.samples_per_class[: acc.num_classes or 0], torch.zeros(1, dtype=torch.long)]
+            [acc.samples_per_class[: acc.num_classes or 0], torch.zeros(count, dtype=torch.long)]
         )
-        acc.num_classes = (acc.num_classes or 0) + 1
+        acc.num_classes = (acc.num_classes or 0) + count
 
-    def assign(self, label: int, used: dict[int, int]) -> int:
-        if label in self.classes:
-            return self.classes.index(label)
-        if self.fixed:
-            return -1
-        if len(self.classes) < self.capacity:
-            self.classes.append(label)
-            self._grow()
-            return len(self.classes) - 1
-        highest = max(self.classes)
-        if label > highest:
-            return -1
-        slot = self.classes.index(highest)  # evict: it comes back in a later pass
-        acc = self.accumulator
-        assert acc is not None
-        for total in acc.sums.values():
-            total[slot].zero_()
-        acc.samples_per_class[slot] = 0
-        used[highest] = 0
-        self.classes[slot] = label
-        return slot
+    def assign_all(self, labels: list[int], used: dict[int, int]) -> list[int]:
+        """Slots of ``labels`` (ascending), assigning, evicting and growing as needed."""
+        result = []
+        fresh = 0
+        for label in labels:
+            if label in self.classes:
+                result.append(self.classes.index(label))
+            elif self.fixed:
+                result.append(-1)
+            elif len(self.classes) < self.capacity:
+                self.classes.append(label)
+                fresh += 1
+                result.append(len(self.classes) - 1)
+            elif label > max(self.classes):
+                result.append(-1)
+            else:
+                # evict the highest class (it comes back in a later pass); labels ascend, so
+                # the highest is never a class appended in this batch (those are below label)
+                highest = max(self.classes)
+                slot = self.classes.index(highest)
+                acc = self.accumulator
+                assert acc is not None
+                for total in acc.sums.values():
+                    total[slot].zero_()
+                acc.samples_per_class[slot] = 0
+                used[highest] = 0
+                self.classes[slot] = label
+                result.append(slot)
+        self._grow(fresh)
+        return result
 
     def aligned(
         self, accumulator: CovarianceAccumulator, group: list[int]
@@ -375,6 +426,36 @@ class _Slots:
         aligned = CovarianceAccumulator.from_sums(sums, counts)
         aligned.rows_per_sample = dict(accumulator.rows_per_sample)
         return aligned
+
+
+class _ProductDtypes:
+    """The dtype of each Gram product: from the engine's ``gram`` setting and the energy
+    threshold of the basis (per class under the per-class schedule ``threshold + step * k``)."""
+
+    def __init__(self, engine: NullSpaceEngine, slots: _Slots) -> None:
+        self.engine = engine
+        self.slots = slots
+        self._cache: dict[tuple[str, int], torch.dtype] = {}
+        self._rows: dict[str, torch.dtype] = {}
+
+    def of_class(self, key: str, label: int) -> torch.dtype:
+        found = self._cache.get((key, label))
+        if found is None:
+            engine = self.engine
+            eps = engine.threshold_of(key) + engine.class_threshold_step * label
+            found = self._cache[(key, label)] = engine.gram.dtype_for(min(eps, 1.0))
+        return found
+
+    def of_slot(self, key: str, slot: int) -> torch.dtype:
+        return self.of_class(key, self.slots.classes[slot])
+
+    def of_rows(self, key: str) -> torch.dtype:
+        # float64 rows when every class of ``key`` multiplies in float64 (the schedule only
+        # rises with the class id, so class 0 decides); float32 (widened from half) otherwise
+        found = self._rows.get(key)
+        if found is None:
+            found = self._rows[key] = self.of_class(key, 0)
+        return found
 
 
 class _Unlabelled(Exception):

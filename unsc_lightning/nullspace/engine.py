@@ -51,9 +51,14 @@ from unsc_lightning.nullspace.batches import (
     map_tensors,
     output_logits,
 )
+from unsc_lightning.nullspace.covariance import GramDtype, GramOptions
 from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.nullspace.projection import NullSpaceProjector
-from unsc_lightning.nullspace.settings import NullSpaceEngineError, check_engine_settings
+from unsc_lightning.nullspace.settings import (
+    NullSpaceEngineError,
+    check_engine_settings,
+    check_gram,
+)
 
 BasisRule = Literal["per_class", "pooled"]
 Threshold = float | Mapping[str, float]
@@ -112,6 +117,13 @@ class NullSpaceEngine:
         memory_budget: bytes the covariance sums and bases may take; when the per-class sums of
             all classes do not fit, classes are accumulated in ascending groups, one pass over
             the data per group. ``None`` = half the free memory of the model's device.
+        gram: how each batch's Gram products ``Σ x xᵀ`` are formed (always summed in float64):
+            ``"auto"`` (default) multiplies in float32 for bases whose threshold is at most
+            :data:`~unsc_lightning.nullspace.covariance.FLOAT32_GRAM_MAX_THRESHOLD` (0.999) and
+            in float64 otherwise (``threshold=1.0`` keeps every non-zero direction, which float32
+            rounding noise would add to); ``torch.float64`` or ``torch.float32`` for every basis;
+            or a :class:`~unsc_lightning.nullspace.covariance.GramOptions`, which also offers an
+            opt-in, seeded subsampling of the rows (``row_fraction``, approximate).
 
     Raises:
         NullSpaceEngineError: for invalid settings or a model with nothing to constrain.
@@ -130,6 +142,7 @@ class NullSpaceEngine:
         norm_eval: bool = True,
         max_samples_per_class: int | None = None,
         memory_budget: int | None = None,
+        gram: GramOptions | GramDtype | None = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise NullSpaceEngineError(
@@ -157,6 +170,7 @@ class NullSpaceEngine:
         self.norm_eval = norm_eval
         self.max_samples_per_class = max_samples_per_class
         self.memory_budget = memory_budget
+        self.gram: GramOptions = check_gram(gram)
         self.accounting: Accounting = account_parameters(
             model, settings["layers"], settings["exclude_layers"]
         )

@@ -220,6 +220,189 @@ def conv_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     return _patch_rows(windows, conv.groups)
 
 
+def _buffer(
+    workspace: dict[str, Tensor] | None, name: str, shape: tuple[int, ...], like: Tensor
+) -> Tensor | None:
+    # a reusable buffer of at least ``shape`` (zeros when first made), ``None`` without workspace
+    if workspace is None:
+        return None
+    found = workspace.get(name)
+    if (
+        found is None
+        or found.dtype != like.dtype
+        or found.device != like.device
+        or found.shape[1:] != shape[1:]
+        or found.shape[0] < shape[0]
+    ):
+        found = workspace[name] = like.new_zeros(shape)
+    return found[: shape[0]]
+
+
+def channels_last_padded(
+    layer: nn.Module, inputs: Tensor, workspace: dict[str, Tensor] | None = None
+) -> Tensor:
+    """A convolution's input padded as the layer pads it, channels last: ``(B, *S, C)``.
+
+    Zero padding is written straight into a zeroed channels-last buffer (one copy of the
+    input); other modes pad first and then move the channels. With a ``workspace`` (a dict the
+    caller keeps) that buffer is reused from call to call: its zero border is never written,
+    and no fresh memory is touched per batch.
+    """
+    conv = cast(nn.modules.conv._ConvNd, layer)
+    if inputs.dim() == len(conv.kernel_size) + 1:  # unbatched input
+        inputs = inputs.unsqueeze(0)
+    pad = conv._reversed_padding_repeated_twice
+    if conv.padding_mode != "zeros" or any(p < 0 for p in pad):
+        return _padded(conv, inputs).movedim(1, -1).contiguous()
+    spatial = len(conv.kernel_size)
+    # ``pad`` lists (left, right) per dimension, last dimension first
+    before = [pad[2 * (spatial - 1 - i)] for i in range(spatial)]
+    after = [pad[2 * (spatial - 1 - i) + 1] for i in range(spatial)]
+    sizes = [size + b + a for size, b, a in zip(inputs.shape[2:], before, after)]
+    shape = (inputs.shape[0], *sizes, inputs.shape[1])
+    reused = _buffer(workspace, "padded", shape, inputs)
+    padded = inputs.new_zeros(shape) if reused is None else reused
+    interior = (slice(None), *(slice(b, b + n) for b, n in zip(before, inputs.shape[2:])))
+    padded[interior] = inputs.movedim(1, -1)
+    return padded
+
+
+def conv_rows_channels_last(
+    layer: nn.Module,
+    inputs: Tensor,
+    fraction: float | None = None,
+    generator: torch.Generator | None = None,
+    padded: Tensor | None = None,
+    workspace: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """The rows of :func:`conv_rows` with each patch's entries in ``(*kernel, channel)`` order.
+
+    The same patches, with columns permuted: channels vary fastest, then the kernel taps. The
+    input is copied once channels-last (``k / stride`` times smaller than the rows), after which
+    each row gathers contiguous runs of channels, which copies several times faster than
+    :func:`conv_rows`' runs of taps. A Gram ``Σ x xᵀ`` of these rows is brought to the weight's
+    ``(channel, *kernel)`` order by :func:`channels_last_gram_to_weight_order`.
+
+    Args:
+        layer: the convolution.
+        inputs: its input, batched or not.
+        fraction: keep only every ``round(1 / fraction)``-th output row along the first
+            spatial dimension, from an offset drawn from ``generator`` (one draw per call); only
+            those rows are copied. ``None``: every position.
+        generator: the CPU generator of the draws.
+        padded: :func:`channels_last_padded` of ``inputs``, if already at hand.
+        workspace: a dict the caller keeps: the rows are copied into a buffer reused from call
+            to call (valid until the next call with the same workspace).
+
+    Returns:
+        Tensor ``(B * L * groups, prod(kernel_size) * in_channels / groups)``, ordered like
+        :func:`conv_rows` (sample, position, group); ``L`` reduced as ``fraction`` says.
+    """
+    conv = cast(nn.modules.conv._ConvNd, layer)
+    if padded is None:
+        padded = channels_last_padded(conv, inputs)  # (B, *S, C)
+    spatial = len(conv.kernel_size)
+    batch, sizes, channels = padded.shape[0], padded.shape[1:-1], padded.shape[-1]
+    groups = int(conv.groups)
+    per_group = channels // groups
+    positions = [
+        (size - spacing * (k - 1) - 1) // step + 1
+        for size, k, step, spacing in zip(sizes, conv.kernel_size, conv.stride, conv.dilation)
+    ]
+    strides = padded.stride()
+    view = padded.as_strided(
+        (batch, *positions, groups, *conv.kernel_size, per_group),
+        (
+            strides[0],
+            *(strides[1 + i] * conv.stride[i] for i in range(spatial)),
+            per_group,
+            *(strides[1 + i] * conv.dilation[i] for i in range(spatial)),
+            1,
+        ),
+    )
+    width = per_group * math.prod(conv.kernel_size)
+    step = 1 if fraction is None else max(1, round(1 / fraction))
+    if step > 1:
+        # every ``step``-th output row along the first spatial dimension, from a random offset:
+        # a strided view, so only the kept rows are copied
+        offset = int(torch.randint(min(step, positions[0]), (1,), generator=generator))
+        view = view[:, offset::step]
+    if workspace is None:
+        return view.reshape(-1, width)
+    count = view.numel()
+    flat = _buffer(workspace, "rows", (count,), padded)
+    assert flat is not None
+    flat.view(view.shape).copy_(view)
+    return flat.view(-1, width)
+
+
+def conv_shift_borders(
+    layer: nn.Module, inputs: Tensor, padded: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The patches just inside and just past the first spatial dimension's range of outputs.
+
+    For a convolution with stride ``s`` and dilation 1 along its first spatial dimension, tap
+    ``a >= s`` at output row ``i`` reads what tap ``a - s`` reads at row ``i + 1``. So the Gram
+    blocks of the taps ``>= s`` are those of the taps ``< k - s`` over the output rows
+    ``1 .. L``: the same sums minus the row ``0`` terms plus the (virtual) row ``L`` terms.
+    This returns those two rows' patches, restricted to the taps ``< k - s``, in the
+    channels-last column order of :func:`conv_rows_channels_last` (ungrouped layers only).
+
+    Args:
+        layer: the convolution.
+        inputs: its input, batched or not.
+        padded: :func:`channels_last_padded` of ``inputs``, if already at hand.
+
+    Returns:
+        ``(first, last)``, each ``(B * L_rest, (k - s) * prod(other kernel dims) * C)``, where
+        ``L_rest`` counts the output positions of the other spatial dimensions (sample-major).
+    """
+    conv = cast(nn.modules.conv._ConvNd, layer)
+    if padded is None:
+        padded = channels_last_padded(conv, inputs)  # (B, *S, C)
+    batch, sizes, channels = padded.shape[0], padded.shape[1:-1], padded.shape[-1]
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    positions = [
+        (size - spacing * (k - 1) - 1) // step + 1
+        for size, k, step, spacing in zip(sizes, kernel, stride, dilation)
+    ]
+    strides = padded.stride()
+    taps = kernel[0] - stride[0]
+    size = (batch, *positions[1:], taps, *kernel[1:], channels)
+    layout = (
+        strides[0],
+        *(strides[2 + i] * stride[1 + i] for i in range(len(kernel) - 1)),
+        strides[1],
+        *(strides[2 + i] * dilation[1 + i] for i in range(len(kernel) - 1)),
+        1,
+    )
+    width = taps * math.prod(kernel[1:]) * channels
+    offset = padded.storage_offset()
+    first = padded.as_strided(size, layout, offset).reshape(-1, width)
+    past = offset + stride[0] * positions[0] * strides[1]
+    last = padded.as_strided(size, layout, past).reshape(-1, width)
+    return first, last
+
+
+def channels_last_gram_to_weight_order(
+    gram: Tensor, kernel_size: tuple[int, ...], per_group: int
+) -> Tensor:
+    """A ``(..., d, d)`` Gram of :func:`conv_rows_channels_last` rows in the weight's order.
+
+    Returns:
+        ``G[..., (c, *a), (c', *a')] = gram[..., (*a, c), (*a', c')]`` (a copy).
+    """
+    spatial = len(kernel_size)
+    taps = tuple(range(spatial))
+    lead = gram.shape[:-2]
+    grid = gram.reshape(*lead, *kernel_size, per_group, *kernel_size, per_group)
+    skip = len(lead)
+    first = [skip + spatial, *(skip + i for i in taps)]
+    second = [skip + 2 * spatial + 1, *(skip + spatial + 1 + i for i in taps)]
+    grid = grid.permute(*range(skip), *first, *second)
+    return grid.reshape(gram.shape)
+
+
 def conv1d_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     """Rows of a Conv1d layer, ``(B * L * groups, in_channels / groups * k)``."""
     return conv_rows(layer, inputs)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
+
+import torch
+
+from unsc_lightning.nullspace.covariance import GramDtype, GramOptions
 
 
 class NullSpaceEngineError(ValueError):
@@ -65,6 +69,40 @@ def check_threshold(threshold: Any) -> float | dict[str, float]:
             )
         return {k: float(v) for k, v in threshold.items()}
     return float(threshold)
+
+
+def check_gram(value: Any) -> GramOptions:
+    """``None``, ``"auto"``, ``torch.float32``/``torch.float64`` or :class:`GramOptions`.
+
+    Raises:
+        NullSpaceEngineError: naming the value and what is expected.
+    """
+    if value is None:
+        return GramOptions()
+    if isinstance(value, (str, torch.dtype)):
+        value = GramOptions(dtype=cast(GramDtype, value))
+    if not isinstance(value, GramOptions):
+        raise NullSpaceEngineError(
+            f"Expected `gram` to be 'auto', torch.float32, torch.float64 or a GramOptions, got "
+            f"{value!r}."
+        )
+    if value.dtype != "auto" and value.dtype not in (torch.float32, torch.float64):
+        raise NullSpaceEngineError(
+            f"Expected the Gram dtype to be 'auto', torch.float32 or torch.float64, got "
+            f"{value.dtype!r}."
+        )
+    fraction = value.row_fraction
+    if fraction is not None and (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0.0 < float(fraction) <= 1.0
+    ):
+        raise NullSpaceEngineError(f"Expected `row_fraction` in (0, 1] or None, got {fraction!r}.")
+    if isinstance(value.seed, bool) or not isinstance(value.seed, int):
+        raise NullSpaceEngineError(
+            f"Expected the subsampling `seed` to be an integer, got {value.seed!r}."
+        )
+    return value
 
 
 def check_engine_settings(
