@@ -19,7 +19,9 @@ spends in its per-step hooks and spread over the recipe's batch of 512. Two scen
 out: the configs' (``configs/cifar10_allcnn_*.yaml``: 100 retraining epochs, a 10 % validation
 split, so 40,500 remaining and 4,500 forget training samples) and issue 13's round figures (200
 epochs, 45,000 remaining, 5,000 forget). The per-epoch validation of either run is left out of
-both sides.
+both sides. ``what_if`` recomputes the ratio from the same costs with the covariance sums in
+float32 (measured on the same pass), with bases from 500 samples per remaining class, and for
+the unlearning epochs alone (no bases at all): arithmetic, not runs, and no accuracy measured.
 
 Example:
     python benchmarks/bench_cifar_projection.py --threads 1 --json docs/results/cifar_projection.json
@@ -40,11 +42,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from unsc_lightning import ClassifierModule, NullSpaceCalibration, UnlearningModule
 from unsc_lightning.lab.runs import make_trainer
 from unsc_lightning.models.paper import AllCNN
+from unsc_lightning.nullspace import CovarianceAccumulator, accumulate_covariances, layer_dims
+from unsc_lightning.nullspace.layers import select_layers
 
 FORGET_CLASS = 3
 NUM_CLASSES = 10
 #: the paper's CIFAR-10 / AllCNN unlearning recipe (REFERENCE.md, configs/cifar10_allcnn_unsc.yaml)
 UNLEARN_EPOCHS, UNLEARN_LR, RECIPE_BATCH = 25, 0.04, 512
+#: the "what if" of a basis from fewer remaining samples (`NullSpaceEngine(max_samples_per_class=)`)
+WHAT_IF_PER_CLASS = 500
 SCENARIOS: dict[str, dict[str, Any]] = {
     "configs": {
         "source": "configs/cifar10_allcnn_{original,retrain,unsc}.yaml: max_epochs 100 "
@@ -217,6 +223,29 @@ def main() -> None:
     covariance_pass_per_sample = min(r["covariance_pass_s"] for r in unsc_runs) / (
         passes * n_retain
     )
+
+    # 4. what the covariance sums cost in float64 (the engine's accumulation dtype) and float32
+    #    (a probe for the engine's owners: same layers, same per-class sums, one pass)
+    def covariance_s(dtype: torch.dtype) -> float:
+        model = copy.deepcopy(original).eval().to(device)
+        layers = select_layers(model).layers
+        accumulator = CovarianceAccumulator(
+            layer_dims(layers), num_classes=NUM_CLASSES, device=device, dtype=dtype
+        )
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            accumulate_covariances(
+                model, layers, ((x.to(device), y) for x, y in retain), accumulator
+            )
+        sync()
+        return (time.perf_counter() - start) / n_retain
+
+    dtype_probe = {
+        str(dtype): best([covariance_s(dtype) for _ in range(options.repeats)])
+        for dtype in (torch.float64, torch.float32)
+    }
+
     per_sample = {
         "forward_no_grad_s": forward_per_sample,
         "retrain_step_s": retrain_step_s / batch,
@@ -227,6 +256,7 @@ def main() -> None:
         "covariance_pass_s": covariance_pass_per_sample,
     }
 
+    float32_share = dtype_probe["torch.float32"] / dtype_probe["torch.float64"]
     projections = {}
     for name, scenario in SCENARIOS.items():
         n_r, n_f, epochs = (
@@ -254,11 +284,23 @@ def main() -> None:
             f"{fixed_rest_s:.1f} s fixed set-up + {UNLEARN_EPOCHS} epochs x {n_f} samples x "
             f"{per_sample['unsc_step_at_recipe_batch_s'] * 1e3:.3f} ms = {unsc_s:.0f} s",
             "unsc_over_retrain": unsc_s / retrain_s,
+            # arithmetic on the same measured costs, not measured runs (nor accuracy)
+            "what_if": {
+                "covariance_sums_in_float32": (unsc_s - basis_pass_s * (1 - float32_share))
+                / retrain_s,
+                f"bases_from_{WHAT_IF_PER_CLASS}_samples_per_class": (
+                    unsc_s - basis_pass_s * (1 - min(1.0, 9 * WHAT_IF_PER_CLASS / n_r))
+                )
+                / retrain_s,
+                "unlearning_epochs_alone": unlearn_s / retrain_s,
+            },
         }
+    print(f"covariance sums per sample by accumulation dtype: {dtype_probe}")
     for name, projection in projections.items():
         print(f"{name}: retrain {projection['retrain_arithmetic']}")
         print(f"{name}: UNSC {projection['unsc_arithmetic']}")
         print(f"{name}: UNSC / retrain = {projection['unsc_over_retrain']:.4f}")
+        print(f"{name}: what if {projection['what_if']}")
     write_json(
         options.json,
         {
@@ -279,6 +321,7 @@ def main() -> None:
                 "callback_hooks_all": per_step,
             },
             "unsc_runs": unsc_runs,
+            "covariance_sums_per_sample_s_by_dtype": dtype_probe,
             "all_runs": {
                 "plain_forward_s": plain,
                 "retrain_step_s": retrain_steps,
