@@ -103,8 +103,8 @@ class UnlearningModule(_EvaluationMixin):
         feature_reference_size: remaining feature vectors kept per class for
             ``feature_calibration`` (a uniform sample of what the basis pass sees).
         full_val_every_n_epochs: during ``fit`` most validation epochs are cheap: they log the
-            held-out forgotten-class accuracy ``val/forget_acc`` alone (the remaining outputs are
-            what the null-space keeps). The full report -- ``val/retain_acc``, per-class accuracy,
+            held-out forgotten-class accuracy ``val/forget_acc`` alone (what unlearning moves; the
+            null space keeps the remaining outputs). The full report -- ``val/retain_acc``, per-class accuracy,
             the threshold membership attack ``val/mia_efficacy``, the forget-vs-test AUROC -- is
             computed at the fit's last validation (its last epoch, or the epoch it stops at its
             target) and, with ``N``, every ``N``-th epoch (``1``: every epoch). ``trainer.validate``

@@ -271,7 +271,7 @@ def run_method(
         trainer_options: :func:`make_trainer` options over its quiet defaults (e.g.
             ``{"limit_val_batches": 1.0}`` to validate every epoch).
         module_options: further keyword arguments of the method's module (e.g.
-            ``{"val_attack_every_n_epochs": 1}`` for UNSC).
+            ``{"full_val_every_n_epochs": 1}`` for UNSC).
 
     Returns:
         The unlearned model, the seconds of the fit and the null-space callback (if any).
