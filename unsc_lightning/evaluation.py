@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from unsc_lightning.errors import UnlearningConfigError
@@ -20,6 +21,9 @@ from unsc_lightning.metrics import ClassSubsetAccuracy, ForgetVsTestAUROC, MIAEf
 from unsc_lightning.nullspace.engine import NullSpaceEngineError, output_logits
 
 DEFAULT_EVAL_LOADERS = ("retain", "forget", "member", "forget_train")
+#: The evaluation loader a cheap validation epoch runs (see :class:`EvaluationMixin`): the held-out
+#: samples of what is forgotten.
+CHEAP_LOADERS = ("forget",)
 
 
 class ForgetEvaluation(nn.Module):
@@ -62,17 +66,24 @@ class ForgetEvaluation(nn.Module):
         self.mia = MIAEfficacy(attacker=mia_attacker)  # type: ignore[arg-type]
         self.auroc = ForgetVsTestAUROC()
 
-    def update(self, loader: str, logits: Tensor, targets: Tensor) -> None:
-        """Add a batch of ``logits`` from the evaluation loader named ``loader``."""
+    def update(self, loader: str, logits: Tensor, targets: Tensor, full: bool = True) -> None:
+        """Add a batch of ``logits`` from the evaluation loader named ``loader``.
+
+        ``full=False`` updates the remaining / forgotten accuracy alone (a cheap validation
+        epoch: no per-class accuracy, nothing kept for the attack or the AUROC).
+        """
         if loader == "retain":
             self.retain.update(logits, targets)
-            self.per_class.update(logits, targets)
-            self.mia.update(logits, targets, "test")
-            self.auroc.update(logits, targets, "test")
+            if full:
+                self.per_class.update(logits, targets)
+                self.mia.update(logits, targets, "test")
+                self.auroc.update(logits, targets, "test")
         elif loader == "forget":
             self.forget.update(logits, targets)
-            if self.forget_classes:  # class-wise: forgotten classes have their own bars
+            if full and self.forget_classes:  # class-wise: forgotten classes have their own bars
                 self.per_class.update(logits, targets)
+        elif not full:
+            return
         elif loader == "member":
             self.mia.update(logits, targets, "retain")
         elif loader == "forget_train":
@@ -156,6 +167,26 @@ class EvaluationMixin(L.LightningModule):
     epoch-end logging come from here, so UNSC, the ablations and the baselines log the same keys
     (``{val|test}/retain_acc``, ``/forget_acc``, ``/mia_efficacy``, ``/forget_test_auroc``,
     ``/acc_class_k``).
+
+    What validation costs during ``fit`` is set by ``full_val_every_n_epochs``. With ``None``
+    (``UnlearningModule``'s default) most validation epochs are *cheap*. They run the
+    held-out samples of what is forgotten (the ``forget`` loader) and log ``val/forget_acc``,
+    the number unlearning moves; the other loaders are not even loaded. Sample-level forgetting
+    has no held-out forget samples (its ``forget`` loader holds the forgotten training samples,
+    whose accuracy ``train/forget_acc`` already reports), so its cheap epochs run nothing. A
+    *full* validation epoch runs every loader and logs everything: ``val/retain_acc``, the
+    per-class accuracy, the threshold membership attack (``val/mia_efficacy``) and the
+    forget-vs-test AUROC. It is the last validation of the fit (the one of the last epoch, of the
+    epoch a module stops at its target, or after a callback set ``trainer.should_stop``) and,
+    with ``N``, every ``N``-th epoch too (``1``: every epoch, as before issue 13, which added
+    40-90 % to a small unlearning fit; ``benchmarks/bench_floor.py``). ``trainer.validate`` is
+    always full; ``trainer.test`` reports everything, with the SVC attacker. The sanity check is
+    cheap (full with ``full_val_every_n_epochs=1``, the default of ``ClassifierModule`` and the
+    baselines, whose recipes keep the best validation checkpoint; ``UnlearningModule``'s is
+    ``None``). A fit that ends in a way not known at its last validation (``max_time``, an
+    ``EarlyStopping`` on validation metrics) ends on a cheap epoch; so does every epoch before
+    the first full one: a ``ModelCheckpoint`` / ``EarlyStopping`` that monitors
+    ``val/retain_acc`` needs ``full_val_every_n_epochs`` (or ``trainer.test`` after the fit).
     """
 
     @property
@@ -166,11 +197,57 @@ class EvaluationMixin(L.LightningModule):
     val_evaluation: ForgetEvaluation
     test_evaluation: ForgetEvaluation
 
-    def _init_evaluation(self, num_classes: int, forget_classes: list[int]) -> None:
+    #: a full validation every this many epochs of a fit (``None``: only the fit's last); ``1``
+    #: (every epoch, sanity check included) for the classifier and the baselines, whose recipes
+    #: keep the checkpoint of the best ``val/acc`` / ``val/retain_acc``
+    full_val_every_n_epochs: int | None = 1
+    #: whether the current validation epoch is full (every loader and metric)
+    full_validation: bool = True
+
+    def _init_evaluation(
+        self,
+        num_classes: int,
+        forget_classes: list[int],
+        full_val_every_n_epochs: int | None = 1,
+    ) -> None:
         self.val_evaluation = ForgetEvaluation(
             num_classes, forget_classes, mia_attacker="threshold"
         )
         self.test_evaluation = ForgetEvaluation(num_classes, forget_classes, mia_attacker="svc")
+        self.full_val_every_n_epochs = full_val_every_n_epochs
+        self.full_validation = True
+        self._skipped_limits: list[tuple[int, int | float]] = []
+
+    def _validation_is_full(self) -> bool:
+        """Whether this validation epoch is a full one (see the class docstring)."""
+        trainer = self.trainer
+        every = self.full_val_every_n_epochs
+        if trainer.sanity_checking:
+            return every == 1
+        if trainer.state.fn != TrainerFn.FITTING:  # `trainer.validate`: the user asked for it
+            return True
+        epoch = trainer.current_epoch
+        if every and (epoch + 1) % every == 0:
+            return True
+        if trainer.should_stop or self._ends_after_this_epoch():
+            return True
+        # the last validation of the fit: no later epoch validates before `max_epochs` / `max_steps`
+        max_epochs = trainer.max_epochs
+        check_every = trainer.check_val_every_n_epoch or 1
+        if max_epochs is not None and max_epochs >= 0 and epoch + check_every >= max_epochs:
+            return True
+        max_steps = trainer.max_steps
+        return max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps
+
+    def _ends_after_this_epoch(self) -> bool:
+        """Whether the module itself ends the fit after the current epoch (a stopping rule)."""
+        return False
+
+    def _cheap_loaders(self) -> tuple[str, ...]:
+        """The loaders of a cheap epoch: none when the ``forget`` loader holds no held-out data."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        held_out = getattr(getattr(datamodule, "forget", None), "held_out_forget", True)
+        return CHEAP_LOADERS if held_out else ()
 
     def _check_forget_classes(self) -> None:
         """Raise when the attached DataModule forgets other classes than this module."""
@@ -214,14 +291,67 @@ class EvaluationMixin(L.LightningModule):
         names = getattr(datamodule, "eval_loader_names", DEFAULT_EVAL_LOADERS)
         return names[dataloader_idx] if dataloader_idx < len(names) else f"loader_{dataloader_idx}"
 
-    def _eval_step(self, evaluation: ForgetEvaluation, batch: Any, dataloader_idx: int) -> Tensor:
+    def _eval_step(
+        self, evaluation: ForgetEvaluation, batch: Any, dataloader_idx: int, full: bool = True
+    ) -> Tensor:
         inputs, targets = batch[0], batch[1]
         logits = self(inputs)
-        evaluation.update(self._loader_name(dataloader_idx), logits, targets)
+        evaluation.update(self._loader_name(dataloader_idx), logits, targets, full=full)
         return logits
 
+    def on_validation_epoch_start(self) -> None:
+        self.full_validation = self._validation_is_full()
+        if not self.full_validation:
+            self._skip_loaders()
+
+    def _skip_loaders(self) -> None:
+        """Keep a cheap epoch from even *loading* the batches of the loaders it does not run.
+
+        Lightning runs the evaluation loaders one after the other and reads each one's batch
+        limit (``trainer.num_val_batches``, a list it keeps for the whole fit) when it reaches
+        that loader, so a zero limit set here, before the first batch, skips the loader; the
+        limits are restored at the end of the epoch. ``validation_step`` skips those batches
+        too: with a Lightning that reads the limits otherwise only the loading is spent, never a
+        result changed.
+        """
+        trainer = self.trainer
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        limits = trainer.num_val_batches
+        if not isinstance(limits, list):
+            return
+        cheap = self._cheap_loaders()
+        self._restore_loaders()
+        self._skipped_limits = [
+            (i, limit)
+            for i, limit in enumerate(limits)
+            if limit and self._loader_name(i) not in cheap
+        ]
+        for i, _ in self._skipped_limits:
+            limits[i] = 0
+
+    def _restore_loaders(self) -> None:
+        skipped, self._skipped_limits = self._skipped_limits, []
+        if skipped and self._trainer is not None:
+            limits = self._trainer.num_val_batches
+            for i, limit in skipped:
+                if i < len(limits):
+                    limits[i] = limit
+
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.val_evaluation, batch, dataloader_idx)
+        if (
+            not self.full_validation
+            and self._loader_name(dataloader_idx) not in self._cheap_loaders()
+        ):
+            return  # a cheap epoch: only the held-out forget samples
+        self._eval_step(self.val_evaluation, batch, dataloader_idx, full=self.full_validation)
+
+    def on_validation_epoch_end(self) -> None:
+        self._restore_loaders()
+        self._log_evaluation(self.val_evaluation, "val")
+
+    def on_fit_end(self) -> None:
+        self._restore_loaders()  # an interrupted validation epoch leaves no zero limit behind
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(self.test_evaluation, batch, dataloader_idx)
@@ -239,9 +369,6 @@ class EvaluationMixin(L.LightningModule):
                 sync_dist=self.trainer.world_size > 1,
             )
         evaluation.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_evaluation(self.val_evaluation, "val")
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation(self.test_evaluation, "test")

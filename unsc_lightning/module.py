@@ -102,6 +102,14 @@ class UnlearningModule(_EvaluationMixin):
             :func:`~unsc_lightning.metrics.find_feature_layer`.
         feature_reference_size: remaining feature vectors kept per class for
             ``feature_calibration`` (a uniform sample of what the basis pass sees).
+        full_val_every_n_epochs: during ``fit`` most validation epochs are cheap: they log the
+            held-out forgotten-class accuracy ``val/forget_acc`` alone (what unlearning moves; the
+            null space keeps the remaining outputs). The full report -- ``val/retain_acc``, per-class accuracy,
+            the threshold membership attack ``val/mia_efficacy``, the forget-vs-test AUROC -- is
+            computed at the fit's last validation (its last epoch, or the epoch it stops at its
+            target) and, with ``N``, every ``N``-th epoch (``1``: every epoch). ``trainer.validate``
+            and ``trainer.test`` always report everything; see
+            :class:`~unsc_lightning.evaluation.EvaluationMixin`.
 
     Example:
         >>> from unsc_lightning.models import MNIST1DConvNet
@@ -128,10 +136,13 @@ class UnlearningModule(_EvaluationMixin):
         feature_calibration: float = 0.0,
         feature_layer: str | None = None,
         feature_reference_size: int = 1024,
+        full_val_every_n_epochs: int | None = None,
     ) -> None:
         super().__init__()
         forget = classifier_arguments(model, num_classes, forget_classes, momentum, weight_decay)
         number("feature_calibration", feature_calibration, 0.0, low_open=False)
+        if full_val_every_n_epochs is not None:
+            integer("full_val_every_n_epochs", full_val_every_n_epochs, 1)
         integer("feature_reference_size", feature_reference_size, 2)
         feature_layer = _feature_layer_of(model, feature_layer, bool(feature_calibration))
         number("lr", lr, 0.0, optional=True)
@@ -164,7 +175,7 @@ class UnlearningModule(_EvaluationMixin):
         self.model = model
         self.original = copy.deepcopy(model).requires_grad_(False).eval()
         self.register_buffer("original_captured", torch.tensor(False))
-        self._init_evaluation(num_classes, forget)
+        self._init_evaluation(num_classes, forget, full_val_every_n_epochs)
         self._generator = torch.Generator().manual_seed(seed)
         # forget samples classified as their true label in the current epoch / seen
         self._forget_counts = torch.zeros(2, dtype=torch.long)
@@ -276,6 +287,7 @@ class UnlearningModule(_EvaluationMixin):
             raise RuntimeError("`retain_dataloader()` yielded no batch: no remaining features.")
 
     def on_fit_end(self) -> None:
+        super().on_fit_end()
         self._stop_feature_capture()
         last = self.last_forget_accuracy
         if self._stops_in_training_step and self.stopped_at_epoch is None and last is not None:
@@ -353,6 +365,15 @@ class UnlearningModule(_EvaluationMixin):
                 f"{self._class_target:.4f} after epoch {self.current_epoch}; stopping "
                 "(`stop_at_target=False` runs every epoch)."
             )
+
+    def _ends_after_this_epoch(self) -> bool:
+        """Whether this epoch's forget accuracy so far already meets the stopping target (the
+        validation at the end of the epoch is then the fit's last: a full one)."""
+        if not self._stops_in_training_step:
+            return False
+        counts = self.trainer.strategy.reduce(self._forget_counts.to(self.device), reduce_op="sum")
+        correct, seen = (int(v) for v in counts)
+        return seen > 0 and correct / seen <= self._class_target
 
     @property
     def _stops_in_training_step(self) -> bool:

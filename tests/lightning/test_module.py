@@ -493,3 +493,136 @@ def test_feature_calibration_reads_retain_dataloader_once_without_the_callback(
     quiet_trainer(1).fit(module, datamodule=SubspaceDataModule(problem))
     assert module.feature_reference is not None
     assert int(module.feature_reference.counts.sum()) == len(problem.retain_x)
+
+
+# --------------------------------------------------------------------------------------------
+# What validation costs during fit (issue 13): cheap epochs, the full report at the end
+# --------------------------------------------------------------------------------------------
+FULL_KEYS = {"val/retain_acc", "val/mia_efficacy", "val/forget_test_auroc", "val/acc_class_0"}
+
+
+class ValidationRecorder(L.Callback):
+    """Per fit validation epoch (sanity check apart): the ``val/`` keys the module logged (its
+    ``log`` is wrapped by :meth:`attach`) and the evaluation loaders that yielded batches."""
+
+    def __init__(self) -> None:
+        self.logged: list[set[str]] = []
+        self.loaders: list[set[int]] = []
+
+    def attach(self, module: L.LightningModule) -> ValidationRecorder:
+        log = module.log
+
+        def recording_log(name: str, *args: Any, **kwargs: Any) -> None:
+            if name.startswith("val/"):
+                self.logged[-1].add(name)
+            log(name, *args, **kwargs)
+
+        module.log = recording_log  # type: ignore[method-assign]
+        return self
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.loaders.append(set())
+        self.logged.append(set())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, idx=0):
+        self.loaders[-1].add(idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            self.loaders.pop()
+            self.logged.pop()
+
+
+def _validated_fit(model, epochs: int, **options: Any) -> tuple[Any, L.Trainer, Any]:
+    dm = _forget_datamodule()
+    module = UnlearningModule(model, num_classes=10, forget_classes=[MNIST1D_FORGET], **options)
+    recorder = ValidationRecorder().attach(module)
+    trainer = quiet_trainer(epochs, [recorder], limit_val_batches=None, num_sanity_val_steps=2)
+    trainer.fit(module, datamodule=dm)
+    return module, trainer, recorder
+
+
+def test_default_validation_runs_the_attack_only_on_the_last_epoch(mnist1d_model):
+    module, trainer, recorder = _validated_fit(mnist1d_model, 3, lr=1e-4, stop_at_target=False)
+
+    assert module.full_val_every_n_epochs is None
+    assert len(recorder.logged) == 3
+    for cheap in recorder.logged[:2]:
+        assert cheap == {"val/forget_acc"}  # no attack, no remaining accuracy
+    assert FULL_KEYS | {"val/forget_acc"} <= recorder.logged[2]
+    # cheap epochs do not even load the other loaders' batches; the last one runs all four
+    assert recorder.loaders == [{1}, {1}, {0, 1, 2, 3}]
+    assert all(limit > 0 for limit in trainer.num_val_batches)  # the limits are back
+
+
+def test_full_validation_every_n_epochs(mnist1d_model):
+    _, _, recorder = _validated_fit(
+        mnist1d_model, 4, lr=1e-4, stop_at_target=False, full_val_every_n_epochs=2
+    )
+    full = [keys >= FULL_KEYS for keys in recorder.logged]
+    assert full == [False, True, False, True]
+    assert recorder.loaders[0] == {1} and recorder.loaders[1] == {0, 1, 2, 3}
+
+
+def test_full_report_at_test_and_validate_after_a_cheap_fit(mnist1d_model):
+    module, trainer, _ = _validated_fit(mnist1d_model, 2, lr=1e-4, stop_at_target=False)
+    dm = _forget_datamodule()
+
+    trainer.test(module, datamodule=dm, verbose=False)
+    tested = trainer.callback_metrics
+    assert {k.replace("val/", "test/") for k in FULL_KEYS} <= tested.keys()
+    assert module.test_evaluation.mia.attacker == "svc"
+
+    trainer.validate(module, datamodule=dm, verbose=False)
+    assert trainer.callback_metrics.keys() >= FULL_KEYS
+
+
+def test_stop_at_target_still_stops_with_validation_and_ends_on_a_full_one(mnist1d_model):
+    callback = NullSpaceCalibration(
+        threshold=UNLEARN_THRESHOLD, class_threshold_step=UNLEARN_CLASS_STEP
+    )
+    dm = _forget_datamodule()
+    module = UnlearningModule(
+        mnist1d_model, num_classes=10, forget_classes=[MNIST1D_FORGET], lr=UNLEARN_LR
+    )
+    recorder = ValidationRecorder().attach(module)
+    trainer = quiet_trainer(30, [callback, recorder], limit_val_batches=None)
+
+    trainer.fit(module, datamodule=dm)
+
+    assert module.stopped_at_epoch is not None
+    assert trainer.current_epoch == module.stopped_at_epoch + 1 < 30
+    assert len(recorder.logged) == module.stopped_at_epoch + 1
+    assert recorder.logged[-1] >= FULL_KEYS  # the stopping epoch's validation is the full one
+    assert all(keys == {"val/forget_acc"} for keys in recorder.logged[:-1])
+    assert float(trainer.callback_metrics["val/forget_acc"]) <= 0.1  # the original: ~0.99
+
+
+def test_sample_level_cheap_epochs_run_no_loader():
+    from unsc_lightning.data import ForgetSpec
+
+    dm = tensor_datamodule(forget=ForgetSpec(kind="random", fraction=0.1), batch_size=8)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    module = UnlearningModule(model, num_classes=4, lr=1e-4, stop_at_target=False)
+    recorder = ValidationRecorder().attach(module)
+    quiet_trainer(3, [recorder], limit_val_batches=None).fit(module, datamodule=dm)
+
+    assert recorder.loaders == [set(), set(), {0, 1, 2, 3}]
+    assert recorder.logged[0] == set()
+    assert "val/mia_efficacy" in recorder.logged[2]
+
+
+def test_classifier_module_still_validates_everything_every_epoch():
+    dm = tensor_datamodule(forget_classes=[1], train_on="retain", batch_size=32)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    module = ClassifierModule(model, num_classes=4, forget_classes=[1])
+    recorder = ValidationRecorder().attach(module)
+    quiet_trainer(2, [recorder], limit_val_batches=None).fit(module, datamodule=dm)
+
+    assert recorder.loaders == [{0, 1, 2, 3}] * 2
+    assert all(keys >= FULL_KEYS for keys in recorder.logged)
+
+
+def test_full_val_every_n_epochs_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match=r"`full_val_every_n_epochs` to be an integer >= 1"):
+        UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], full_val_every_n_epochs=0)

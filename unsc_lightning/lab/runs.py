@@ -241,6 +241,8 @@ def run_method(
     progress: ProgressFn | None = None,
     forget_train_classes: list[int] | None = None,
     model_seed: int | None = None,
+    trainer_options: dict[str, Any] | None = None,
+    module_options: dict[str, Any] | None = None,
 ) -> UnlearningRun:
     """Unlearn ``forget`` from a copy of the trained ``model`` with one method.
 
@@ -266,6 +268,10 @@ def run_method(
             request: the classes of earlier requests stay forgotten, their data are gone).
         model_seed: seed of the training randomness (order, random labels) when it should differ
             from the split ``seed`` (default ``seed``).
+        trainer_options: :func:`make_trainer` options over its quiet defaults (e.g.
+            ``{"limit_val_batches": 1.0}`` to validate every epoch).
+        module_options: further keyword arguments of the method's module (e.g.
+            ``{"full_val_every_n_epochs": 1}`` for UNSC).
 
     Returns:
         The unlearned model, the seconds of the fit and the null-space callback (if any).
@@ -285,9 +291,15 @@ def run_method(
     L.seed_everything(seed if model_seed is None else model_seed, workers=True, verbose=False)
     unlearned = copy.deepcopy(model)
     training_seed = seed if model_seed is None else model_seed
-    module, calibration = _build(info, unlearned, dm.num_classes, forget, training_seed, settings)
+    module, calibration = _build(
+        info, unlearned, dm.num_classes, forget, training_seed, settings, module_options or {}
+    )
     extra: list[Callback] = [calibration] if calibration is not None else []
-    trainer = make_trainer(settings.epochs, [*extra, *(callbacks or []), EpochProgress(progress)])
+    trainer = make_trainer(
+        settings.epochs,
+        [*extra, *(callbacks or []), EpochProgress(progress)],
+        **(trainer_options or {}),
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
@@ -329,8 +341,11 @@ def _build(
     forget: ForgetSpec,
     seed: int,
     recipe: UnlearnRecipe | MethodRecipe,
+    options: dict[str, Any] | None = None,
 ) -> tuple[L.LightningModule, NullSpaceCalibration | None]:
-    """The method's LightningModule around ``model`` and, for UNSC, its null-space callback."""
+    """The method's LightningModule around ``model`` and, for UNSC, its null-space callback;
+    ``options`` are further keyword arguments of the module."""
+    options = options or {}
     forget_classes = forget.forgotten_classes or None
     if isinstance(recipe, UnlearnRecipe):
         module = UnlearningModule(
@@ -341,7 +356,8 @@ def _build(
             optimizer="sgd",
             pseudo_labels=info.pseudo_labels,  # type: ignore[arg-type]
             seed=seed,
-            stop_at_target=False,  # the recipe's fixed epochs: demo and bench numbers stay comparable
+            # the recipe's fixed epochs: demo and bench numbers stay comparable
+            **{"stop_at_target": False, **options},
         )
         if not info.null_space:
             return module, None
@@ -363,5 +379,5 @@ def _build(
         forget_classes=forget_classes,
         lr=recipe.lr,
         seed=seed,
-        **recipe.options,
+        **{**recipe.options, **options},
     ), None
