@@ -18,6 +18,7 @@ from unsc_lightning.nullspace.settings import (
     NullSpaceEngineError,
     check_bool,
     check_engine_settings,
+    check_gram,
     is_int,
     is_number,
 )
@@ -156,6 +157,8 @@ def validate_callback_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
                 for name in ("max_retain_batches", "max_samples_per_class", "memory_budget")
             },
         )
+    with config_errors():
+        check_gram(arguments.get("gram", "auto"))
     if arguments["mode"] not in ("auto", "gradient", "update"):
         raise UnlearningConfigError(
             f"Expected `mode` to be 'auto', 'gradient' or 'update', got {arguments['mode']!r}."

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -18,7 +19,7 @@ from unsc_lightning.diagnostics import log_bases, model_evidence, start_layer_dr
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.metrics.drift import NullSpaceDrift
 from unsc_lightning.modes import choose_mode, gradient_mode_warnings
-from unsc_lightning.nullspace import BasisInfo
+from unsc_lightning.nullspace import BasisInfo, GramOptions
 from unsc_lightning.nullspace.engine import (
     BasisRule,
     BatchAdapter,
@@ -26,6 +27,7 @@ from unsc_lightning.nullspace.engine import (
     NullSpaceEngineError,
     default_batch_adapter,
 )
+from unsc_lightning.nullspace.settings import check_gram
 from unsc_lightning.retain import (
     RankShare,
     RetainForward,
@@ -61,7 +63,7 @@ class NullSpaceCalibration(Callback):
 
     Args:
         threshold, rule, class_threshold_step, layers, exclude_layers, freeze_bias_and_norm,
-            freeze_unconstrained, norm_eval, max_samples_per_class, memory_budget: as in
+            freeze_unconstrained, norm_eval, max_samples_per_class, memory_budget, gram: as in
             :class:`~unsc_lightning.nullspace.NullSpaceEngine` (``layers`` and
             ``exclude_layers`` also take a single pattern string; ``layers=[]`` constrains
             nothing and leaves training unchanged).
@@ -126,6 +128,7 @@ class NullSpaceCalibration(Callback):
         memory_budget: int | None = None,
         keep_forgotten_statistics: bool = False,
         project_every: int | None = None,
+        gram: GramOptions | str | torch.dtype | None = "auto",
     ) -> None:
         arguments = validate_callback_arguments(locals())
         self.threshold: float | dict[str, float] = arguments["threshold"]
@@ -148,6 +151,7 @@ class NullSpaceCalibration(Callback):
         self.batch_adapter: BatchAdapter = batch_adapter or default_batch_adapter
         self.memory_budget = memory_budget
         self.project_every: int | None = project_every
+        self.gram = gram
         # runtime state
         self.engine: NullSpaceEngine | None = None
         self.active_mode: Literal["gradient", "update"] | None = None
@@ -306,6 +310,7 @@ class NullSpaceCalibration(Callback):
                 norm_eval=self.norm_eval,
                 max_samples_per_class=self.max_samples_per_class,
                 memory_budget=self.memory_budget,
+                gram=check_gram(self.gram),
             )
         except NullSpaceEngineError as error:
             raise UnlearningConfigError(str(error)) from error

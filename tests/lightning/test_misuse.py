@@ -1523,3 +1523,21 @@ def test_original_checkpoint_of_another_architecture(tmp_path):
         match=r"(?s)The weights in `original_checkpoint='.*original\.ckpt'` do not fit Sequential: .*size mismatch for 0\.weight",
     ):
         UnlearningModule(mlp(hidden=64), NUM_CLASSES, [FORGET_CLASS], original_checkpoint=str(path))
+
+
+@pytest.mark.parametrize("gram", ["float16", "fast", 32, torch.bfloat16])
+def test_gram_setting_is_refused_with_its_value(gram):
+    with pytest.raises(UnlearningConfigError, match="gram"):
+        NullSpaceCalibration(gram=gram)
+
+
+@pytest.mark.parametrize(
+    ("gram", "dtype"), [("float64", torch.float64), ("float32", torch.float32)]
+)
+def test_gram_setting_reaches_the_engine_and_the_fingerprint(gram, dtype):
+    callback = NullSpaceCalibration(gram=gram)
+    module = L.LightningModule()
+    module.net = nn.Linear(4, 3)
+    engine = callback._make_engine(module)
+    assert engine.gram.dtype == dtype
+    assert engine.fingerprint() != NullSpaceCalibration()._make_engine(module).fingerprint()

@@ -250,9 +250,12 @@ def test_vectorised_slots_match_the_per_sample_loop(capacity, cap, fixed):
 
 
 def test_gram_setting_is_checked():
-    for bad in ("float32", torch.float16, GramOptions(row_fraction=0.0), GramOptions(seed=1.5), 3):  # type: ignore[arg-type]
-        with pytest.raises(NullSpaceEngineError, match="Expected"):
+    bad_values = ("float16", torch.float16, GramOptions(row_fraction=0.0), GramOptions(seed=1.5), 3)
+    for bad in bad_values:  # type: ignore[arg-type]
+        with pytest.raises(NullSpaceEngineError, match="gram"):
             NullSpaceEngine(nn.Linear(3, 2), gram=bad)
+    # the spelling of a YAML config
+    assert NullSpaceEngine(nn.Linear(3, 2), gram="float32").gram.dtype == torch.float32
     assert NullSpaceEngine(nn.Linear(3, 2)).gram == GramOptions()
     assert NullSpaceEngine(nn.Linear(3, 2), gram=None).gram == GramOptions()
 

@@ -20,6 +20,7 @@ from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerpri
 from unsc_lightning.nullspace.covariance import (
     ActivationRecorder,
     CovarianceAccumulator,
+    GramOptions,
     accumulate_covariances,
     layer_dims,
     recording,
@@ -63,6 +64,7 @@ __all__ = [
     "RELATIVE_TOLERANCE",
     "ActivationRecorder",
     "ClassCovarianceCache",
+    "GramOptions",
     "BasisInfo",
     "CovarianceAccumulator",
     "NullSpaceProjector",

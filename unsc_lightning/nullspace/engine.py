@@ -565,6 +565,7 @@ class NullSpaceEngine:
             "rule": self.rule,
             "class_threshold_step": self.class_threshold_step,
             "max_samples_per_class": self.max_samples_per_class,
+            "gram": [str(self.gram.dtype), self.gram.row_fraction, self.gram.seed],
             "layers": layout,
             **dict(extra or {}),
         }

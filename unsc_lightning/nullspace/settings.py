@@ -72,24 +72,27 @@ def check_threshold(threshold: Any) -> float | dict[str, float]:
 
 
 def check_gram(value: Any) -> GramOptions:
-    """``None``, ``"auto"``, ``torch.float32``/``torch.float64`` or :class:`GramOptions`.
+    """``None``, ``"auto"``, ``"float32"``/``"float64"`` (or the torch dtypes) or :class:`GramOptions`.
 
     Raises:
         NullSpaceEngineError: naming the value and what is expected.
     """
     if value is None:
         return GramOptions()
+    if isinstance(value, str) and value in ("float32", "float64"):
+        value = getattr(torch, value)  # the spelling of a YAML config or the command line
     if isinstance(value, (str, torch.dtype)):
         value = GramOptions(dtype=cast(GramDtype, value))
     if not isinstance(value, GramOptions):
         raise NullSpaceEngineError(
-            f"Expected `gram` to be 'auto', torch.float32, torch.float64 or a GramOptions, got "
+            f"Expected `gram` to be 'auto', 'float32', 'float64' (or the torch dtypes) or a "
+            f"GramOptions, got "
             f"{value!r}."
         )
     if value.dtype != "auto" and value.dtype not in (torch.float32, torch.float64):
         raise NullSpaceEngineError(
-            f"Expected the Gram dtype to be 'auto', torch.float32 or torch.float64, got "
-            f"{value.dtype!r}."
+            f"Expected `gram` (the Gram products' dtype) to be 'auto', 'float32' or 'float64', "
+            f"got {value.dtype!r}; 'auto' keeps float64 wherever float32 rounding could matter."
         )
     fraction = value.row_fraction
     if fraction is not None and (
@@ -97,10 +100,12 @@ def check_gram(value: Any) -> GramOptions:
         or not isinstance(fraction, (int, float))
         or not 0.0 < float(fraction) <= 1.0
     ):
-        raise NullSpaceEngineError(f"Expected `row_fraction` in (0, 1] or None, got {fraction!r}.")
+        raise NullSpaceEngineError(
+            f"Expected `gram.row_fraction` in (0, 1] or None, got {fraction!r}."
+        )
     if isinstance(value.seed, bool) or not isinstance(value.seed, int):
         raise NullSpaceEngineError(
-            f"Expected the subsampling `seed` to be an integer, got {value.seed!r}."
+            f"Expected the subsampling seed `gram.seed` to be an integer, got {value.seed!r}."
         )
     return value
 
