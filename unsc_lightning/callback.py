@@ -93,6 +93,8 @@ class NullSpaceCalibration(Callback):
             projected too. ``K`` times less projection work, but the weights between two
             projections are not exact (the forget accuracy ``UnlearningModule`` stops on is
             read from them) and it forgets less per epoch. ``None`` (default) projects each step.
+            ``UnlearningModule``'s relative steps (``lr=None``) project each gradient anyway,
+            to size the step that remains, so there it saves nothing.
 
     Raises:
         UnlearningConfigError: for invalid arguments (at construction) or an unusable model or

@@ -415,6 +415,12 @@ class UnlearningModule(_EvaluationMixin):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._relative_steps:
+            # A calibration in update mode projects the step after it is taken: a step sized on
+            # the unprojected gradient would lose most of its length there. Projecting the
+            # gradient first (plain SGD: the update projection then changes nothing) sizes the
+            # step that remains, as in gradient mode.
+            for engine in _update_mode_engines(self._trainer):
+                engine.project_gradients_()
             scale_to_weight_norms_(self.model.parameters())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -561,6 +567,16 @@ class FeatureReference:
                 picks = (draws[entries] * len(held)).long().clamp_max(len(held) - 1)
                 reference[entries.to(like.device)] = held[picks.to(like.device)]
         return reference, keep.to(like.device)
+
+
+def _update_mode_engines(trainer: Any) -> list[Any]:
+    """Engines of the Trainer's calibrations that project each step's update."""
+    return [
+        callback.engine
+        for callback in getattr(trainer, "callbacks", None) or []
+        if getattr(callback, "active_mode", None) == "update"
+        and getattr(callback, "engine", None) is not None
+    ]
 
 
 @torch.no_grad()

@@ -309,6 +309,28 @@ def test_default_step_moves_every_weight_by_relative_step_of_its_norm(problem: S
         assert torch.isclose(step, 0.02 * before[name].norm(), rtol=1e-4), name
 
 
+@pytest.mark.parametrize("project_every", [None, 3])
+def test_relative_steps_in_update_mode_equal_gradient_mode(
+    problem: SubspaceProblem, project_every: int | None
+):
+    # update mode projects after the step: the step must be sized on the projected gradient,
+    # else most of its length is projected away and the model barely forgets
+    weights = {}
+    for mode in ("gradient", "update"):
+        torch.manual_seed(0)
+        module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], stop_at_target=False)
+        every = project_every if mode == "update" else None
+        callback = NullSpaceCalibration(
+            rule="pooled", mode=mode, project_every=every, retain_dataloader=problem.retain_loader()
+        )
+        quiet_trainer(3, callbacks=[callback], limit_train_batches=2).fit(
+            module, train_dataloaders=problem.forget_loader()
+        )
+        weights[mode] = [p.detach().clone() for p in module.model.parameters()]
+    for update, gradient in zip(weights["update"], weights["gradient"]):
+        torch.testing.assert_close(update, gradient, atol=1e-5, rtol=1e-4)
+
+
 def test_explicit_lr_is_a_plain_sgd_step(problem: SubspaceProblem):
     torch.manual_seed(0)
     module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], lr=0.05, optimizer="sgd")
