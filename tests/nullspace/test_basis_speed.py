@@ -206,3 +206,46 @@ def test_the_complement_is_chosen_once_the_basis_holds_much_of_the_space():
     assert not basis_module._complement_cheaper(320, 20)
     assert basis_module._complement_cheaper(320, 200)
     assert basis_module._complement_cheaper(864, 600)
+
+
+@pytest.mark.parametrize("rule", ["per_class", "pooled"])
+def test_float32_products_of_few_rows_keep_the_low_rank_path(monkeypatch, rule):
+    # float32 Gram products leave rounding noise outside the rows' span; where the energy cut
+    # decides the rank it must not send a covariance of few rows to a dense d x d eigh
+    from unsc_lightning.nullspace import basis as basis_module
+
+    dim, rows = 512, 40
+    generator = torch.Generator().manual_seed(0)
+    covariances = {}
+    for k in range(3):
+        x = torch.relu(torch.randn(rows, dim, generator=generator)) * torch.rand(
+            dim, generator=generator
+        )
+        gram = torch.zeros(dim, dim, dtype=torch.float64)
+        for block in x.split(8):
+            gram += torch.mm(block.T, block).double()  # float32 products, float64 sums
+        covariances[k] = gram
+    sizes: list[int] = []
+    eigh = torch.linalg.eigh
+
+    def counting_eigh(matrix, *args, **kwargs):
+        sizes.append(matrix.shape[-1])
+        return eigh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counting_eigh)
+    if rule == "per_class":
+        found, _ = basis_module.per_class_basis(
+            covariances, 0.97, rank_bounds=dict.fromkeys(covariances, rows)
+        )
+    else:
+        found, _ = basis_module.pooled_basis(sum(covariances.values()), 0.97, 3 * rows)
+    assert sizes and max(sizes) < dim  # only the small eigenproblems
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    if rule == "per_class":
+        dense, _ = basis_module.per_class_basis(covariances, 0.97)
+    else:
+        dense, _ = basis_module.pooled_basis(sum(covariances.values()), 0.97)
+    assert found.shape == dense.shape
+    assert float((found @ found.T - dense @ dense.T).abs().max()) < 1e-6
+    # at threshold 1.0 the strict tolerance holds: float64 products are required there
+    assert basis_module.range_tolerance(1.0) == basis_module.RELATIVE_TOLERANCE

@@ -14,12 +14,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from unsc_lightning.nullspace.covariance import FLOAT32_GRAM_MAX_THRESHOLD
+
 #: Eigenvalues below ``RELATIVE_TOLERANCE * trace`` are numerically zero: ``threshold=1.0`` keeps
 #: every direction above it, not all ``d``. Float32 rows accumulated in float64 leave spurious
 #: eigenvalues near ``1e-14 * trace``; genuine directions of real data sit far above ``1e-10``.
 RELATIVE_TOLERANCE = 1e-10
 
 Threshold = float | Callable[[int], float]
+
+#: Energy the range found by the low-rank path (:func:`eigh_descending` with ``rank_bound``) may
+#: miss where the energy cut decides the rank (threshold at most
+#: :data:`~unsc_lightning.nullspace.covariance.FLOAT32_GRAM_MAX_THRESHOLD`): float32 Gram
+#: products leave rounding noise (measured near 1e-9 of the trace) outside the data's range,
+#: which the strict :data:`RELATIVE_TOLERANCE` would send to a dense ``d x d`` decomposition.
+ENERGY_CUT_RANGE_TOLERANCE = 1e-6
+
+
+def range_tolerance(threshold: float) -> float:
+    """Energy fraction the low-rank range may miss for a basis kept at ``threshold``."""
+    return (
+        ENERGY_CUT_RANGE_TOLERANCE
+        if threshold <= FLOAT32_GRAM_MAX_THRESHOLD
+        else RELATIVE_TOLERANCE
+    )
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,10 @@ def _residual_symmetric(cov: Tensor, basis: Tensor, product: Tensor | None = Non
 
 
 def eigh_descending(
-    cov: Tensor, rank_bound: int | None = None, basis: Tensor | None = None
+    cov: Tensor,
+    rank_bound: int | None = None,
+    basis: Tensor | None = None,
+    tolerance: float = RELATIVE_TOLERANCE,
 ) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix.
 
@@ -74,11 +95,13 @@ def eigh_descending(
             eigenproblem is solved: ``O(d² m)`` instead of ``O(d³)``. Only the eigenpairs in
             that range are returned (the others are zero).
         basis: orthonormal ``U``: decompose the residual ``(I - UUᵀ) cov (I - UUᵀ)`` instead.
+        tolerance: energy fraction the low-rank range may miss before the dense decomposition
+            runs instead (see :func:`range_tolerance`).
     """
     cov = _symmetric(cov)
     dim = cov.shape[0]
     if rank_bound is not None and 3 * (rank_bound + 8) < dim:
-        found = _low_rank_eigh(cov, rank_bound + 8, basis)
+        found = _low_rank_eigh(cov, rank_bound + 8, basis, tolerance)
         if found is not None:
             return found
     cov = _symmetric(_residual(cov, basis))
@@ -95,7 +118,9 @@ def eigh_descending(
     return values.clamp_min(0) * scale, vectors
 
 
-def _low_rank_eigh(cov: Tensor, columns: int, basis: Tensor | None) -> tuple[Tensor, Tensor] | None:
+def _low_rank_eigh(
+    cov: Tensor, columns: int, basis: Tensor | None, tolerance: float = RELATIVE_TOLERANCE
+) -> tuple[Tensor, Tensor] | None:
     # rank(cov) < columns: range(cov Ω) = range(cov) for a Gaussian Ω (with probability one),
     # so the eigenpairs of the small matrix Qᵀ cov Q are those of cov. Directions whose
     # eigenvalues are many orders below the largest are resolved less accurately from cov Ω
@@ -120,7 +145,7 @@ def _low_rank_eigh(cov: Tensor, columns: int, basis: Tensor | None) -> tuple[Ten
     small = _symmetric(q.T @ cov @ q)
     residual_trace = torch.trace(_residual(cov, basis))
     missed = abs(float(residual_trace - torch.trace(small)))
-    if missed > RELATIVE_TOLERANCE * float(torch.trace(cov)):
+    if missed > tolerance * float(torch.trace(cov)):
         return None
     scale = torch.trace(small).abs().clamp_min(torch.finfo(torch.float64).tiny)
     try:
@@ -167,7 +192,7 @@ def pooled_basis(
     Returns:
         ``(U, info)`` with ``U`` float64 ``d x r`` orthonormal.
     """
-    values, vectors = eigh_descending(cov, rank_bound)
+    values, vectors = eigh_descending(cov, rank_bound, tolerance=range_tolerance(threshold))
     total = float(values.sum())
     rank = energy_rank(values, threshold, total)
     energy = float(values[:rank].sum() / total) if total > 0 else 1.0
@@ -283,7 +308,7 @@ def _class_directions(
         found = _top_residual_vectors(cov, basis, threshold, total, captured, product)
         if found is not None:
             return found
-    values, vectors = eigh_descending(cov, bound, basis)
+    values, vectors = eigh_descending(cov, bound, basis, range_tolerance(threshold))
     rank = energy_rank(values, threshold, total, captured)
     return vectors[:, : min(rank, dim - basis.shape[1])]
 
