@@ -8,8 +8,10 @@ eigenvectors, see ``unsc_lightning.nullspace.basis._top_vectors``), ``dense`` th
 full ``eigh`` of every covariance: ``_dense_pooled_basis`` / ``_dense_per_class_basis`` patched
 into the basis pass), ``both`` runs the two in this process, dense first, and checks that they
 keep the same ranks and subspaces. Section ``matrices`` times ``pooled_basis`` alone on random
-PSD matrices of ResNet-18's sizes. Wall seconds are reported next to this process's CPU seconds
-(single-threaded, the CPU seconds are the less disturbed by other jobs on the machine).
+PSD matrices of ResNet-18's sizes, section ``solvers`` with either tridiagonal eigenvector
+solver forced (``dstemr`` for the kept vectors, ``dstevd`` for all). Wall seconds are reported
+next to this process's CPU seconds (single-threaded, the CPU seconds are the less disturbed by
+other jobs on the machine).
 
     python benchmarks/bench_resnet_bases.py --threads 1 --rules pooled --variant both \\
         --json docs/results/resnet_bases.json
@@ -157,15 +159,39 @@ def matrix_rows(options: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def solver_rows(options: Any) -> list[dict[str, Any]]:
+    """``pooled_basis`` with each tridiagonal eigenvector solver forced, on the same matrices:
+    ``dstemr`` (MRRR, only the kept vectors) against ``dstevd`` (divide and conquer, all of
+    them); the library picks ``dstevd`` above ``_ALL_VECTORS_ABOVE`` of the vectors kept."""
+    rows = []
+    saved = basis_module._ALL_VECTORS_ABOVE
+    try:
+        for dim in options.dims:
+            cov = random_psd(dim)
+            for threshold in options.thresholds:
+                row: dict[str, Any] = {"d": dim, "threshold": threshold}
+                for solver, fraction in (("dstemr", 1.0), ("dstevd", 0.0)):
+                    basis_module._ALL_VECTORS_ABOVE = fraction
+                    partial = functools.partial(basis_module.pooled_basis, cov, threshold)
+                    _, cpu, (basis, info) = fastest(partial, options.repeats)
+                    row["rank"] = info.rank
+                    row[f"{solver}_cpu_s"] = round(cpu, 3)
+                row["library_picks"] = "dstevd" if info.rank > saved * dim else "dstemr"
+                rows.append(row)
+    finally:
+        basis_module._ALL_VECTORS_ABOVE = saved
+    print(table(rows, list(rows[0])), flush=True)
+    return rows
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0])
     args.add_argument("--samples", type=int, default=1600)
     args.add_argument("--classes", type=int, default=9)
     args.add_argument("--rules", nargs="+", default=["pooled"], choices=["pooled", "per_class"])
     args.add_argument("--variant", default="both", choices=["partial", "dense", "both"])
-    args.add_argument(
-        "--sections", nargs="+", default=["resnet", "matrices"], choices=["resnet", "matrices"]
-    )
+    sections = ["resnet", "matrices", "solvers"]
+    args.add_argument("--sections", nargs="+", default=sections, choices=sections)
     args.add_argument("--dims", nargs="+", type=int, default=[576, 1152, 2304, 4608])
     args.add_argument("--thresholds", nargs="+", type=float, default=[0.97, 0.99, 1.0])
     options = args.parse_args()
@@ -177,6 +203,9 @@ def main() -> None:
         write_json(options.json, payload)  # kept should the next section be interrupted
     if "matrices" in options.sections:
         payload["matrices"] = matrix_rows(options)
+        write_json(options.json, payload)
+    if "solvers" in options.sections:
+        payload["solvers"] = solver_rows(options)
     payload["machine_after"] = machine(device)
     write_json(options.json, payload)
 
