@@ -75,6 +75,7 @@ def resnet_rows(options: Any, device: torch.device) -> list[dict[str, Any]]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(options.samples, 3, 32, 32, generator=generator)
     y = torch.arange(options.samples) % options.classes
+    torch.manual_seed(0)  # torchvision initialises from the global generator
     model = torchvision.models.resnet18(num_classes=10).to(device).eval()
     variants = ["dense", "partial"] if options.variant == "both" else [options.variant]
     rows = []

@@ -212,8 +212,10 @@ _PARTIAL_MIN_DIM = 32
 
 
 #: :func:`pooled_basis` computes every eigenvector of the tridiagonal matrix (divide and conquer)
-#: when it keeps more than this fraction of them: cheaper than ``dstemr`` for that many.
-_ALL_VECTORS_ABOVE = 0.5
+#: when it keeps more than this fraction of them: measured (``benchmarks/bench_resnet_bases.py``,
+#: d = 576 to 4608), ``dstevd`` for all is as fast as ``dstemr`` for a third of them, and up to
+#: twice as fast for all of them.
+_ALL_VECTORS_ABOVE = 0.3
 
 
 def _partial_pays(cov: Tensor, rank_bound: int | None) -> bool:
