@@ -249,3 +249,169 @@ def test_float32_products_of_few_rows_keep_the_low_rank_path(monkeypatch, rule):
     assert float((found @ found.T - dense @ dense.T).abs().max()) < 1e-6
     # at threshold 1.0 the strict tolerance holds: float64 products are required there
     assert basis_module.range_tolerance(1.0) == basis_module.RELATIVE_TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------
+# The pooled rule: only the kept eigenvectors on the CPU, the same basis as the dense `eigh`
+# --------------------------------------------------------------------------------------------
+
+
+def assert_equal_pooled(cov: Tensor, threshold: float, **kwargs: object) -> tuple[Tensor, int]:
+    basis, info = basis_module.pooled_basis(cov, threshold, **kwargs)  # type: ignore[arg-type]
+    reference, reference_info = basis_module._dense_pooled_basis(cov, threshold, **kwargs)  # type: ignore[arg-type]
+    assert info.rank == reference_info.rank == basis.shape[1] == reference.shape[1]
+    assert info.dim == reference_info.dim == cov.shape[0]
+    assert info.energy == pytest.approx(reference_info.energy, abs=1e-12)
+    assert basis.dtype == DTYPE
+    torch.testing.assert_close(projector(basis), projector(reference), atol=SAME, rtol=0)
+    torch.testing.assert_close(
+        basis.T @ basis, torch.eye(basis.shape[1], dtype=DTYPE), atol=1e-12, rtol=0
+    )
+    return basis, info.rank
+
+
+def dead_direction_covariance(dim: int, seed: int) -> Tensor:
+    # ReLU rows with dead channels (exact zero rows and columns) and a duplicated channel
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.relu(torch.randn(3 * dim, dim, generator=generator, dtype=DTYPE))
+    rows[:, ::3] = 0.0
+    rows[:, 1] = rows[:, 4]
+    return rows.T @ rows
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    calls: list[int] = []
+    original = getattr(owner, name)
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+@pytest.mark.parametrize("dim", [40, 150])
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.97, 0.999, 1.0])
+def test_pooled_basis_equals_the_dense_rule(monkeypatch, dim, threshold):
+    eigh = count_calls(monkeypatch, torch.linalg, "eigh")
+    cov = random_covariances(dim, classes=1, rows=2 * dim, seed=11)[0]
+    basis, rank = assert_equal_pooled(cov, threshold)
+    assert len(eigh) == 1  # the reference's only: the pooled rule took the partial path
+    assert 0 < rank <= dim
+    if threshold == 1.0:
+        assert rank == dim
+
+
+@pytest.mark.parametrize("threshold", [0.9, 1.0])
+def test_pooled_basis_of_a_low_rank_covariance_equals_the_dense_rule(threshold):
+    cov = random_covariances(90, classes=1, rows=17, seed=12)[0]  # rank 17, 73 zero eigenvalues
+    _, rank = assert_equal_pooled(cov, threshold)
+    assert rank == 17 if threshold == 1.0 else 0 < rank < 17
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.97, 1.0])
+def test_pooled_basis_with_dead_directions_equals_the_dense_rule(threshold):
+    cov = dead_direction_covariance(60, seed=13)
+    assert (cov[::3] == 0).all()  # exact zeros
+    basis, rank = assert_equal_pooled(cov, threshold)
+    assert basis[::3].abs().max() < 1e-12  # no dead channel in the kept directions
+    if threshold == 1.0:
+        assert rank == 60 - 20 - 1  # every live channel, the duplicate counted once
+
+
+def test_pooled_basis_of_tiny_and_degenerate_matrices():
+    assert_equal_pooled(torch.tensor([[4.0]], dtype=DTYPE), 0.97)
+    assert_equal_pooled(torch.zeros(1, 1, dtype=DTYPE), 1.0)
+    for dim in (2, 3, 5):
+        cov = random_covariances(dim, classes=1, rows=dim + 2, seed=14)[0]
+        for threshold in (0.5, 1.0):
+            assert_equal_pooled(cov, threshold)
+    basis, info = basis_module.pooled_basis(torch.zeros(48, 48, dtype=DTYPE), 0.97)
+    assert basis.shape == (48, 0) and info.rank == 0 and info.energy == 1.0
+    # float32 input, 3 x 3 (the smallest the partial path takes) and a scalar multiple of I
+    cov = random_covariances(64, classes=1, rows=80, seed=15)[0]
+    assert_equal_pooled(cov.float(), 0.97)
+    small = cov[:3, :3].contiguous()
+    found = basis_module._top_vectors(small, 1.0)
+    assert found is not None
+    vectors, values = found
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(small).flip(0), atol=1e-9, rtol=0)
+    torch.testing.assert_close(projector(vectors), torch.eye(3, dtype=DTYPE), atol=SAME, rtol=0)
+    _, rank = assert_equal_pooled(3 * torch.eye(40, dtype=DTYPE), 0.5)
+    assert rank == 20
+
+
+def test_pooled_basis_with_a_small_rank_bound_takes_the_small_eigenproblem(monkeypatch):
+    cov = random_covariances(120, classes=1, rows=6, seed=16)[0]
+    partial = count_calls(monkeypatch, basis_module, "_top_vectors")
+    _, rank = assert_equal_pooled(cov, 0.99, rank_bound=6)  # 3 * (6 + 8) < 120
+    assert not partial and 0 < rank <= 6
+    assert_equal_pooled(cov, 0.99, rank_bound=500)  # loose: the partial path
+    assert len(partial) == 1
+
+
+def test_pooled_basis_computes_no_dense_eigh_on_the_cpu(monkeypatch):
+    cov = random_covariances(64, classes=1, rows=80, seed=17)[0]
+    expected = {t: basis_module._dense_pooled_basis(cov, t) for t in (0.97, 1.0)}
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dense eigh was computed")
+
+    monkeypatch.setattr(torch.linalg, "eigh", forbidden)
+    monkeypatch.setattr(torch.linalg, "svd", forbidden)
+    for threshold, (reference, reference_info) in expected.items():
+        basis, info = basis_module.pooled_basis(cov, threshold)
+        assert info.rank == reference_info.rank
+        torch.testing.assert_close(projector(basis), projector(reference), atol=SAME, rtol=0)
+
+
+@pytest.mark.parametrize("routine", ["dsterf", "dstemr", "dstevd"])
+def test_a_lapack_failure_in_pooled_basis_falls_back_to_the_dense_rule(monkeypatch, routine):
+    from scipy.linalg import lapack
+
+    cov = random_covariances(48, classes=1, rows=60, seed=18)[0]
+    threshold = 1.0 if routine == "dstevd" else 0.9  # dstevd: most of the vectors kept
+    expected, expected_info = basis_module._dense_pooled_basis(cov, threshold)
+    original = getattr(lapack, routine)
+    failures: list[int] = []
+
+    def failing(*args: object, **kwargs: object) -> tuple[object, ...]:
+        failures.append(1)
+        return (*original(*args, **kwargs)[:-1], 1)  # LAPACK's "did not converge"
+
+    monkeypatch.setattr(lapack, routine, failing)
+    eigh = count_calls(monkeypatch, torch.linalg, "eigh")
+    basis, info = basis_module.pooled_basis(cov, threshold)
+    assert failures and eigh  # the partial path was tried, then the dense one
+    assert info == expected_info
+    assert torch.equal(basis, expected)
+
+
+@pytest.mark.parametrize("threshold", [0.9, 1.0])
+def test_pooled_basis_chooses_the_tridiagonal_solver_by_the_kept_fraction(monkeypatch, threshold):
+    # few kept vectors: MRRR (dstemr) for those only; most of them: divide and conquer
+    # (dstevd) for all, then only the kept ones transformed back. Both equal the dense rule.
+    from scipy.linalg import lapack
+
+    mrrr = count_calls(monkeypatch, lapack, "dstemr")
+    divide = count_calls(monkeypatch, lapack, "dstevd")
+    cov = random_covariances(100, classes=1, rows=150, seed=19)[0]
+    _, rank = assert_equal_pooled(cov, threshold)
+    many = rank > basis_module._ALL_VECTORS_ABOVE * 100
+    assert many == (threshold == 1.0)
+    assert (len(divide), len(mrrr)) == ((1, 0) if many else (0, 1))
+    # the other solver on the same case gives the same basis
+    monkeypatch.setattr(basis_module, "_ALL_VECTORS_ABOVE", 0.0 if not many else 1.0)
+    assert_equal_pooled(cov, threshold)
+    assert (len(divide), len(mrrr)) == (1, 1)
+
+
+def test_the_per_class_rule_keeps_mrrr_for_every_rank(monkeypatch):
+    # the divide-and-conquer branch is the pooled rule's: per-class results are unchanged
+    from scipy.linalg import lapack
+
+    divide = count_calls(monkeypatch, lapack, "dstevd")
+    covariances = random_covariances(50, classes=3, rows=70, seed=20)
+    assert_equal_bases(covariances, 1.0)
+    assert not divide

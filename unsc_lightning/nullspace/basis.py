@@ -184,6 +184,9 @@ def pooled_basis(
 ) -> tuple[Tensor, BasisInfo]:
     """Top eigenvectors of one covariance reaching ``threshold`` of its energy.
 
+    On the CPU only the kept eigenvectors are computed (see :func:`_top_vectors`) unless
+    ``rank_bound`` allows the small eigenproblem of :func:`eigh_descending`.
+
     Args:
         cov: the covariance.
         threshold: energy fraction.
@@ -192,11 +195,32 @@ def pooled_basis(
     Returns:
         ``(U, info)`` with ``U`` float64 ``d x r`` orthonormal.
     """
-    values, vectors = eigh_descending(cov, rank_bound, tolerance=range_tolerance(threshold))
+    cov = _symmetric(cov)
+    found = None
+    if _partial_pays(cov, rank_bound):
+        found = _top_vectors(cov, threshold, all_vectors_above=_ALL_VECTORS_ABOVE)
+    if found is None:
+        return _dense_pooled_basis(cov, threshold, rank_bound)
+    vectors, values = found
+    return vectors, _pooled_info(cov.shape[0], values, vectors.shape[1])
+
+
+def _pooled_info(dim: int, values: Tensor, rank: int) -> BasisInfo:
+    # the kept fraction of the eigenvalues' sum (`values` may be fewer than `dim`: the others
+    # are zero)
     total = float(values.sum())
-    rank = energy_rank(values, threshold, total)
     energy = float(values[:rank].sum() / total) if total > 0 else 1.0
-    return vectors[:, :rank].contiguous(), BasisInfo(dim=cov.shape[0], rank=rank, energy=energy)
+    return BasisInfo(dim=dim, rank=rank, energy=energy)
+
+
+def _dense_pooled_basis(
+    cov: Tensor, threshold: float, rank_bound: int | None = None
+) -> tuple[Tensor, BasisInfo]:
+    # The former implementation (every eigenpair from `eigh_descending`): the fallback of
+    # :func:`pooled_basis` and the reference the tests and benchmarks compare it with.
+    values, vectors = eigh_descending(cov, rank_bound, tolerance=range_tolerance(threshold))
+    rank = energy_rank(values, threshold, float(values.sum()))
+    return vectors[:, :rank].contiguous(), _pooled_info(cov.shape[0], values, rank)
 
 
 def _orthonormal_extension(basis: Tensor, new: Tensor) -> Tensor:
@@ -212,6 +236,21 @@ def _orthonormal_extension(basis: Tensor, new: Tensor) -> Tensor:
 _PARTIAL_MIN_DIM = 32
 
 
+#: :func:`pooled_basis` computes every eigenvector of the tridiagonal matrix (divide and conquer)
+#: when it keeps more than this fraction of them: measured (``benchmarks/bench_resnet_bases.py``,
+#: d = 576 to 4608), ``dstevd`` for all is as fast as ``dstemr`` for a third of them, and up to
+#: twice as fast for all of them.
+_ALL_VECTORS_ABOVE = 0.3
+
+
+def _partial_pays(cov: Tensor, rank_bound: int | None) -> bool:
+    # the partial decomposition (:func:`_top_vectors`) runs on the CPU, above a small dimension,
+    # unless a rank bound well below ``d`` allows the small eigenproblem of `eigh_descending`
+    dim = cov.shape[0]
+    low_rank = rank_bound is not None and 3 * (rank_bound + 8) < dim
+    return cov.device.type == "cpu" and dim >= _PARTIAL_MIN_DIM and not low_rank
+
+
 def _complement_cheaper(dim: int, width: int) -> bool:
     # flop estimates: the d x d residual (4 d² r + 4 d r²) and its tridiagonal reduction, against
     # an orthonormal complement Q (QR of U, then Q = H [0; I]: 2 d r² + 4 d n r), Qᵀ C Q
@@ -224,45 +263,59 @@ def _complement_cheaper(dim: int, width: int) -> bool:
     return complement < residual
 
 
-def _top_residual_vectors(
+def _top_vectors(
     cov: Tensor,
-    basis: Tensor,
     threshold: float,
-    total: float,
-    captured: float,
+    total: float | None = None,
+    captured: float = 0.0,
+    basis: Tensor | None = None,
     product: Tensor | None = None,
-) -> Tensor | None:
-    """The leading residual eigenvectors the energy rule keeps, without a full ``eigh``.
+    all_vectors_above: float = 1.0,
+) -> tuple[Tensor, Tensor] | None:
+    """The leading eigenvectors the energy rule keeps, without a full ``eigh``.
 
-    The nonzero eigenpairs of the residual ``(I - UUᵀ) C (I - UUᵀ)`` are those of
-    ``Qᵀ C Q`` for an orthonormal complement ``Q`` (``d x (d - r)``) of ``U``, mapped by ``Q``:
-    once ``U`` holds a good part of the dimensions, the smaller matrix is decomposed instead.
-    Either matrix is reduced to tridiagonal form once (LAPACK ``dsytrd``, a fraction of a full
-    ``eigh``); its eigenvalues alone (``dsterf``, ``O(d²)``) decide the rank, and only that many
-    eigenvectors are computed (``dstemr``) and transformed back. The eigenvalues and the kept
-    subspace are those of :func:`eigh_descending` up to rounding. ``None`` (the caller decomposes
-    densely) when LAPACK reports a failure. CPU float64 only.
+    The matrix decomposed is ``cov`` (symmetric float64), or with an orthonormal ``basis`` ``U``
+    the residual ``(I - UUᵀ) C (I - UUᵀ)``. Its nonzero eigenpairs are those of ``Qᵀ C Q`` for an
+    orthonormal complement ``Q`` (``d x (d - r)``) of ``U``, mapped by ``Q``: once ``U`` holds a
+    good part of the dimensions, the smaller matrix is decomposed instead. Either matrix is
+    reduced to tridiagonal form once (LAPACK ``dsytrd``, a fraction of a full ``eigh``); its
+    eigenvalues alone (``dsterf``, ``O(d²)``) decide the rank (:func:`energy_rank` of
+    ``threshold`` with ``total`` and ``captured``; ``total=None`` is the sum of the eigenvalues),
+    and only that many eigenvectors are computed (``dstemr``) and transformed back. When the rank
+    exceeds ``all_vectors_above`` times the size, every eigenvector of the tridiagonal matrix is
+    computed by divide and conquer (``dstevd``, then cheaper than ``dstemr``) and only the kept
+    ones are transformed back. The eigenvalues and the kept subspace are those of
+    :func:`eigh_descending` up to rounding.
+
+    Returns:
+        ``(vectors, values)``: the kept ``d x rank`` eigenvectors and every eigenvalue of the
+        decomposed matrix (descending, clamped at 0); ``None`` (the caller decomposes densely)
+        when LAPACK reports a failure or the matrix is smaller than 3 x 3. CPU float64 only.
     """
     import numpy as np
     from scipy.linalg import lapack
 
-    dim, width = cov.shape[0], basis.shape[1]
+    dim = cov.shape[0]
+    width = 0 if basis is None else basis.shape[1]
     complement: Tensor | None = None
-    if width and _complement_cheaper(dim, width):
+    if basis is not None and width and _complement_cheaper(dim, width):
         reflectors, tau = torch.geqrf(basis)
         corner = torch.zeros(dim, dim - width, dtype=cov.dtype)
         corner[width:].fill_diagonal_(1.0)
         complement = torch.ormqr(reflectors, tau, corner)  # columns r.. of the full Q of U
         projected = complement.T @ (cov @ complement)
         matrix = (projected + projected.T) / 2
-    else:
+    elif basis is not None:
         matrix = _residual_symmetric(cov, basis, product)
+    else:
+        matrix = cov
     size = matrix.shape[0]
     if size < 3:
         return None
     largest = torch.maximum(torch.trace(matrix), matrix.abs().max())
     scale = float(largest.clamp_min(torch.finfo(torch.float64).tiny))
-    # C-contiguous and symmetric: its transpose is the same matrix in Fortran order (no copy)
+    # a new C-contiguous symmetric array: its transpose is the same matrix in Fortran order (no
+    # copy), and LAPACK may overwrite it
     normalised = (matrix / scale).numpy().T
     work, info = lapack.dsytrd_lwork(size, lower=1)
     if info:
@@ -276,19 +329,29 @@ def _top_residual_vectors(
     if info:
         return None
     values = torch.from_numpy(ascending[::-1].copy()).clamp_min(0) * scale
+    total = float(values.sum()) if total is None else total
     rank = min(energy_rank(values, threshold, total, captured), dim - width)
     if rank == 0:
-        return basis.new_zeros(dim, 0)
-    padded = np.concatenate([off, [0.0]])
-    found, _, vectors, info = lapack.dstemr(diagonal, padded, 2, 0.0, 0.0, size - rank + 1, size)
-    if info or found != rank:
-        return None
-    small = torch.from_numpy(vectors[:, :rank][:, ::-1].copy(order="C"))
+        return cov.new_zeros(dim, 0), values
+    if rank > all_vectors_above * size:
+        _, vectors, info = lapack.dstevd(diagonal, off)  # ascending: the kept ones are the last
+        if info:
+            return None
+        vectors = vectors[:, size - rank :]
+    else:
+        padded = np.concatenate([off, [0.0]])
+        found, _, vectors, info = lapack.dstemr(
+            diagonal, padded, 2, 0.0, 0.0, size - rank + 1, size
+        )
+        if info or found != rank:
+            return None
+        vectors = vectors[:, :rank]
+    small = torch.from_numpy(vectors[:, ::-1].copy(order="C"))
     # Q = diag(1, H_1 ... H_{n-1}): the reflectors below the subdiagonal, in QR (geqrf) layout
     below = torch.from_numpy(np.ascontiguousarray(packed[1:, :-1]))
     rotated = torch.ormqr(below, torch.from_numpy(tau_t.copy()), small[1:])
     directions = torch.cat([small[:1], rotated])
-    return directions if complement is None else complement @ directions
+    return (directions if complement is None else complement @ directions), values
 
 
 def _class_directions(
@@ -303,11 +366,10 @@ def _class_directions(
     # the residual eigenvectors that extend ``basis`` for one class (the energy rule's rank);
     # ``product`` is ``cov @ basis`` when the caller has it
     dim = cov.shape[0]
-    low_rank = bound is not None and 3 * (bound + 8) < dim
-    if cov.device.type == "cpu" and dim >= _PARTIAL_MIN_DIM and not low_rank:
-        found = _top_residual_vectors(cov, basis, threshold, total, captured, product)
+    if _partial_pays(cov, bound):
+        found = _top_vectors(cov, threshold, total, captured, basis, product)
         if found is not None:
-            return found
+            return found[0]
     values, vectors = eigh_descending(cov, bound, basis, range_tolerance(threshold))
     rank = energy_rank(values, threshold, total, captured)
     return vectors[:, : min(rank, dim - basis.shape[1])]
@@ -358,7 +420,7 @@ def per_class_basis(
     ``threshold(k)`` (a float applies to every class; the authors use ``0.97 + 0.003 k``).
 
     A class whose energy ``U`` already captures needs no eigendecomposition; on the CPU only the
-    kept eigenvectors of the residual are computed (see :func:`_top_residual_vectors`).
+    kept eigenvectors of the residual are computed (see :func:`_top_vectors`).
 
     Args:
         class_covariances: ``class id -> d x d`` covariance of the class's rows.
