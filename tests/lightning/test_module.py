@@ -22,7 +22,8 @@ from helpers.problems import (
     quiet_trainer,
     tensor_datamodule,
 )
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import ClassifierModule, NullSpaceCalibration, UnlearningModule
 from unsc_lightning.data import MNIST1DDataModule
@@ -648,3 +649,27 @@ def test_classifier_module_still_validates_everything_every_epoch():
 def test_full_val_every_n_epochs_must_be_a_positive_integer():
     with pytest.raises(ValueError, match=r"`full_val_every_n_epochs` to be an integer >= 1"):
         UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], full_val_every_n_epochs=0)
+
+
+def test_relative_steps_do_not_amplify_projection_rounding():
+    # forget inputs lie almost wholly in the remaining inputs' span (r = 16 of d = 64, so the
+    # projection is G - (G U) Uᵀ): the projected gradient is tiny, and one float32 projection
+    # leaves cancellation error along the span that a step of 1 % of the weight's norm amplifies
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(16, 64, generator=generator)
+    retain_x = torch.randn(256, 16, generator=generator) @ mixing
+    forget_x = torch.randn(64, 16, generator=generator) @ mixing
+    forget_x += 1e-6 * torch.randn(64, 64, generator=generator)
+    retain = DataLoader(
+        TensorDataset(retain_x, torch.randint(0, 4, (256,), generator=generator)), batch_size=64
+    )
+    forget = DataLoader(TensorDataset(forget_x, torch.zeros(64, dtype=torch.long)), batch_size=32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4))
+    before = model(retain_x).detach()
+    module = UnlearningModule(model, 4, [0], stop_at_target=False)
+    callback = NullSpaceCalibration(threshold=1.0, rule="pooled", retain_dataloader=retain)
+    quiet_trainer(5, callbacks=[callback]).fit(module, train_dataloaders=forget)
+    after = model(retain_x).detach()
+    assert callback.engine is not None and callback.engine.bases["model.0"].shape[1] == 16
+    assert float((after - before).norm() / before.norm()) < 1e-4
