@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as L
 import torch
 
 
@@ -108,3 +109,49 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+class PhaseTimer(L.Callback):
+    """Timestamps of a fit's phases (placed after `NullSpaceCalibration` in the callback list:
+    ``fit_start - setup`` is then the basis build), the epochs run, the seconds spent in
+    validation and the ``val/`` metric keys each validation logged."""
+
+    def __init__(self) -> None:
+        self.stamps: dict[str, float] = {}
+        self.validation_s = 0.0
+        self.epochs = 0
+        self.logged: list[list[str]] = []
+        self._val_start = 0.0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.stamps.setdefault("setup", time.perf_counter())
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stamps["fit_start"] = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stamps["train_start"] = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stamps["train_end"] = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs += 1
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validation_s += time.perf_counter() - self._val_start
+        if not trainer.sanity_checking:
+            self.logged.append(sorted(k for k in trainer.callback_metrics if k.startswith("val/")))
+
+
+@torch.no_grad()
+def plain_pass_seconds(model: torch.nn.Module, loader: Any) -> float:
+    """One plain no-grad forward pass over ``loader`` (data loading included): the cost floor."""
+    model.eval()
+    start = time.perf_counter()
+    for inputs, _ in loader:
+        model(inputs)
+    return time.perf_counter() - start

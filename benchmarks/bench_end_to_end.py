@@ -26,44 +26,12 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import lightning.pytorch as L
-import torch
-from _common import machine, parser, setup, table, write_json
+from _common import PhaseTimer, machine, parser, plain_pass_seconds, setup, table, write_json
 
 from unsc_lightning.data import ForgetSpec
 from unsc_lightning.lab.recipes import EMBEDDED
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
 from unsc_lightning.lab.scoring import evaluate
-
-
-class PhaseTimer(L.Callback):
-    """Timestamps of the fit phases (placed after `NullSpaceCalibration` in the callback list)."""
-
-    def __init__(self) -> None:
-        self.stamps: dict[str, float] = {}
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.stamps.setdefault("setup", time.perf_counter())
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stamps["fit_start"] = time.perf_counter()  # the calibration's bases are built
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stamps["train_start"] = time.perf_counter()
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stamps["train_end"] = time.perf_counter()
-        self.epochs = trainer.current_epoch
-
-
-@torch.no_grad()
-def plain_pass_seconds(model: torch.nn.Module, loader: Any) -> float:
-    """A plain no-grad forward pass over ``loader`` (data loading included): the cost floor."""
-    model.eval()
-    start = time.perf_counter()
-    for inputs, _ in loader:
-        model(inputs)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -147,41 +115,24 @@ def main() -> None:
     }
     # the rest: data module and Trainer construction, model copy, Lightning's fit set-up/teardown
     breakdown["trainer_setup_and_rest_s"] = unsc_wall - sum(breakdown.values())
+    train_epochs = EMBEDDED["mnist1d"]["train"].epochs
+    runs = [  # method, wall seconds, fit seconds, epochs
+        ("retrain", retrain_wall, retrain_fit_s, train_epochs),
+        ("unsc", unsc_wall, unsc_fit_s, timer.epochs),
+        ("unsc_stop_at_target", stop_wall, stop_fit_s, stop_timer.epochs),
+        ("original", float("nan"), original_fit_s, train_epochs),
+    ]
     rows = [
         {
-            "method": "retrain",
-            "wall_s": retrain_wall,
-            "fit_s": retrain_fit_s,
-            "epochs": EMBEDDED["mnist1d"]["train"].epochs,
-            "acc_r": scores["retrain"]["acc_r"],
-            "acc_f": scores["retrain"]["acc_f"],
-        },
-        {
-            "method": "unsc",
-            "wall_s": unsc_wall,
-            "fit_s": unsc_fit_s,
-            "epochs": timer.epochs,
-            "acc_r": scores["unsc"]["acc_r"],
-            "acc_f": scores["unsc"]["acc_f"],
-        },
-        {
-            "method": "unsc_stop_at_target",
-            "wall_s": stop_wall,
-            "fit_s": stop_fit_s,
-            "epochs": stop_timer.epochs,
-            "acc_r": scores["unsc_stop_at_target"]["acc_r"],
-            "acc_f": scores["unsc_stop_at_target"]["acc_f"],
-        },
-        {
-            "method": "original",
-            "wall_s": float("nan"),
-            "fit_s": original_fit_s,
-            "epochs": EMBEDDED["mnist1d"]["train"].epochs,
-            "acc_r": scores["original"]["acc_r"],
-            "acc_f": scores["original"]["acc_f"],
-        },
+            "method": method,
+            "wall_s": wall,
+            "fit_s": fit,
+            "epochs": epochs,
+            "acc_r": scores[method]["acc_r"],
+            "acc_f": scores[method]["acc_f"],
+        }
+        for method, wall, fit, epochs in runs
     ]
-    train_epochs = EMBEDDED["mnist1d"]["train"].epochs
     # sample-epochs UNSC trains on against those of the retrained model (per-sample costs equal)
     epoch_bound = timer.epochs * sizes["train_forget"] / (train_epochs * sizes["train_retain"])
     ratio = unsc_wall / retrain_wall

@@ -26,62 +26,23 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from typing import Any
 
-import lightning.pytorch as L
-import torch
-from _common import best, machine, parser, setup, table, write_json
+from _common import (
+    PhaseTimer,
+    best,
+    machine,
+    parser,
+    plain_pass_seconds,
+    setup,
+    table,
+    write_json,
+)
 
 from unsc_lightning.data import ForgetSpec
 from unsc_lightning.lab.recipes import EMBEDDED, unlearn_recipe
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
 from unsc_lightning.lab.scoring import evaluate
-
-
-class PhaseTimer(L.Callback):
-    """Timestamps of a fit's phases (placed after `NullSpaceCalibration` in the callback list);
-    also the seconds spent in validation and the metric keys each validation logged."""
-
-    def __init__(self) -> None:
-        self.stamps: dict[str, float] = {}
-        self.validation_s = 0.0
-        self.epochs = 0
-        self.logged: list[list[str]] = []
-        self._val_start = 0.0
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.stamps.setdefault("setup", time.perf_counter())
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stamps["fit_start"] = time.perf_counter()  # the calibration's bases are built
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stamps["train_start"] = time.perf_counter()
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stamps["train_end"] = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.epochs += 1
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._val_start = time.perf_counter()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.validation_s += time.perf_counter() - self._val_start
-        if not trainer.sanity_checking:
-            self.logged.append(sorted(k for k in trainer.callback_metrics if k.startswith("val/")))
-
-
-@torch.no_grad()
-def plain_pass_seconds(model: torch.nn.Module, loader: Any) -> float:
-    """One plain no-grad forward pass over ``loader`` (data loading included)."""
-    model.eval()
-    start = time.perf_counter()
-    for inputs, _ in loader:
-        model(inputs)
-    return time.perf_counter() - start
 
 
 def main() -> None:
