@@ -433,6 +433,38 @@ def per_class_basis(
     Returns:
         ``(U, info)`` where ``info.energy`` is the captured fraction of the given classes' energy.
     """
+    return _class_by_class(class_covariances, threshold, basis, rank_bounds, _extend)
+
+
+def _dense_per_class_basis(
+    class_covariances: Mapping[int, Tensor],
+    threshold: Threshold,
+    basis: Tensor | None = None,
+    rank_bounds: Mapping[int, int] | None = None,
+) -> tuple[Tensor, BasisInfo]:
+    # The former rule (a full ``eigh`` of every class's d x d residual): the reference the tests
+    # and benchmarks compare :func:`per_class_basis` with.
+    return _class_by_class(class_covariances, threshold, basis, rank_bounds, _dense_extend)
+
+
+def _dense_extend(basis: Tensor, cov: Tensor, threshold: float, rank_bound: int | None) -> Tensor:
+    # one class of the former rule, on a symmetric float64 ``cov``
+    total = float(torch.trace(cov))
+    captured = float(torch.trace(basis.T @ cov @ basis)) if basis.shape[1] else 0.0
+    values, vectors = eigh_descending(cov, rank_bound, basis)
+    rank = energy_rank(values, min(threshold, 1.0), total, captured)
+    rank = min(rank, cov.shape[0] - basis.shape[1])
+    return _orthonormal_extension(basis, vectors[:, :rank]) if rank else basis
+
+
+def _class_by_class(
+    class_covariances: Mapping[int, Tensor],
+    threshold: Threshold,
+    basis: Tensor | None,
+    rank_bounds: Mapping[int, int] | None,
+    extend: Callable[[Tensor, Tensor, float, int | None], Tensor],
+) -> tuple[Tensor, BasisInfo]:
+    # Algorithm 1's loop: ``extend`` grows the basis for one class, in ascending class id
     classes = sorted(class_covariances)
     if not classes:
         raise ValueError(
@@ -449,47 +481,10 @@ def per_class_basis(
         summed = cov if summed is None else summed + cov
         eps = threshold(k) if callable(threshold) else threshold
         bound = None if rank_bounds is None else rank_bounds.get(k)
-        basis = _extend(basis, cov, eps, bound)
+        basis = extend(basis, cov, eps, bound)
     assert summed is not None
     total_energy = float(torch.trace(summed))
     kept = float(((summed @ basis) * basis).sum()) if basis.shape[1] else 0.0
-    energy = kept / total_energy if total_energy > 0 else 1.0
-    return basis, BasisInfo(dim=dim, rank=basis.shape[1], energy=energy)
-
-
-def _dense_per_class_basis(
-    class_covariances: Mapping[int, Tensor],
-    threshold: Threshold,
-    basis: Tensor | None = None,
-    rank_bounds: Mapping[int, int] | None = None,
-) -> tuple[Tensor, BasisInfo]:
-    # The former implementation (a full ``eigh`` of every class's d x d residual): the reference
-    # the tests and benchmarks compare :func:`per_class_basis` with.
-    classes = sorted(class_covariances)
-    if not classes:
-        raise ValueError(
-            "`class_covariances` is empty: there is no remaining class to build a basis from."
-        )
-    dim = class_covariances[classes[0]].shape[0]
-    device = class_covariances[classes[0]].device
-    if basis is None:
-        basis = torch.zeros(dim, 0, dtype=torch.float64, device=device)
-    basis = basis.to(device=device, dtype=torch.float64)
-    for k in classes:
-        cov = _symmetric(class_covariances[k].to(basis.device))
-        total = float(torch.trace(cov))
-        captured = float(torch.trace(basis.T @ cov @ basis)) if basis.shape[1] else 0.0
-        eps = threshold(k) if callable(threshold) else threshold
-        bound = None if rank_bounds is None else rank_bounds.get(k)
-        values, vectors = eigh_descending(cov, bound, basis)
-        rank = energy_rank(values, min(eps, 1.0), total, captured)
-        rank = min(rank, dim - basis.shape[1])
-        if rank:
-            basis = _orthonormal_extension(basis, vectors[:, :rank])
-    summed = sum(_symmetric(class_covariances[k]).to(basis.device) for k in classes)
-    assert isinstance(summed, Tensor)
-    total_energy = float(torch.trace(summed))
-    kept = float(torch.trace(basis.T @ summed @ basis)) if basis.shape[1] else 0.0
     energy = kept / total_energy if total_energy > 0 else 1.0
     return basis, BasisInfo(dim=dim, rank=basis.shape[1], energy=energy)
 
