@@ -419,14 +419,6 @@ class NullSpaceEngine:
                 _project_matrix_(constraint.spec, grad, projector)
 
     @torch.no_grad()
-    def project_update_(self, parameter_id: int, before: Tensor) -> None:
-        """Replace a parameter's change since ``before`` by its projection (update mode)."""
-        for key, constraint in self._by_parameter.get(parameter_id, []):
-            delta = constraint.parameter.detach() - before
-            _project_matrix_(constraint.spec, delta, self._projectors[key])
-            torch.add(before, delta, out=constraint.parameter.detach())
-
-    @torch.no_grad()
     def project_weights_(self, pending_only: bool = False) -> None:
         """Replace each constrained weight ``W`` by ``W₀ + (W - W₀)(I - U Uᵀ)``, ``W₀`` the weight
         at :meth:`attach`, and project the attached optimizers' SGD momentum (when asked).
