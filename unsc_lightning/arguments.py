@@ -47,6 +47,13 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
+def flag(name: str, value: Any) -> bool:
+    """``True`` or ``False`` (not 0/1, not a string)."""
+    with config_errors():
+        check_bool(name, value)
+    return bool(value)
+
+
 def integer(name: str, value: Any, minimum: int) -> int:
     """An ``int`` (not a bool, not a string) >= ``minimum``."""
     if not is_int(value) or value < minimum:

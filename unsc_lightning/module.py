@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from unsc_lightning.arguments import class_list, classifier_arguments, integer, number
+from unsc_lightning.arguments import class_list, classifier_arguments, flag, integer, number
 from unsc_lightning.checkpoint import load_model_state
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.evaluation import EvaluationMixin
@@ -149,10 +149,7 @@ class UnlearningModule(_EvaluationMixin):
         number("relative_step", relative_step, 0.0, 1.0)
         number("target_forget_acc", target_forget_acc, 0.0, 1.0, low_open=False, optional=True)
         integer("seed", seed, 0)
-        if not isinstance(stop_at_target, bool):
-            raise UnlearningConfigError(
-                f"Expected `stop_at_target` to be True or False, got {stop_at_target!r}."
-            )
+        flag("stop_at_target", stop_at_target)
         if original_checkpoint is not None and not isinstance(original_checkpoint, (str, Path)):
             raise UnlearningConfigError(
                 "Expected `original_checkpoint` to be a file path or None, got "

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from unsc_lightning.arguments import classifier_arguments, integer, number
+from unsc_lightning.arguments import classifier_arguments, flag, integer, number
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.evaluation import EvaluationMixin
 from unsc_lightning.nullspace import NORM_LAYERS
@@ -64,10 +64,7 @@ class BaselineModule(EvaluationMixin):
         if retain_batch_size is not None:
             integer("retain_batch_size", retain_batch_size, 1)
         integer("seed", seed, 0)
-        if not isinstance(norm_eval, bool):
-            raise UnlearningConfigError(
-                f"Expected `norm_eval` to be True or False, got {norm_eval!r}."
-            )
+        flag("norm_eval", norm_eval)
         self.save_hyperparameters(ignore=["model", "retain_dataloader"])
         self.model = model
         self.num_classes = num_classes

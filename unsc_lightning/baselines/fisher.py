@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from unsc_lightning.arguments import integer, number
+from unsc_lightning.arguments import flag, integer, number
 from unsc_lightning.baselines.base import BaselineModule
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.metrics import find_feature_layer
@@ -135,10 +135,7 @@ class FisherForgetting(BaselineModule):
         if max_samples is not None:
             integer("max_samples", max_samples, 1)
         integer("chunk_size", chunk_size, 1)
-        if not isinstance(reset_forget_head, bool):
-            raise UnlearningConfigError(
-                f"Expected `reset_forget_head` to be True or False, got {reset_forget_head!r}."
-            )
+        flag("reset_forget_head", reset_forget_head)
         if head_layer is not None and not isinstance(head_layer, str):
             raise UnlearningConfigError(
                 f"Expected `head_layer` to be a module name or None, got {head_layer!r}."
