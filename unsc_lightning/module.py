@@ -181,6 +181,8 @@ class UnlearningModule(_EvaluationMixin):
         self.feature_layer = feature_layer
         self.feature_reference: FeatureReference | None = None
         self._feature_capture = InputCapture()
+        #: the Trainer's calibration engines (found once per fit, in ``on_fit_start``)
+        self._engines: list[Any] = []
         self._collecting_reference = False
         self._last_features: Tensor | None = None
 
@@ -224,8 +226,11 @@ class UnlearningModule(_EvaluationMixin):
 
     def teardown(self, stage: str) -> None:
         self._stop_feature_capture()
+        self._engines = []
 
     def on_fit_start(self) -> None:
+        # after the callbacks' `on_fit_start`: a calibration has built its engine and mode
+        self._engines = _calibration_engines(self._trainer)
         if not bool(self.original_captured):
             # θ_o: a copy of the weights before the first update (kept in checkpoints so a
             # resumed fit labels with the same original model).
@@ -419,7 +424,7 @@ class UnlearningModule(_EvaluationMixin):
             # cancellation error along that subspace, and the rescaling would blow it up to a
             # step of `relative_step` of the weight (torchvision ResNet-18 at threshold 1.0: 13 %
             # logit drift); projecting again removes it.
-            for engine in _calibration_engines(self._trainer):
+            for engine in self._engines:
                 engine.project_gradients_()
             scale_to_weight_norms_(self.model.parameters())
 
