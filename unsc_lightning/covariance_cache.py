@@ -264,6 +264,7 @@ def _accumulate(
                 recorder.batch_size = int(labels.numel())
                 call_model(pl_module, inputs)
                 accumulator.check_finite()
+        accumulator.flush_()
         seen = set(recorder.seen)
     world = trainer.world_size
     if world > 1:

@@ -20,6 +20,7 @@ from unsc_lightning.nullspace.batches import default_batch_adapter
 from unsc_lightning.nullspace.covariance import FLOAT32_GRAM_MAX_THRESHOLD, GramOptions
 from unsc_lightning.nullspace.representation import (
     channels_last_gram_to_weight_order,
+    channels_last_weight_index,
     conv_representation,
     conv_rows,
     conv_rows_channels_last,
@@ -40,7 +41,7 @@ def _class_sums(
     slots = _Slots(1000, fixed=None)
     batches = _batches(x, y, batch_size)
     with torch.no_grad():
-        accumulator = basis_pass._pass(batches, slots, pooled_labels=False)
+        accumulator = basis_pass._pass(batches, slots, pooled_labels=False).weight_order_()
     return {
         key: {label: sums[i] for i, label in enumerate(slots.classes)}
         for key, sums in accumulator.sums.items()
@@ -204,6 +205,10 @@ def test_channels_last_rows_give_the_gram_of_the_patch_rows(conv, shape):
     assert torch.allclose(gram, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
     # the same rows up to a column permutation: every row's sorted entries agree
     assert torch.equal(fast.sort(dim=1).values, rows.sort(dim=1).values)
+    # the row index the basis pass permutes its bases with is that same permutation
+    index = channels_last_weight_index(tuple(conv.kernel_size), conv.in_channels // conv.groups)
+    assert torch.equal(fast[:, index], rows)
+    assert torch.equal(gram, (fast.T @ fast)[index][:, index])
 
 
 def _reference_slots(

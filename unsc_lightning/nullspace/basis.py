@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from unsc_lightning.nullspace.blas import torch_threads
 from unsc_lightning.nullspace.covariance import FLOAT32_GRAM_MAX_THRESHOLD
 
 #: Eigenvalues below ``RELATIVE_TOLERANCE * trace`` are numerically zero: ``threshold=1.0`` keeps
@@ -292,6 +293,21 @@ def _top_vectors(
         decomposed matrix (descending, clamped at 0); ``None`` (the caller decomposes densely)
         when LAPACK reports a failure or the matrix is smaller than 3 x 3. CPU float64 only.
     """
+    with torch_threads():  # SciPy's LAPACK on torch's thread count
+        return _lapack_top_vectors(
+            cov, threshold, total, captured, basis, product, all_vectors_above
+        )
+
+
+def _lapack_top_vectors(
+    cov: Tensor,
+    threshold: float,
+    total: float | None,
+    captured: float,
+    basis: Tensor | None,
+    product: Tensor | None,
+    all_vectors_above: float,
+) -> tuple[Tensor, Tensor] | None:
     import numpy as np
     from scipy.linalg import lapack
 

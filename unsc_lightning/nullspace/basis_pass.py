@@ -25,7 +25,8 @@ from unsc_lightning.nullspace.batches import (
     call_model,
     map_tensors,
 )
-from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
+from unsc_lightning.nullspace.covariance import ColumnOrder, CovarianceAccumulator, SiteRecorder
+from unsc_lightning.nullspace.representation import channels_last_weight_index
 from unsc_lightning.nullspace.settings import NullSpaceEngineError
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class BasisPass:
         self.bases: dict[str, Tensor] = {}
         self.saturated: set[str] = set()
         self.peak = 0
+        #: ``key -> (kernel_size, channels per group)`` of the sums kept channels-last
+        self.column_orders: dict[str, ColumnOrder] = {}
 
     def _pass(
         self, batches: Iterable[Any], slots: _Slots, pooled_labels: bool
@@ -110,6 +113,8 @@ class BasisPass:
         )
         accumulator.column_orders = dict(recorder.column_orders)
         accumulator.presampled = set(recorder.column_orders)
+        # the sums stay channels-last; the bases are permuted to weight order at the end of run
+        self.column_orders = dict(recorder.column_orders)
         with recorder:
             for batch in batches:
                 inputs, labels = self.adapter(batch)
@@ -151,7 +156,7 @@ class BasisPass:
                 accumulator.check_finite()
                 self._peak(accumulator)
             self.seen_keys |= recorder.seen
-        return accumulator.weight_order_()
+        return accumulator
 
     def _slots(self, labels: Tensor, slots: _Slots) -> Tensor:
         """Each sample's slot, ``-1`` for a sample not taken (class not held, or at its cap).
@@ -247,6 +252,9 @@ class BasisPass:
                 f"Layers {unseen} received no input while running the remaining data through "
                 "the model; exclude them (`exclude_layers=`) or make `forward` use them."
             )
+        for key, order in self.column_orders.items():  # channels-last rows to weight order
+            to_weight = channels_last_weight_index(*order).to(bases[key].device)
+            bases[key] = bases[key].index_select(0, to_weight)
         # one group: the energy the final basis captures; several: each group's energy as
         # captured right after it (a lower bound: later directions only add)
         result = {
@@ -336,9 +344,9 @@ class BasisPass:
     def _peak(
         self, accumulator: CovarianceAccumulator, bases: Mapping[str, Tensor] | None = None
     ) -> None:
-        held = sum(t.numel() for t in accumulator.sums.values())
-        held += sum(t.numel() for t in (bases if bases is not None else self.bases).values())
-        self.peak = max(self.peak, held * 8)
+        held = accumulator.held_bytes()  # without adding the buffered rows (no flush)
+        held += 8 * sum(t.numel() for t in (bases if bases is not None else self.bases).values())
+        self.peak = max(self.peak, held)
 
 
 class _Slots:

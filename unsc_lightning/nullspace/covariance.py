@@ -126,6 +126,32 @@ def _add_shifted_gram(
     target += gram
 
 
+def buffer_rows(dim: int) -> int:
+    """Rows of width ``dim`` that a class's small blocks are gathered into before their Gram
+    product: ``dim // 8`` for layers at least 512 wide, 0 (no buffer) below.
+
+    Adding a product into the ``d x d`` float64 sums is a pass over ``8 d²`` bytes of memory, as
+    slow as the product of a few dozen rows (measured on CPU: 7 ms for d = 1728). A wide layer
+    that receives a few rows per class and batch (a Linear head, a late convolution on 1x1
+    maps: ResNet-18's d = 4608 at 32x32 inputs gets about 6 rows per class from a batch of 64)
+    would spend its pass adding. A buffer of ``dim // 8`` rows holds an eighth of the class's
+    sums in float64, and every product is that of one batch of at most that many rows.
+    """
+    return dim // 8 if dim >= 512 else 0
+
+
+def _add_gram(target: Tensor, rows: Tensor) -> None:
+    """``target += rowsᵀ rows``, the product in the rows' dtype (IEEE float32 on CUDA)."""
+    if target.dtype == rows.dtype and _parts(rows) == 1:
+        target.addmm_(rows.T, rows)
+        return
+    with _ieee_float32(target.device):
+        if _parts(rows) == 1:
+            target.add_(torch.mm(rows.T, rows))
+        else:
+            _add_symmetric_gram(target, rows)
+
+
 def _parts(rows: Tensor) -> int:
     # column blocks of a symmetric Gram: only the blocks on and above the diagonal are
     # multiplied (``p (p + 1) / 2`` of ``p²``); worth it for wide layers and many rows
@@ -272,10 +298,15 @@ class CovarianceAccumulator:
         self.num_classes = num_classes
         self.dtype = dtype
         shape = (num_classes,) if num_classes is not None else ()
-        self.sums: dict[str, Tensor] = {
+        self._sums: dict[str, Tensor] = {
             name: torch.zeros(*shape, d, d, dtype=dtype, device=device)
             for name, d in self.dims.items()
         }
+        #: ``(layer, class slot or None) -> (rows buffer, rows filled)``: small class blocks wait
+        #: here until :func:`buffer_rows` of them make one product (see :meth:`add`)
+        self._pending: dict[tuple[str, int | None], tuple[Tensor, int]] = {}
+        #: ``layer -> whether every row that went into its buffers was finite`` (a 0-d tensor)
+        self._buffered_finite: dict[str, Tensor] = {}
         self.rows_seen: dict[str, int] = dict.fromkeys(self.dims, 0)
         #: the most rows one sample contributed per layer: ``samples x this`` bounds a rank
         self.rows_per_sample: dict[str, int] = dict.fromkeys(self.dims, 0)
@@ -319,6 +350,45 @@ class CovarianceAccumulator:
         accumulator.rows_seen = {name: int((rows_seen or {}).get(name, 0)) for name in sums}
         accumulator.samples_per_class = samples_per_class.detach().to("cpu", torch.long).clone()
         return accumulator
+
+    @property
+    def sums(self) -> dict[str, Tensor]:
+        """``layer -> Σ x xᵀ`` (``(num_classes, d, d)`` per class, ``(d, d)`` pooled), complete:
+        rows still waiting in a buffer are multiplied and added first."""
+        self.flush_()
+        return self._sums
+
+    @sums.setter
+    def sums(self, value: dict[str, Tensor]) -> None:
+        self.flush_()
+        self._sums = value
+
+    def held_bytes(self) -> int:
+        """Bytes of the sums and of the row buffers (without adding the buffered rows)."""
+        held = sum(t.numel() * t.element_size() for t in self._sums.values())
+        return held + sum(b.numel() * b.element_size() for b, _ in self._pending.values())
+
+    def flush_(self) -> None:
+        """Multiply and add every buffered block of rows (:meth:`add`) into the sums.
+
+        Raises:
+            RuntimeError: when a buffered row held NaN or inf (the check :meth:`check_finite`
+                makes for the sums, made here for the rows it had not seen yet).
+        """
+        if not self._pending:
+            return
+        for key in list(self._pending):
+            self._flush_one(key)
+
+    def _flush_one(self, key: tuple[str, int | None]) -> None:
+        buffer, filled = self._pending.pop(key)
+        if not filled:
+            return
+        name, slot = key
+        target = self._sums[name] if slot is None else self._sums[name][slot]
+        _add_gram(target, buffer[:filled])
+        if not bool(torch.isfinite(target.diagonal()).all()):
+            raise self._non_finite(name)
 
     @property
     def per_class(self) -> bool:
@@ -370,9 +440,9 @@ class CovarianceAccumulator:
         kernel size and stride; the Gram blocks of the taps ``>= stride`` then follow from the
         others (:func:`conv_shift_borders`), so only ``stride / kernel`` of the products run.
         """
-        target = self.sums[name]
+        target = self._sums[name]
         if not self.per_class:
-            self._accumulate(name, target, self._rows(name, rows), self._product(name, 0))
+            self._accumulate(name, None, self._rows(name, rows), self._product(name, 0))
             return
         samples = sum(self._class_counts) + self._skipped
         if samples == 0 or rows.shape[0] % samples:
@@ -398,7 +468,7 @@ class CovarianceAccumulator:
                 block = rows[start : start + count * rows_per_sample]
                 product = self._product(name, cls)
                 if borders is None or block.shape[0] < _SHIFTED_ROWS:
-                    self._accumulate(name, target[cls], self._rows(name, block), product)
+                    self._accumulate(name, cls, self._rows(name, block), product)
                 else:
                     first, last, kernel, stride = borders
                     per = first.shape[0] // samples
@@ -425,35 +495,50 @@ class CovarianceAccumulator:
         index = torch.randperm(count, generator=self._generator)[:keep].sort().values
         return rows.index_select(0, index.to(rows.device))
 
-    def _accumulate(self, name: str, target: Tensor, rows: Tensor, product: torch.dtype) -> None:
+    def _accumulate(self, name: str, slot: int | None, rows: Tensor, product: torch.dtype) -> None:
+        # Rows in the product dtype (a float32 Gram from half-precision rows widened exactly
+        # first, or the sums' dtype). A block of a wide layer smaller than ``buffer_rows`` waits
+        # in a buffer with the next blocks of its class (and layer), so that one product and one
+        # addition into the ``d x d`` sums serve many batches; every product is then one of at
+        # most ``buffer_rows`` rows, the precision of a batch of that size.
         self.rows_seen[name] += rows.shape[0]
-        if product == target.dtype or rows.dtype == torch.float64:
-            rows = rows.to(device=target.device, dtype=target.dtype)
-            if _parts(rows) == 1:
-                target.addmm_(rows.T, rows)
-            else:
-                _add_symmetric_gram(target, rows)
+        target = self._sums[name]
+        dtype = target.dtype if product == target.dtype or rows.dtype == torch.float64 else product
+        rows = rows.to(device=target.device, dtype=dtype)
+        if dtype != target.dtype:
+            self._float32_products = True
+        key = (name, slot)
+        count, dim = rows.shape
+        limit = buffer_rows(dim)
+        pending = self._pending.get(key)
+        if pending is not None and (pending[0].dtype != dtype or pending[1] + count > limit):
+            self._flush_one(key)
+            pending = None
+        if count >= limit:
+            _add_gram(target if slot is None else target[slot], rows)
             return
-        # a float32 Gram (half-precision rows widened exactly first), added into the float64 sums
-        rows = rows.to(device=target.device, dtype=product)
-        with _ieee_float32(target.device):
-            if _parts(rows) == 1:
-                target.add_(torch.mm(rows.T, rows))
-            else:
-                _add_symmetric_gram(target, rows)
-        self._float32_products = True
+        if pending is None:
+            pending = (torch.empty(limit, dim, dtype=dtype, device=target.device), 0)
+        buffer, filled = pending
+        buffer[filled : filled + count].copy_(rows)
+        self._pending[key] = (buffer, filled + count)
+        # :meth:`check_finite` sees these rows before they reach the sums (no sync here)
+        finite = torch.isfinite(rows).all()
+        previous = self._buffered_finite.get(name)
+        self._buffered_finite[name] = finite if previous is None else previous & finite
 
     def weight_order_(self) -> CovarianceAccumulator:
         """Permute the sums of channels-last layers (:attr:`column_orders`) to weight order."""
         for name, order in self.column_orders.items():
-            self.sums[name] = channels_last_gram_to_weight_order(self.sums[name], *order)
+            sums = self.sums
+            sums[name] = channels_last_gram_to_weight_order(sums[name], *order)
         self.column_orders = {}
         return self
 
     def add_shared(self, name: str, rows: Tensor) -> None:
         """Add rows that every sample of the batch shares (a layer fed an input without the
         batch dimension, e.g. ``position_embedding(arange(L))``): each sample contributes them."""
-        target = self.sums[name]
+        target = self._sums[name]  # independent of the buffered rows: no flush
         rows = rows.to(device=target.device, dtype=self.dtype)
         gram = rows.T @ rows
         self.rows_per_sample[name] = max(self.rows_per_sample[name], rows.shape[0])
@@ -476,23 +561,30 @@ class CovarianceAccumulator:
         Raises:
             RuntimeError: naming the first layer whose covariance is not finite.
         """
-        if not self.sums:
+        sums = self._sums  # without a flush: buffered rows carry their own flag
+        if not sums:
             return
-        finite = torch.stack(
-            [torch.isfinite(total.diagonal(dim1=-2, dim2=-1)).all() for total in self.sums.values()]
-        ).tolist()
-        for name, ok in zip(self.sums, finite):
+        flags = []
+        for name, total in sums.items():
+            flag = torch.isfinite(total.diagonal(dim1=-2, dim2=-1)).all()
+            buffered = self._buffered_finite.get(name)
+            flags.append(flag if buffered is None else flag & buffered.to(flag.device))
+        finite = torch.stack(flags).tolist()
+        for name, ok in zip(sums, finite):
             if not ok:
-                overflow = (
-                    " (or its float32 Gram products overflowed: build with `gram=torch.float64`)"
-                    if self._float32_products
-                    else ""
-                )
-                raise RuntimeError(
-                    f"Layer `{name}` received NaN or inf inputs{overflow} while building the "
-                    "remaining-data bases; check the retain data and the model (e.g. with "
-                    "`torch.autograd.set_detect_anomaly`)."
-                )
+                raise self._non_finite(name)
+
+    def _non_finite(self, name: str) -> RuntimeError:
+        overflow = (
+            " (or its float32 Gram products overflowed: build with `gram=torch.float64`)"
+            if self._float32_products
+            else ""
+        )
+        return RuntimeError(
+            f"Layer `{name}` received NaN or inf inputs{overflow} while building the "
+            "remaining-data bases; check the retain data and the model (e.g. with "
+            "`torch.autograd.set_detect_anomaly`)."
+        )
 
     def merge_(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Add another accumulator's sums into this one (same layers and layout)."""
@@ -564,6 +656,7 @@ def accumulate_covariances(
             accumulator.set_labels(labels)
             forward(inputs)
             accumulator.check_finite()
+    accumulator.flush_()
     return recorder.seen
 
 

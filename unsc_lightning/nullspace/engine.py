@@ -51,7 +51,7 @@ from unsc_lightning.nullspace.batches import (
     map_tensors,
     output_logits,
 )
-from unsc_lightning.nullspace.covariance import GramDtype, GramOptions
+from unsc_lightning.nullspace.covariance import GramDtype, GramOptions, buffer_rows
 from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.nullspace.projection import NullSpaceProjector
 from unsc_lightning.nullspace.settings import (
@@ -256,13 +256,15 @@ class NullSpaceEngine:
     def estimate_bytes(self, groups: int = 1) -> int:
         """Peak bytes of the covariance sums and bases with ``groups`` classes held at once.
 
-        Per basis: ``groups`` float64 ``d x d`` sums (one for the pooled rule) and the basis
-        itself (at most ``d x d``). The number of classes never enters: classes beyond
-        ``groups`` cost passes over the data, not memory.
+        Per basis: ``groups`` float64 ``d x d`` sums (one for the pooled rule), as many row
+        buffers (:func:`~unsc_lightning.nullspace.covariance.buffer_rows` rows, counted at
+        8 bytes) and the basis itself (at most ``d x d``). The number of classes never enters:
+        classes beyond ``groups`` cost passes over the data, not memory.
         """
         square = sum(d * d for d in self.dims.values()) * 8
+        buffers = sum(buffer_rows(d) * d for d in self.dims.values()) * 8
         held = groups if self.rule == "per_class" else 1
-        return square * (held + 1)
+        return square * (held + 1) + buffers * held
 
     def classes_per_pass(self, device: torch.device) -> int:
         """How many classes' sums fit ``memory_budget`` at once (the rest cost extra passes).

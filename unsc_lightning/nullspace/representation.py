@@ -403,6 +403,26 @@ def channels_last_gram_to_weight_order(
     return grid.reshape(gram.shape)
 
 
+def channels_last_weight_index(kernel_size: tuple[int, ...], per_group: int) -> Tensor:
+    """Row index that takes :func:`conv_rows_channels_last` coordinates to the weight's order.
+
+    ``index[c * K + a] = a * C + c`` (``K`` taps, ``C`` channels per group): a basis ``U`` of the
+    channels-last Gram is ``U[index]`` in weight order, and the Gram itself
+    ``gram[..., index][..., index, :]`` (:func:`channels_last_gram_to_weight_order`). The
+    eigenvectors of a permuted matrix are the permuted eigenvectors, so a basis can be built
+    from the channels-last sums and only its ``d x r`` rows permuted, instead of the
+    ``d x d`` sums of every class.
+
+    Example:
+        >>> channels_last_weight_index((3,), 2).tolist()
+        [0, 2, 4, 1, 3, 5]
+    """
+    taps = math.prod(kernel_size)
+    channel = torch.arange(per_group).repeat_interleave(taps)
+    tap = torch.arange(taps).repeat(per_group)
+    return tap * per_group + channel
+
+
 def conv1d_rows(layer: nn.Module, inputs: Tensor) -> Tensor:
     """Rows of a Conv1d layer, ``(B * L * groups, in_channels / groups * k)``."""
     return conv_rows(layer, inputs)
