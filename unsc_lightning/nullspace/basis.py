@@ -52,7 +52,7 @@ class BasisInfo:
 
 def _symmetric(cov: Tensor) -> Tensor:
     cov = cov.detach().to(dtype=torch.float64)
-    return (cov + cov.T) / 2
+    return torch.add(cov, cov.T).mul_(0.5)  # one d x d allocation
 
 
 def _residual(cov: Tensor, basis: Tensor | None) -> Tensor:
@@ -81,6 +81,8 @@ def eigh_descending(
     rank_bound: int | None = None,
     basis: Tensor | None = None,
     tolerance: float = RELATIVE_TOLERANCE,
+    symmetric: bool = False,
+    product: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix.
 
@@ -98,11 +100,14 @@ def eigh_descending(
         basis: orthonormal ``U``: decompose the residual ``(I - UUᵀ) cov (I - UUᵀ)`` instead.
         tolerance: energy fraction the low-rank range may miss before the dense decomposition
             runs instead (see :func:`range_tolerance`).
+        symmetric: ``cov`` is already an exactly symmetric float64 matrix (no copy is made).
+        product: ``cov @ basis``, when the caller has it.
     """
-    cov = _symmetric(cov)
+    if not symmetric:
+        cov = _symmetric(cov)
     dim = cov.shape[0]
     if rank_bound is not None and 3 * (rank_bound + 8) < dim:
-        found = _low_rank_eigh(cov, rank_bound + 8, basis, tolerance)
+        found = _low_rank_eigh(cov, rank_bound + 8, basis, tolerance, product)
         if found is not None:
             return found
     cov = _symmetric(_residual(cov, basis))
@@ -120,7 +125,11 @@ def eigh_descending(
 
 
 def _low_rank_eigh(
-    cov: Tensor, columns: int, basis: Tensor | None, tolerance: float = RELATIVE_TOLERANCE
+    cov: Tensor,
+    columns: int,
+    basis: Tensor | None,
+    tolerance: float = RELATIVE_TOLERANCE,
+    product: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     # rank(cov) < columns: range(cov Ω) = range(cov) for a Gaussian Ω (with probability one),
     # so the eigenpairs of the small matrix Qᵀ cov Q are those of cov. Directions whose
@@ -138,13 +147,23 @@ def _low_rank_eigh(
     # an orthonormal basis of the sample's range, re-projected (rounding in the factorisation
     # leaves a trace of the old basis) and cut at its numerical rank: with fewer free
     # dimensions than columns, the surplus columns are noise that must not be normalised up
-    for _ in range(2):
-        left, singular, _ = torch.linalg.svd(sample, full_matrices=False)
-        keep = singular > singular.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-12
-        sample = project_out(left[:, keep])
-    q = sample
+    q = _numerical_range(sample)
+    if basis is not None and basis.shape[1]:
+        # the columns lie outside span(U) up to rounding: a QR re-orthonormalises them after
+        # the projection (a second SVD only where a column lost much of its norm to it)
+        projected = project_out(q)
+        reduced, upper = torch.linalg.qr(projected)
+        if bool((upper.diagonal().abs() > 0.5).all()):
+            q = project_out(reduced)
+        else:
+            q = project_out(_numerical_range(projected))
     small = _symmetric(q.T @ cov @ q)
-    residual_trace = torch.trace(_residual(cov, basis))
+    # trace((I - UUᵀ) C (I - UUᵀ)) = trace(C) - trace(Uᵀ C U) for orthonormal U: O(d² r) at
+    # most (nothing when the caller has C U), no d x d residual
+    residual_trace = torch.trace(cov)
+    if basis is not None and basis.shape[1]:
+        product = cov @ basis if product is None else product
+        residual_trace = residual_trace - (product * basis).sum()
     missed = abs(float(residual_trace - torch.trace(small)))
     if missed > tolerance * float(torch.trace(cov)):
         return None
@@ -155,6 +174,13 @@ def _low_rank_eigh(
     except (torch.linalg.LinAlgError, RuntimeError):
         vectors, values, _ = torch.linalg.svd(small / scale)
     return values.clamp_min(0) * scale, q @ vectors
+
+
+def _numerical_range(sample: Tensor) -> Tensor:
+    # orthonormal columns spanning ``sample``'s range, cut at its numerical rank
+    left, singular, _ = torch.linalg.svd(sample, full_matrices=False)
+    keep = singular > singular.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-12
+    return left[:, keep]
 
 
 def energy_rank(values: Tensor, threshold: float, total: float, captured: float = 0.0) -> int:
@@ -386,7 +412,9 @@ def _class_directions(
         found = _top_vectors(cov, threshold, total, captured, basis, product)
         if found is not None:
             return found[0]
-    values, vectors = eigh_descending(cov, bound, basis, range_tolerance(threshold))
+    values, vectors = eigh_descending(
+        cov, bound, basis, range_tolerance(threshold), symmetric=True, product=product
+    )
     rank = energy_rank(values, threshold, total, captured)
     return vectors[:, : min(rank, dim - basis.shape[1])]
 
@@ -494,7 +522,7 @@ def _class_by_class(
     summed: Tensor | None = None
     for k in classes:
         cov = _symmetric(class_covariances[k].to(basis.device))
-        summed = cov if summed is None else summed + cov
+        summed = cov.clone() if summed is None else summed.add_(cov)
         eps = threshold(k) if callable(threshold) else threshold
         bound = None if rank_bounds is None else rank_bounds.get(k)
         basis = extend(basis, cov, eps, bound)
