@@ -415,3 +415,21 @@ def test_the_per_class_rule_keeps_mrrr_for_every_rank(monkeypatch):
     covariances = random_covariances(50, classes=3, rows=70, seed=20)
     assert_equal_bases(covariances, 1.0)
     assert not divide
+
+
+def test_columns_outside_a_basis_are_reorthonormalised_and_inside_ones_dropped():
+    generator = torch.Generator().manual_seed(0)
+    dim = 40
+    full, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    basis, outside = full[:, :10], full[:, 10:16]
+    noisy = outside + 1e-15 * torch.randn(dim, 6, generator=generator, dtype=torch.float64)
+    found = basis_module._outside(noisy, basis)
+    assert found.shape == (dim, 6)
+    assert torch.allclose(found.T @ found, torch.eye(6, dtype=torch.float64), atol=1e-12)
+    assert float((basis.T @ found).abs().max()) < 1e-12
+    assert torch.allclose(found @ found.T, outside @ outside.T, atol=1e-12)
+    # a column inside span(U) (up to rounding) is not normalised up into a direction
+    mixed = torch.cat([outside[:, :3], basis[:, :1] + 1e-14 * outside[:, 3:4]], dim=1)
+    kept = basis_module._outside(mixed, basis)
+    assert kept.shape[1] == 3
+    assert torch.allclose(kept @ kept.T, outside[:, :3] @ outside[:, :3].T, atol=1e-10)

@@ -149,14 +149,7 @@ def _low_rank_eigh(
     # dimensions than columns, the surplus columns are noise that must not be normalised up
     q = _numerical_range(sample)
     if basis is not None and basis.shape[1]:
-        # the columns lie outside span(U) up to rounding: a QR re-orthonormalises them after
-        # the projection (a second SVD only where a column lost much of its norm to it)
-        projected = project_out(q)
-        reduced, upper = torch.linalg.qr(projected)
-        if bool((upper.diagonal().abs() > 0.5).all()):
-            q = project_out(reduced)
-        else:
-            q = project_out(_numerical_range(projected))
+        q = _outside(q, basis)
     small = _symmetric(q.T @ cov @ q)
     # trace((I - UUᵀ) C (I - UUᵀ)) = trace(C) - trace(Uᵀ C U) for orthonormal U: O(d² r) at
     # most (nothing when the caller has C U), no d x d residual
@@ -181,6 +174,22 @@ def _numerical_range(sample: Tensor) -> Tensor:
     left, singular, _ = torch.linalg.svd(sample, full_matrices=False)
     keep = singular > singular.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-12
     return left[:, keep]
+
+
+def _outside(columns: Tensor, basis: Tensor) -> Tensor:
+    # Orthonormal columns spanning ``(I - UUᵀ) columns`` for orthonormal ``columns`` that lie
+    # outside span(U) up to rounding (which the projection removes): a QR re-orthonormalises
+    # them. A column that loses over half its norm to the projection was not outside span(U);
+    # an SVD then cuts the projected columns at their numerical rank instead, so that no
+    # rounding noise is normalised up into a direction.
+    def project_out(matrix: Tensor) -> Tensor:
+        return matrix - basis @ (basis.T @ matrix)
+
+    projected = project_out(columns)
+    reduced, upper = torch.linalg.qr(projected)
+    if bool((upper.diagonal().abs() > 0.5).all()):
+        return project_out(reduced)
+    return project_out(_numerical_range(projected))
 
 
 def energy_rank(values: Tensor, threshold: float, total: float, captured: float = 0.0) -> int:
