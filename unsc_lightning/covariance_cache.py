@@ -245,9 +245,15 @@ def _accumulate(
         eval_mode(pl_module),
         trainer.precision_plugin.forward_context(),
         SiteRecorder(
-            engine.accounting.sites(), accumulator.add, accumulator.add_shared
+            engine.accounting.sites(),
+            accumulator.add,
+            accumulator.add_shared,
+            channels_last=True,  # the engine's fast rows; products stay float64 (any threshold)
+            shift_gram=True,
         ) as recorder,
     ):
+        accumulator.column_orders = dict(recorder.column_orders)
+        accumulator.presampled = set(recorder.column_orders)
         for loader in _loaders(callback, trainer):
             for batch in RankShare(loader, trainer, callback.max_retain_batches):
                 inputs, labels = callback.batch_adapter(batch)
@@ -264,7 +270,7 @@ def _accumulate(
                 recorder.batch_size = int(labels.numel())
                 call_model(pl_module, inputs)
                 accumulator.check_finite()
-        accumulator.flush_()
+        accumulator.weight_order_()  # the cache stores sums in the weights' order
         seen = set(recorder.seen)
     world = trainer.world_size
     if world > 1:

@@ -792,3 +792,36 @@ def test_a_stale_record_is_replaced_by_a_run_that_serves_the_held_classes(
     bases = cache.bases([0, 1, 2, 3], 0.97)
     assert extension_calls == []
     assert_equal_results(bases, without_states(cache).bases([0, 1, 2, 3], 0.97))
+
+
+def test_the_callback_caches_a_conv_net_s_sums_in_the_weights_order(tmp_path):
+    """The callback's cache pass forms channels-last convolution rows (as the basis pass does)
+    and stores the sums permuted back: equal to the float64 sums of the weight-order rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Unflatten(1, (2, 10)),
+        nn.Conv1d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(4, 3, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(12, NUM_CLASSES),
+    )
+    x, y = class_subspace_data()
+    path = tmp_path / "covariances.pt"
+    fit_unlearning(
+        model,
+        ClassForgetDataModule(x, y, forget_classes=[4]),
+        epochs=1,
+        covariance_cache=str(path),
+        keep_forgotten_statistics=True,
+    )
+    cache = ClassCovarianceCache.load(path)
+    layers = {f"model.{i}": model[i] for i in (1, 3, 5)}
+    reference = CovarianceAccumulator(layer_dims(layers), num_classes=NUM_CLASSES)
+    accumulate_covariances(
+        lambda t: model(t), layers, [(x[y != 4], y[y != 4]), (x[y == 4], y[y == 4])], reference
+    )
+    assert sorted(cache.sums) == sorted(layers)
+    for name, expected in reference.sums.items():
+        scale = float(expected.abs().max())
+        assert torch.allclose(cache.sums[name], expected, rtol=0, atol=1e-10 * scale), name
