@@ -24,6 +24,7 @@ from unsc_lightning.nullspace.representation import (
     conv_representation,
     conv_rows,
     conv_rows_channels_last,
+    conv_shift_borders,
     layer_rows,
 )
 
@@ -409,3 +410,38 @@ def test_shifted_conv_gram_equals_the_patch_rows_gram(conv, shape, monkeypatch):
         expected = rows.T @ rows
         found = accumulator.sums["c"][label]
         assert torch.allclose(found, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 3, 3, padding=1),
+        nn.Conv2d(4, 3, 3, stride=2, padding=1),
+        nn.Conv2d(3, 2, (5, 3), stride=(2, 1), padding=(2, 1)),
+        nn.Conv2d(3, 2, (3, 4), stride=(1, 2), padding=0),
+        nn.Conv2d(2, 2, 4, stride=3, padding=2, padding_mode="reflect"),
+        nn.Conv2d(2, 2, (3, 3), dilation=(1, 2), padding=2),  # second dimension dilated
+        nn.Conv1d(5, 3, 5, stride=2, padding=2),
+    ],
+)
+def test_shifted_gram_along_both_dimensions_equals_the_unfold_gram(conv):
+    """The products of ``_add_shifted_gram``, along the first and (2-d, undilated) the second
+    spatial dimension, against the Gram of the patch rows, float64, exact to rounding."""
+    torch.manual_seed(0)
+    shape = (
+        (3, conv.in_channels, 11) if isinstance(conv, nn.Conv1d) else (3, conv.in_channels, 9, 10)
+    )
+    x = torch.randn(shape, dtype=torch.float64)
+    rows = conv_rows_channels_last(conv, x)
+    first, last = conv_shift_borders(conv, x)
+    inner = None
+    if covariance._inner_shiftable(conv):
+        inner_first, inner_last = conv_shift_borders(conv, x, dim=1)
+        inner = (inner_first, inner_last, conv.kernel_size[1], conv.stride[1])
+    assert (inner is not None) == (isinstance(conv, nn.Conv2d) and conv.dilation[1] == 1)
+    found = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    covariance._add_shifted_gram(
+        found, rows, first, last, conv.kernel_size[0], conv.stride[0], torch.float64, inner
+    )
+    expected = rows.T @ rows
+    assert torch.allclose(found, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))

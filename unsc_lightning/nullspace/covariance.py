@@ -87,8 +87,11 @@ class GramOptions:
 #: cost what it saves (measured on CPU: even at 1,020 rows x 96, 2.4x faster at 13,312 x 144)
 _SHIFTED_ROWS = 2048
 
-#: ``(first, last, kernel size, stride)`` along a convolution's first spatial dimension
-Borders = tuple[Tensor, Tensor, int, int]
+#: ``(first, last, kernel size, stride)`` along one spatial dimension of a convolution
+Border = tuple[Tensor, Tensor, int, int]
+#: the first spatial dimension's :data:`Border`, and the second's for 2-d convolutions that
+#: shift along it too (``None`` otherwise)
+Borders = tuple[Tensor, Tensor, int, int, Border | None]
 
 
 def _add_shifted_gram(
@@ -99,12 +102,15 @@ def _add_shifted_gram(
     kernel: int,
     stride: int,
     product: torch.dtype,
+    inner: Border | None = None,
 ) -> None:
     """``target += rowsᵀ rows`` for channels-last convolution rows, from ``stride / kernel`` of
     the products: tap ``a >= stride`` (along the first spatial dimension) at output row ``i``
     reads what tap ``a - stride`` reads at row ``i + 1``, so block-row ``a`` of the Gram is
     block-row ``a - stride`` shifted, minus the row-0 terms (``first``) plus the row-``L``
-    terms (``last``) (see :func:`conv_shift_borders`)."""
+    terms (``last``) (see :func:`conv_shift_borders`). With ``inner`` (a 2-d convolution's
+    second dimension), the block-rows ``a < stride`` themselves follow the same relation along
+    the second dimension (:func:`_shifted_top`)."""
     dtype = torch.float64 if rows.dtype == torch.float64 else product
     rows, first, last = (t.to(device=target.device, dtype=dtype) for t in (rows, first, last))
     dim = rows.shape[1]
@@ -112,7 +118,10 @@ def _add_shifted_gram(
     top = stride * width
     gram = torch.empty(dim, dim, dtype=dtype, device=target.device)
     with _ieee_float32(target.device):
-        gram[:top] = rows[:, :top].T @ rows
+        if inner is None:
+            gram[:top] = rows[:, :top].T @ rows
+        else:
+            _shifted_top(gram[:top], rows, stride, kernel, inner)
         gram[top:, :top] = gram[:top, top:].T
         for tap in range(stride, kernel):
             source = tap - stride
@@ -124,6 +133,64 @@ def _add_shifted_gram(
             gram[here, tap * width :] = block
             gram[(tap + 1) * width :, here] = block[:, width:].T
     target += gram
+
+
+def _shifted_top(out: Tensor, rows: Tensor, taps: int, kernel: int, inner: Border) -> None:
+    """``out = rows[:, :taps * kw * C]ᵀ rows`` for the rows of a 2-d convolution (columns
+    ``(a, b, c)``: taps along the first and second dimension, channel), with the relation of
+    :func:`_add_shifted_gram` along the second dimension: tap ``b >= s`` at output column ``j``
+    reads what tap ``b - s`` reads at column ``j + 1``. Only the blocks with a tap ``b < s`` on
+    one side are multiplied; the others are the blocks ``(b - s, b' - s)`` minus the column-0
+    terms plus the column-``L`` terms (``inner``: :func:`conv_shift_borders` with ``dim=1``)."""
+    first, last, wide, step = inner
+    first, last = (t.to(device=rows.device, dtype=rows.dtype) for t in (first, last))
+    dim = rows.shape[1]
+    channels = dim // (kernel * wide)
+    row = wide * channels  # the columns of one tap along the first dimension
+    grid = out.view(taps, wide, channels, kernel, wide, channels)
+    rest = wide - step
+    for a in range(taps):
+        base = a * row
+        # taps (a, b < s) against every column
+        out[base : base + step * channels] = rows[:, base : base + step * channels].T @ rows
+        # taps (a, b >= s) against the columns of the taps (., b' < s)
+        left = rows[:, base + step * channels : base + row]
+        for other in range(kernel):
+            right = rows[:, other * row : other * row + step * channels]
+            grid[a, step:, :, other, :step, :] = (left.T @ right).view(
+                rest, channels, step, channels
+            )
+        # taps (a, b >= s) against taps (., b' >= s), from the earlier taps (ascending b)
+        for b in range(step, wide):
+            source = b - step
+            column = slice((a * rest + source) * channels, (a * rest + source + 1) * channels)
+            correction = last[:, column].T @ last - first[:, column].T @ first
+            grid[a, b, :, :, step:, :] = grid[a, source, :, :, :rest, :] + correction.view(
+                channels, kernel, rest, channels
+            )
+
+
+def _reordered(borders: Borders, samples: int, order: Tensor) -> Borders:
+    # the border patches of the samples in ``order`` (they are per sample, like the rows)
+    def pick(t: Tensor) -> Tensor:
+        return t.reshape(samples, -1).index_select(0, order).reshape(-1, t.shape[1])
+
+    first, last, kernel, stride, inner = borders
+    if inner is not None:
+        inner = (pick(inner[0]), pick(inner[1]), inner[2], inner[3])
+    return pick(first), pick(last), kernel, stride, inner
+
+
+def _samples_of(borders: Borders, samples: int, start: int, count: int) -> Borders:
+    # the border patches of samples ``start .. start + count`` of a batch of ``samples``
+    def cut(t: Tensor) -> Tensor:
+        per = t.shape[0] // samples
+        return t[start * per : (start + count) * per]
+
+    first, last, kernel, stride, inner = borders
+    if inner is not None:
+        inner = (cut(inner[0]), cut(inner[1]), inner[2], inner[3])
+    return cut(first), cut(last), kernel, stride, inner
 
 
 def buffer_rows(dim: int) -> int:
@@ -456,11 +523,7 @@ class CovarianceAccumulator:
             order = self._order.to(rows.device)
             rows = rows.reshape(samples, -1).index_select(0, order).reshape(-1, rows.shape[1])
             if borders is not None:
-                first, last = (
-                    t.reshape(samples, -1).index_select(0, order).reshape(-1, t.shape[1])
-                    for t in borders[:2]
-                )
-                borders = (first, last, *borders[2:])
+                borders = _reordered(borders, samples, order)
         start = self._skipped * rows_per_sample
         sample = self._skipped
         for cls, count in enumerate(self._class_counts):
@@ -470,13 +533,13 @@ class CovarianceAccumulator:
                 if borders is None or block.shape[0] < _SHIFTED_ROWS:
                     self._accumulate(name, cls, self._rows(name, block), product)
                 else:
-                    first, last, kernel, stride = borders
-                    per = first.shape[0] // samples
-                    edges = slice(sample * per, (sample + count) * per)
+                    first, last, kernel, stride, inner = _samples_of(
+                        borders, samples, sample, count
+                    )
                     self.rows_seen[name] += block.shape[0]
                     self._float32_products |= product == torch.float32
                     _add_shifted_gram(
-                        target[cls], block, first[edges], last[edges], kernel, stride, product
+                        target[cls], block, first, last, kernel, stride, product, inner
                     )
                 start += count * rows_per_sample
                 sample += count
@@ -769,9 +832,13 @@ class SiteRecorder(_HookOwner):
                         module, inputs, fraction, self._generator, padded, workspace
                     )
                     if key in self.shifted and not shared:
-                        first, last = conv_shift_borders(module, inputs, padded)
                         conv = cast(nn.modules.conv._ConvNd, module)
-                        borders = (first, last, conv.kernel_size[0], conv.stride[0])
+                        first, last = conv_shift_borders(module, inputs, padded)
+                        inner: Border | None = None
+                        if _inner_shiftable(conv):
+                            first1, last1 = conv_shift_borders(module, inputs, padded, dim=1)
+                            inner = (first1, last1, conv.kernel_size[1], conv.stride[1])
+                        borders = (first, last, conv.kernel_size[0], conv.stride[0], inner)
                         cast(Any, self.on_rows)(key, rows, borders)
                         continue
                 else:
@@ -818,6 +885,15 @@ def _shiftable(layer: nn.Module) -> bool:
     kernel, stride = layer.kernel_size[0], layer.stride[0]
     width = layer.in_channels * math.prod(layer.kernel_size[1:])
     return layer.dilation[0] == 1 and kernel > stride and width >= 16
+
+
+def _inner_shiftable(conv: nn.modules.conv._ConvNd) -> bool:
+    # the second dimension of a 2-d convolution shifts too (see :func:`_shifted_top`)
+    return (
+        len(conv.kernel_size) == 2
+        and conv.dilation[1] == 1
+        and conv.kernel_size[1] > conv.stride[1]
+    )
 
 
 #: rows that are a reshaping or windowing of the first input alone: widening that input first

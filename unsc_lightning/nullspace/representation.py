@@ -337,25 +337,27 @@ def conv_rows_channels_last(
 
 
 def conv_shift_borders(
-    layer: nn.Module, inputs: Tensor, padded: Tensor | None = None
+    layer: nn.Module, inputs: Tensor, padded: Tensor | None = None, dim: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """The patches just inside and just past the first spatial dimension's range of outputs.
+    """The patches just inside and just past the range of outputs along spatial dimension ``dim``.
 
-    For a convolution with stride ``s`` and dilation 1 along its first spatial dimension, tap
-    ``a >= s`` at output row ``i`` reads what tap ``a - s`` reads at row ``i + 1``. So the Gram
-    blocks of the taps ``>= s`` are those of the taps ``< k - s`` over the output rows
-    ``1 .. L``: the same sums minus the row ``0`` terms plus the (virtual) row ``L`` terms.
-    This returns those two rows' patches, restricted to the taps ``< k - s``, in the
-    channels-last column order of :func:`conv_rows_channels_last` (ungrouped layers only).
+    For a convolution with stride ``s`` and dilation 1 along that dimension, tap ``a >= s`` at
+    output index ``i`` reads what tap ``a - s`` reads at index ``i + 1``. So the Gram blocks of
+    the taps ``>= s`` are those of the taps ``< k - s`` over the outputs ``1 .. L``: the same
+    sums minus the index ``0`` terms plus the (virtual) index ``L`` terms. This returns those
+    two slices' patches, restricted to the taps ``< k - s`` along ``dim``, in the channels-last
+    column order of :func:`conv_rows_channels_last` (ungrouped layers only).
 
     Args:
         layer: the convolution.
         inputs: its input, batched or not.
         padded: :func:`channels_last_padded` of ``inputs``, if already at hand.
+        dim: the spatial dimension (0 = the first).
 
     Returns:
         ``(first, last)``, each ``(B * L_rest, (k - s) * prod(other kernel dims) * C)``, where
-        ``L_rest`` counts the output positions of the other spatial dimensions (sample-major).
+        ``L_rest`` counts the output positions of the other spatial dimensions (sample-major,
+        in their order).
     """
     conv = cast(nn.modules.conv._ConvNd, layer)
     if padded is None:
@@ -367,19 +369,19 @@ def conv_shift_borders(
         for size, k, step, spacing in zip(sizes, kernel, stride, dilation)
     ]
     strides = padded.stride()
-    taps = kernel[0] - stride[0]
-    size = (batch, *positions[1:], taps, *kernel[1:], channels)
+    others = [i for i in range(len(kernel)) if i != dim]
+    taps = [k - stride[dim] if i == dim else k for i, k in enumerate(kernel)]
+    size = (batch, *(positions[i] for i in others), *taps, channels)
     layout = (
         strides[0],
-        *(strides[2 + i] * stride[1 + i] for i in range(len(kernel) - 1)),
-        strides[1],
-        *(strides[2 + i] * dilation[1 + i] for i in range(len(kernel) - 1)),
+        *(strides[1 + i] * stride[i] for i in others),
+        *(strides[1 + i] * dilation[i] for i in range(len(kernel))),
         1,
     )
-    width = taps * math.prod(kernel[1:]) * channels
+    width = math.prod(taps) * channels
     offset = padded.storage_offset()
     first = padded.as_strided(size, layout, offset).reshape(-1, width)
-    past = offset + stride[0] * positions[0] * strides[1]
+    past = offset + stride[dim] * positions[dim] * strides[1 + dim]
     last = padded.as_strided(size, layout, past).reshape(-1, width)
     return first, last
 
