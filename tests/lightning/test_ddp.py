@@ -165,6 +165,50 @@ def test_ddp_bases_and_weights_equal_single_process(tmp_path, rule, gram, projec
     assert max_weight_difference(initial, single_weights) > 1e-2
 
 
+def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(tmp_path, monkeypatch):
+    """A 600-wide layer gets one or two rows per class and batch: they wait in row buffers
+    (``covariance.buffer_rows``) and must be multiplied and added before the ranks' sums are
+    all-reduced, so both ranks hold the single process's bases."""
+    from unsc_lightning.nullspace import covariance
+
+    calls: list[int] = []
+    original = covariance.CovarianceAccumulator._flush_one
+
+    def counting(self: Any, key: Any) -> None:
+        calls.append(1)
+        original(self, key)
+
+    monkeypatch.setattr(covariance.CovarianceAccumulator, "_flush_one", counting)
+
+    def wide_module() -> UnlearningModule:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(IN_FEATURES, 600), nn.ReLU(), nn.Linear(600, NUM_CLASSES))
+        return UnlearningModule(
+            model,
+            num_classes=NUM_CLASSES,
+            forget_classes=[FORGET_CLASS],
+            lr=0.05,
+            stop_at_target=False,
+        )
+
+    problem = make_subspace_problem()
+    retain = problem.retain_loader(batch_size=RETAIN_BATCH)
+    single = NullSpaceCalibration(threshold=0.97, retain_dataloader=retain, gram="float64")
+    quiet_trainer(1, [single]).fit(wide_module(), train_dataloaders=forget_loader(2 * 8))
+    assert calls  # the wide layer's rows went through a buffer
+    assert single.bases["model.2"].shape[0] == 600
+
+    calibration = NullSpaceCalibration(threshold=0.97, retain_dataloader=retain, gram="float64")
+    trainer = ddp_trainer([calibration, _SaveRankState(calibration, tmp_path)])
+    trainer.fit(wide_module(), train_dataloaders=forget_loader(8))
+    ranks = load_ranks(tmp_path)
+    for state in ranks:
+        assert state["retain_samples"] == NUM_RETAIN
+    for name, basis in ranks[0]["bases"].items():
+        assert torch.equal(basis, ranks[1]["bases"][name]), name
+    assert max_projector_difference(ranks[0]["bases"], dict(single.bases)) <= PROJECTOR_ATOL
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Layers seen on some ranks only
 # --------------------------------------------------------------------------------------------
