@@ -433,3 +433,13 @@ def test_columns_outside_a_basis_are_reorthonormalised_and_inside_ones_dropped()
     kept = basis_module._outside(mixed, basis)
     assert kept.shape[1] == 3
     assert torch.allclose(kept @ kept.T, outside[:, :3] @ outside[:, :3].T, atol=1e-10)
+
+
+def test_tiled_symmetrisation_is_bitwise_the_untiled_one(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    cov = torch.randn(300, 300, generator=generator, dtype=torch.float64)
+    expected = (cov + cov.T) / 2
+    monkeypatch.setattr(basis_module, "_SYMMETRIC_TILE", 64)  # 300 > 2 x 64: tiles, ragged edge
+    found = basis_module._symmetric(cov)
+    assert torch.equal(found, expected)
+    assert torch.equal(found, found.T)
