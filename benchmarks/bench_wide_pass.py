@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from collections.abc import Iterator
 from typing import Any
@@ -96,7 +97,7 @@ def main() -> None:
         for name in options.variants:
             engine = NullSpaceEngine(model, threshold=0.97, rule=options.rule)
             with variant(name):
-                passes[name].append(timed(lambda e=engine: e.build(loader), device))
+                passes[name].append(timed(functools.partial(engine.build, loader), device))
             del engine  # ten classes' sums of ResNet-18 take 7 GiB: freed before the next
             gc.collect()
     plain = best(forwards)
