@@ -165,11 +165,15 @@ def test_ddp_bases_and_weights_equal_single_process(tmp_path, rule, gram, projec
     assert max_weight_difference(initial, single_weights) > 1e-2
 
 
-def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(tmp_path, monkeypatch):
+@pytest.mark.parametrize("classes_per_pass", [None, 2])
+def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(
+    tmp_path, monkeypatch, classes_per_pass
+):
     """A 600-wide layer gets one or two rows per class and batch: they wait in row buffers
     (``covariance.buffer_rows``) and must be multiplied and added before the ranks' sums are
-    all-reduced, so both ranks hold the single process's bases."""
-    from unsc_lightning.nullspace import covariance
+    all-reduced, so both ranks hold the single process's bases. With two classes per pass the
+    later passes' sums go straight to the all-reduce (``reduce_`` adds the buffers first)."""
+    from unsc_lightning.nullspace import NullSpaceEngine, covariance
 
     calls: list[int] = []
     original = covariance.CovarianceAccumulator._flush_one
@@ -193,12 +197,18 @@ def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(tmp_path, mo
 
     problem = make_subspace_problem()
     retain = problem.retain_loader(batch_size=RETAIN_BATCH)
-    single = NullSpaceCalibration(threshold=0.97, retain_dataloader=retain, gram="float64")
+    budget = None
+    if classes_per_pass is not None:
+        budget = NullSpaceEngine(wide_module().model).estimate_bytes(classes_per_pass)
+    options: dict[str, Any] = {"retain_dataloader": retain, "gram": "float64"}
+    single = NullSpaceCalibration(threshold=0.97, memory_budget=budget, **options)
     quiet_trainer(1, [single]).fit(wide_module(), train_dataloaders=forget_loader(2 * 8))
     assert calls  # the wide layer's rows went through a buffer
     assert single.bases["model.2"].shape[0] == 600
+    assert single.engine is not None and single.engine.report is not None
+    assert single.engine.report.passes == (1 if budget is None else 2)
 
-    calibration = NullSpaceCalibration(threshold=0.97, retain_dataloader=retain, gram="float64")
+    calibration = NullSpaceCalibration(threshold=0.97, memory_budget=budget, **options)
     trainer = ddp_trainer([calibration, _SaveRankState(calibration, tmp_path)])
     trainer.fit(wide_module(), train_dataloaders=forget_loader(8))
     ranks = load_ranks(tmp_path)
