@@ -7,7 +7,7 @@ product of a few rows. This benchmark times, in one process and interleaved, the
 (the eigendecompositions are skipped) against a plain no-grad forward over the same samples:
 
 - ``library``: the engine as it is: a wide layer's small class blocks gather in a row buffer
-  (``covariance.buffer_rows``) before one product, and convolution sums stay channels-last, the
+  (``nullspace.gram.buffer_rows``) before one product, and convolution sums stay channels-last, the
   bases' rows being permuted at the end;
 - ``unbuffered``: every block multiplied and added as it comes (``buffer_rows`` patched to 0);
 - ``former``: unbuffered, and every class's sums permuted to weight order after the pass (what

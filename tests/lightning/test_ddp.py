@@ -170,7 +170,7 @@ def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(
     tmp_path, monkeypatch, classes_per_pass
 ):
     """A 600-wide layer gets one or two rows per class and batch: they wait in row buffers
-    (``covariance.buffer_rows``) and must be multiplied and added before the ranks' sums are
+    (``nullspace.gram.buffer_rows``) and must be multiplied and added before the ranks' sums are
     all-reduced, so both ranks hold the single process's bases. With two classes per pass the
     later passes' sums go straight to the all-reduce (``reduce_`` adds the buffers first)."""
     from unsc_lightning.nullspace import NullSpaceEngine, covariance

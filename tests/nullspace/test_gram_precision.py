@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from unsc_lightning.models import DigitsConvNet
 from unsc_lightning.nullspace import NullSpaceEngine, NullSpaceEngineError, covariance
+from unsc_lightning.nullspace import gram as gram_module
 from unsc_lightning.nullspace.basis import eigh_descending, energy_rank
 from unsc_lightning.nullspace.basis_pass import BasisPass, _Slots
 from unsc_lightning.nullspace.batches import default_batch_adapter
@@ -153,7 +154,7 @@ def test_pass_equals_the_sums_of_the_layer_rows(gram, monkeypatch):
     x, y = x[:96], y[:96]
     sums = _class_sums(model, x, y, batch_size=40, gram=gram)
     with monkeypatch.context() as patch:
-        patch.setattr(covariance, "_SHIFTED_ROWS", 1)  # the shifted product for every block
+        patch.setattr(covariance, "SHIFTED_ROWS", 1)  # the shifted product for every block
         shifted = _class_sums(model, x, y, batch_size=40, gram=gram)
     tolerance = 1e-12 if gram == torch.float64 else 1e-6
     inputs: dict[str, Tensor] = {}
@@ -358,7 +359,7 @@ def test_subsampled_conv_rows_are_a_seeded_subset_of_each_samples_positions():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wide_layers_multiply_only_the_upper_gram_blocks(dtype):
-    from unsc_lightning.nullspace.covariance import _add_symmetric_gram, _parts
+    from unsc_lightning.nullspace.gram import _add_symmetric_gram, _parts
 
     rows = torch.randn(300, 500, dtype=torch.float64).to(dtype)
     assert _parts(rows) == 3
@@ -388,7 +389,7 @@ def test_shifted_conv_gram_equals_the_patch_rows_gram(conv, shape, monkeypatch):
     unfold-based one per class (float64, 1e-10 relative), labels unsorted."""
     from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 
-    monkeypatch.setattr(covariance, "_SHIFTED_ROWS", 1)  # the shifted product for every block
+    monkeypatch.setattr(covariance, "SHIFTED_ROWS", 1)  # the shifted product for every block
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64)
     labels = torch.tensor([2, 0, 1, 2, 0, -1, 1])
@@ -425,7 +426,7 @@ def test_shifted_conv_gram_equals_the_patch_rows_gram(conv, shape, monkeypatch):
     ],
 )
 def test_shifted_gram_along_both_dimensions_equals_the_unfold_gram(conv):
-    """The products of ``_add_shifted_gram``, along the first and (2-d, undilated) the second
+    """The products of ``gram.add_shifted_gram``, along the first and (2-d, undilated) the second
     spatial dimension, against the Gram of the patch rows, float64, exact to rounding."""
     torch.manual_seed(0)
     shape = (
@@ -440,7 +441,7 @@ def test_shifted_gram_along_both_dimensions_equals_the_unfold_gram(conv):
         inner = (inner_first, inner_last, conv.kernel_size[1], conv.stride[1])
     assert (inner is not None) == (isinstance(conv, nn.Conv2d) and conv.dilation[1] == 1)
     found = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
-    covariance._add_shifted_gram(
+    gram_module.add_shifted_gram(
         found, rows, first, last, conv.kernel_size[0], conv.stride[0], torch.float64, inner
     )
     expected = rows.T @ rows

@@ -51,7 +51,8 @@ from unsc_lightning.nullspace.batches import (
     map_tensors,
     output_logits,
 )
-from unsc_lightning.nullspace.covariance import GramDtype, GramOptions, buffer_rows
+from unsc_lightning.nullspace.covariance import GramDtype, GramOptions
+from unsc_lightning.nullspace.gram import buffer_rows
 from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.nullspace.projection import NullSpaceProjector
 from unsc_lightning.nullspace.settings import (
@@ -257,7 +258,7 @@ class NullSpaceEngine:
         """Peak bytes of the covariance sums and bases with ``groups`` classes held at once.
 
         Per basis: ``groups`` float64 ``d x d`` sums (one for the pooled rule), as many row
-        buffers (:func:`~unsc_lightning.nullspace.covariance.buffer_rows` rows, counted at
+        buffers (:func:`~unsc_lightning.nullspace.gram.buffer_rows` rows, counted at
         8 bytes) and the basis itself (at most ``d x d``). The number of classes never enters:
         classes beyond ``groups`` cost passes over the data, not memory.
         """

@@ -1,0 +1,191 @@
+"""The Gram products ``Σ x xᵀ`` of one block of rows, added into float64 sums.
+
+- :func:`add_gram`: one product in the rows' dtype (IEEE float32 on CUDA, no TF32), in upper
+  column blocks for wide layers;
+- :func:`add_shifted_gram`: channels-last convolution rows, with the shift relation along the
+  first spatial dimension and, for 2-d convolutions, the second (:func:`_shifted_top`), so that
+  only the blocks with a tap below the stride on one side are multiplied;
+- :func:`buffer_rows`: how many rows a wide layer's small class blocks are gathered into before
+  one product (the accumulator's row buffers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+#: class blocks of fewer rows take the plain product: the shifted Gram's extra small products
+#: cost what it saves (measured on CPU: even at 1,020 rows x 96, 2.4x faster at 13,312 x 144)
+SHIFTED_ROWS = 2048
+
+#: ``(first, last, kernel size, stride)`` along one spatial dimension of a convolution
+Border = tuple[Tensor, Tensor, int, int]
+#: the first spatial dimension's :data:`Border`, and the second's for 2-d convolutions that
+#: shift along it too (``None`` otherwise)
+Borders = tuple[Tensor, Tensor, int, int, Border | None]
+
+
+def add_shifted_gram(
+    target: Tensor,
+    rows: Tensor,
+    first: Tensor,
+    last: Tensor,
+    kernel: int,
+    stride: int,
+    product: torch.dtype,
+    inner: Border | None = None,
+) -> None:
+    """``target += rowsᵀ rows`` for channels-last convolution rows, from ``stride / kernel`` of
+    the products: tap ``a >= stride`` (along the first spatial dimension) at output row ``i``
+    reads what tap ``a - stride`` reads at row ``i + 1``, so block-row ``a`` of the Gram is
+    block-row ``a - stride`` shifted, minus the row-0 terms (``first``) plus the row-``L``
+    terms (``last``) (see :func:`conv_shift_borders`). With ``inner`` (a 2-d convolution's
+    second dimension), the block-rows ``a < stride`` themselves follow the same relation along
+    the second dimension (:func:`_shifted_top`)."""
+    dtype = torch.float64 if rows.dtype == torch.float64 else product
+    rows, first, last = (t.to(device=target.device, dtype=dtype) for t in (rows, first, last))
+    dim = rows.shape[1]
+    width = dim // kernel
+    top = stride * width
+    gram = torch.empty(dim, dim, dtype=dtype, device=target.device)
+    with _ieee_float32(target.device):
+        if inner is None:
+            gram[:top] = rows[:, :top].T @ rows
+        else:
+            _shifted_top(gram[:top], rows, stride, kernel, inner)
+        gram[top:, :top] = gram[:top, top:].T
+        for tap in range(stride, kernel):
+            source = tap - stride
+            here = slice(tap * width, (tap + 1) * width)
+            there = slice(source * width, (source + 1) * width)
+            span = slice(source * width, (kernel - stride) * width)
+            block = gram[there, span] - first[:, there].T @ first[:, span]
+            block += last[:, there].T @ last[:, span]
+            gram[here, tap * width :] = block
+            gram[(tap + 1) * width :, here] = block[:, width:].T
+    target += gram
+
+
+def _shifted_top(out: Tensor, rows: Tensor, taps: int, kernel: int, inner: Border) -> None:
+    """``out = rows[:, :taps * kw * C]ᵀ rows`` for the rows of a 2-d convolution (columns
+    ``(a, b, c)``: taps along the first and second dimension, channel), with the relation of
+    :func:`_add_shifted_gram` along the second dimension: tap ``b >= s`` at output column ``j``
+    reads what tap ``b - s`` reads at column ``j + 1``. Only the blocks with a tap ``b < s`` on
+    one side are multiplied; the others are the blocks ``(b - s, b' - s)`` minus the column-0
+    terms plus the column-``L`` terms (``inner``: :func:`conv_shift_borders` with ``dim=1``)."""
+    first, last, wide, step = inner
+    first, last = (t.to(device=rows.device, dtype=rows.dtype) for t in (first, last))
+    dim = rows.shape[1]
+    channels = dim // (kernel * wide)
+    row = wide * channels  # the columns of one tap along the first dimension
+    grid = out.view(taps, wide, channels, kernel, wide, channels)
+    rest = wide - step
+    for a in range(taps):
+        base = a * row
+        # taps (a, b < s) against every column
+        out[base : base + step * channels] = rows[:, base : base + step * channels].T @ rows
+        # taps (a, b >= s) against the columns of the taps (., b' < s)
+        left = rows[:, base + step * channels : base + row]
+        for other in range(kernel):
+            right = rows[:, other * row : other * row + step * channels]
+            grid[a, step:, :, other, :step, :] = (left.T @ right).view(
+                rest, channels, step, channels
+            )
+        # taps (a, b >= s) against taps (., b' >= s), from the earlier taps (ascending b)
+        for b in range(step, wide):
+            source = b - step
+            column = slice((a * rest + source) * channels, (a * rest + source + 1) * channels)
+            correction = last[:, column].T @ last - first[:, column].T @ first
+            grid[a, b, :, :, step:, :] = grid[a, source, :, :, :rest, :] + correction.view(
+                channels, kernel, rest, channels
+            )
+
+
+def reordered_borders(borders: Borders, samples: int, order: Tensor) -> Borders:
+    # the border patches of the samples in ``order`` (they are per sample, like the rows)
+    def pick(t: Tensor) -> Tensor:
+        return t.reshape(samples, -1).index_select(0, order).reshape(-1, t.shape[1])
+
+    first, last, kernel, stride, inner = borders
+    if inner is not None:
+        inner = (pick(inner[0]), pick(inner[1]), inner[2], inner[3])
+    return pick(first), pick(last), kernel, stride, inner
+
+
+def borders_of_samples(borders: Borders, samples: int, start: int, count: int) -> Borders:
+    # the border patches of samples ``start .. start + count`` of a batch of ``samples``
+    def cut(t: Tensor) -> Tensor:
+        per = t.shape[0] // samples
+        return t[start * per : (start + count) * per]
+
+    first, last, kernel, stride, inner = borders
+    if inner is not None:
+        inner = (cut(inner[0]), cut(inner[1]), inner[2], inner[3])
+    return cut(first), cut(last), kernel, stride, inner
+
+
+def buffer_rows(dim: int) -> int:
+    """Rows of width ``dim`` that a class's small blocks are gathered into before their Gram
+    product: ``dim // 8`` for layers at least 512 wide, 0 (no buffer) below.
+
+    Adding a product into the ``d x d`` float64 sums is a pass over ``8 d²`` bytes of memory, as
+    slow as the product of a few dozen rows (measured on CPU: 7 ms for d = 1728). A wide layer
+    that receives a few rows per class and batch (a Linear head, a late convolution on 1x1
+    maps: ResNet-18's d = 4608 at 32x32 inputs gets about 6 rows per class from a batch of 64)
+    would spend its pass adding. A buffer of ``dim // 8`` rows holds an eighth of the class's
+    sums in float64, and every product is that of one batch of at most that many rows.
+    """
+    return dim // 8 if dim >= 512 else 0
+
+
+def add_gram(target: Tensor, rows: Tensor) -> None:
+    """``target += rowsᵀ rows``, the product in the rows' dtype (IEEE float32 on CUDA)."""
+    if target.dtype == rows.dtype and _parts(rows) == 1:
+        target.addmm_(rows.T, rows)
+        return
+    with _ieee_float32(target.device):
+        if _parts(rows) == 1:
+            target.add_(torch.mm(rows.T, rows))
+        else:
+            _add_symmetric_gram(target, rows)
+
+
+def _parts(rows: Tensor) -> int:
+    # column blocks of a symmetric Gram: only the blocks on and above the diagonal are
+    # multiplied (``p (p + 1) / 2`` of ``p²``); worth it for wide layers and many rows
+    # (measured on CPU: 1.2x at d = 432, 1.7x at d = 864; a loss below d = 320)
+    if rows.shape[0] < 256:
+        return 1
+    return max(1, min(4, rows.shape[1] // 160))
+
+
+def _add_symmetric_gram(target: Tensor, rows: Tensor) -> None:
+    """``target += rowsᵀ rows`` from the upper column blocks, each mirrored below."""
+    dim = rows.shape[1]
+    parts = _parts(rows)
+    edges = [round(i * dim / parts) for i in range(parts + 1)]
+    spans = [slice(edges[i], edges[i + 1]) for i in range(parts)]
+    for i, first in enumerate(spans):
+        for second in spans[i:]:
+            block = torch.mm(rows[:, first].T, rows[:, second])
+            target[first, second] += block
+            if second != first:
+                target[second, first] += block.T
+
+
+@contextmanager
+def _ieee_float32(device: torch.device) -> Iterator[None]:
+    # TF32 rounds float32 products to 10 mantissa bits: switched off around the Gram products
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
