@@ -407,14 +407,26 @@ def test_pooled_basis_chooses_the_tridiagonal_solver_by_the_kept_fraction(monkey
     assert (len(divide), len(mrrr)) == (1, 1)
 
 
-def test_the_per_class_rule_keeps_mrrr_for_every_rank(monkeypatch):
-    # the divide-and-conquer branch is the pooled rule's: per-class results are unchanged
+@pytest.mark.parametrize("threshold", [0.6, 1.0])
+def test_the_per_class_rule_chooses_the_tridiagonal_solver_by_the_kept_fraction(
+    monkeypatch, threshold
+):
+    # as the pooled rule: divide and conquer (dstevd) once a class keeps over 30 % of its
+    # residual's size, MRRR (dstemr) below; both equal the dense rule
     from scipy.linalg import lapack
 
+    mrrr = count_calls(monkeypatch, lapack, "dstemr")
     divide = count_calls(monkeypatch, lapack, "dstevd")
     covariances = random_covariances(50, classes=3, rows=70, seed=20)
-    assert_equal_bases(covariances, 1.0)
-    assert not divide
+    assert_equal_bases(covariances, threshold)
+    if threshold == 1.0:
+        assert divide  # the first class keeps all 50 directions
+    else:
+        assert mrrr and not divide
+    monkeypatch.setattr(basis_module, "_ALL_VECTORS_ABOVE", 1.0)  # MRRR only: the same bases
+    before = len(divide)
+    assert_equal_bases(covariances, threshold)
+    assert len(divide) == before
 
 
 def test_columns_outside_a_basis_are_reorthonormalised_and_inside_ones_dropped():

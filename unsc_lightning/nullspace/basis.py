@@ -437,7 +437,11 @@ def _class_directions(
     # ``product`` is ``cov @ basis`` when the caller has it
     dim = cov.shape[0]
     if _partial_pays(cov, bound):
-        found = _top_vectors(cov, threshold, total, captured, basis, product)
+        # all the tridiagonal eigenvectors by divide and conquer once many are kept, as in
+        # the pooled rule (measured on AllCNN's per-class bases: 2.70 -> 2.49 s)
+        found = _top_vectors(
+            cov, threshold, total, captured, basis, product, all_vectors_above=_ALL_VECTORS_ABOVE
+        )
         if found is not None:
             return found[0]
     values, vectors = eigh_descending(
