@@ -252,8 +252,7 @@ def _accumulate(
             shift_gram=True,
         ) as recorder,
     ):
-        accumulator.column_orders = dict(recorder.column_orders)
-        accumulator.presampled = set(recorder.column_orders)
+        accumulator.channels_last_(recorder.column_orders)
         for loader in _loaders(callback, trainer):
             for batch in RankShare(loader, trainer, callback.max_retain_batches):
                 inputs, labels = callback.batch_adapter(batch)

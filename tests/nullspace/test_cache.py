@@ -819,7 +819,7 @@ def test_the_callback_caches_a_conv_net_s_sums_in_the_weights_order(tmp_path):
     layers = {f"model.{i}": model[i] for i in (1, 3, 5)}
     reference = CovarianceAccumulator(layer_dims(layers), num_classes=NUM_CLASSES)
     accumulate_covariances(
-        lambda t: model(t), layers, [(x[y != 4], y[y != 4]), (x[y == 4], y[y == 4])], reference
+        model, layers, [(x[y != 4], y[y != 4]), (x[y == 4], y[y == 4])], reference
     )
     assert sorted(cache.sums) == sorted(layers)
     for name, expected in reference.sums.items():

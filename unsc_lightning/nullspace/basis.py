@@ -167,15 +167,14 @@ def _low_rank_eigh(
     # leaves a trace of the old basis) and cut at its numerical rank: with fewer free
     # dimensions than columns, the surplus columns are noise that must not be normalised up
     q = _numerical_range(sample)
-    if basis is not None and basis.shape[1]:
-        q = _outside(q, basis)
-    small = _symmetric(q.T @ cov @ q)
     # trace((I - UUᵀ) C (I - UUᵀ)) = trace(C) - trace(Uᵀ C U) for orthonormal U: O(d² r) at
     # most (nothing when the caller has C U), no d x d residual
     residual_trace = torch.trace(cov)
     if basis is not None and basis.shape[1]:
+        q = _outside(q, basis)
         product = cov @ basis if product is None else product
         residual_trace = residual_trace - (product * basis).sum()
+    small = _symmetric(q.T @ cov @ q)
     missed = abs(float(residual_trace - torch.trace(small)))
     if missed > tolerance * float(torch.trace(cov)):
         return None
@@ -318,6 +317,7 @@ def _complement_cheaper(dim: int, width: int) -> bool:
     return complement < residual
 
 
+@torch_threads()  # SciPy's LAPACK on torch's thread count
 def _top_vectors(
     cov: Tensor,
     threshold: float,
@@ -347,21 +347,6 @@ def _top_vectors(
         decomposed matrix (descending, clamped at 0); ``None`` (the caller decomposes densely)
         when LAPACK reports a failure or the matrix is smaller than 3 x 3. CPU float64 only.
     """
-    with torch_threads():  # SciPy's LAPACK on torch's thread count
-        return _lapack_top_vectors(
-            cov, threshold, total, captured, basis, product, all_vectors_above
-        )
-
-
-def _lapack_top_vectors(
-    cov: Tensor,
-    threshold: float,
-    total: float | None,
-    captured: float,
-    basis: Tensor | None,
-    product: Tensor | None,
-    all_vectors_above: float,
-) -> tuple[Tensor, Tensor] | None:
     import numpy as np
     from scipy.linalg import lapack
 

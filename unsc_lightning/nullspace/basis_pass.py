@@ -111,8 +111,7 @@ class BasisPass:
             seed=engine.gram.seed,
             shift_gram=True,
         )
-        accumulator.column_orders = dict(recorder.column_orders)
-        accumulator.presampled = set(recorder.column_orders)
+        accumulator.channels_last_(recorder.column_orders)
         # the sums stay channels-last; the bases are permuted to weight order at the end of run
         self.column_orders = dict(recorder.column_orders)
         with recorder:

@@ -7,6 +7,7 @@ samples are seen, and sums from different batches, workers or DDP ranks merge by
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,9 +24,8 @@ from unsc_lightning.nullspace.gram import (
     Borders,
     add_gram,
     add_shifted_gram,
-    borders_of_samples,
     buffer_rows,
-    reordered_borders,
+    map_borders,
 )
 from unsc_lightning.nullspace.representation import (
     WeightRows,
@@ -358,8 +358,11 @@ class CovarianceAccumulator:
         if self._order is not None:
             order = self._order.to(rows.device)
             rows = rows.reshape(samples, -1).index_select(0, order).reshape(-1, rows.shape[1])
-            if borders is not None:
-                borders = reordered_borders(borders, samples, order)
+            if borders is not None:  # the patches are per sample, like the rows
+                borders = map_borders(
+                    borders,
+                    lambda t: t.reshape(samples, -1).index_select(0, order).reshape(-1, t.shape[1]),
+                )
         start = self._skipped * rows_per_sample
         sample = self._skipped
         for cls, count in enumerate(self._class_counts):
@@ -369,9 +372,8 @@ class CovarianceAccumulator:
                 if borders is None or block.shape[0] < SHIFTED_ROWS:
                     self._accumulate(name, cls, self._rows(name, block), product)
                 else:
-                    first, last, kernel, stride, inner = borders_of_samples(
-                        borders, samples, sample, count
-                    )
+                    cut = functools.partial(_sample_range, total=samples, start=sample, count=count)
+                    first, last, kernel, stride, inner = map_borders(borders, cut)
                     self.rows_seen[name] += block.shape[0]
                     self._float32_products |= product == torch.float32
                     add_shifted_gram(
@@ -426,10 +428,17 @@ class CovarianceAccumulator:
         previous = self._buffered_finite.get(name)
         self._buffered_finite[name] = finite if previous is None else previous & finite
 
+    def channels_last_(self, orders: Mapping[str, ColumnOrder]) -> None:
+        """Take the rows of the keys in ``orders`` channels-last (a :class:`SiteRecorder`'s
+        :attr:`~SiteRecorder.column_orders`): their sums stay in that order until
+        :meth:`weight_order_`, and their rows arrive already subsampled."""
+        self.column_orders = dict(orders)
+        self.presampled = set(orders)
+
     def weight_order_(self) -> CovarianceAccumulator:
         """Permute the sums of channels-last layers (:attr:`column_orders`) to weight order."""
+        sums = self.sums
         for name, order in self.column_orders.items():
-            sums = self.sums
             sums[name] = channels_last_gram_to_weight_order(sums[name], *order)
         self.column_orders = {}
         return self
@@ -520,6 +529,12 @@ class CovarianceAccumulator:
         for k in sorted({int(k) for k in classes}):
             pooled += total[k]
         return pooled
+
+
+def _sample_range(patches: Tensor, total: int, start: int, count: int) -> Tensor:
+    # the per-sample patches of samples ``start .. start + count`` of a batch of ``total``
+    per = patches.shape[0] // total
+    return patches[start * per : (start + count) * per]
 
 
 def layer_dims(layers: Mapping[str, nn.Module]) -> dict[str, int]:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -104,27 +104,13 @@ def _shifted_top(out: Tensor, rows: Tensor, taps: int, kernel: int, inner: Borde
             )
 
 
-def reordered_borders(borders: Borders, samples: int, order: Tensor) -> Borders:
-    # the border patches of the samples in ``order`` (they are per sample, like the rows)
-    def pick(t: Tensor) -> Tensor:
-        return t.reshape(samples, -1).index_select(0, order).reshape(-1, t.shape[1])
-
+def map_borders(borders: Borders, patches: Callable[[Tensor], Tensor]) -> Borders:
+    """``borders`` with ``patches`` applied to each of its per-sample patch tensors (the first
+    and last patches of either dimension), e.g. to reorder or cut them like the rows."""
     first, last, kernel, stride, inner = borders
     if inner is not None:
-        inner = (pick(inner[0]), pick(inner[1]), inner[2], inner[3])
-    return pick(first), pick(last), kernel, stride, inner
-
-
-def borders_of_samples(borders: Borders, samples: int, start: int, count: int) -> Borders:
-    # the border patches of samples ``start .. start + count`` of a batch of ``samples``
-    def cut(t: Tensor) -> Tensor:
-        per = t.shape[0] // samples
-        return t[start * per : (start + count) * per]
-
-    first, last, kernel, stride, inner = borders
-    if inner is not None:
-        inner = (cut(inner[0]), cut(inner[1]), inner[2], inner[3])
-    return cut(first), cut(last), kernel, stride, inner
+        inner = (patches(inner[0]), patches(inner[1]), inner[2], inner[3])
+    return patches(first), patches(last), kernel, stride, inner
 
 
 def buffer_rows(dim: int) -> int:
