@@ -172,17 +172,20 @@ def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(
     """A 600-wide layer gets one or two rows per class and batch: they wait in row buffers
     (``nullspace.gram.buffer_rows``) and must be multiplied and added before the ranks' sums are
     all-reduced, so both ranks hold the single process's bases. With two classes per pass the
-    later passes' sums go straight to the all-reduce (``reduce_`` adds the buffers first)."""
+    later passes' sums go straight to the all-reduce (``reduce_`` adds the buffers first). One
+    process keeps each class's few rows as rows (``held_rows``) and builds from them: the
+    ranks' bases, built from the all-reduced sums, must span the same subspaces."""
     from unsc_lightning.nullspace import NullSpaceEngine, covariance
 
     calls: list[int] = []
-    original = covariance.CovarianceAccumulator._flush_one
+    original = covariance.CovarianceAccumulator.take_rows
 
-    def counting(self: Any, key: Any) -> None:
-        calls.append(1)
-        original(self, key)
+    def counting(self: Any) -> Any:
+        taken = original(self)
+        calls.extend(1 for name, _ in taken if name == "model.2")
+        return taken
 
-    monkeypatch.setattr(covariance.CovarianceAccumulator, "_flush_one", counting)
+    monkeypatch.setattr(covariance.CovarianceAccumulator, "take_rows", counting)
 
     def wide_module() -> UnlearningModule:
         torch.manual_seed(0)
@@ -203,7 +206,8 @@ def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(
     options: dict[str, Any] = {"retain_dataloader": retain, "gram": "float64"}
     single = NullSpaceCalibration(threshold=0.97, memory_budget=budget, **options)
     quiet_trainer(1, [single]).fit(wide_module(), train_dataloaders=forget_loader(2 * 8))
-    assert calls  # the wide layer's rows went through a buffer
+    # every class of the wide layer was held as rows, in every pass
+    assert len(calls) == NUM_CLASSES - 1
     assert single.bases["model.2"].shape[0] == 600
     assert single.engine is not None and single.engine.report is not None
     assert single.engine.report.passes == (1 if budget is None else 2)

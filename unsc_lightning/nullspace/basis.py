@@ -42,6 +42,28 @@ def range_tolerance(threshold: float) -> float:
 
 
 @dataclass(frozen=True)
+class ClassRows:
+    """One class's covariance ``Rᵀ R`` held as its rows ``R`` (``n x d``, ``n`` well below
+    ``d``; see :func:`~unsc_lightning.nullspace.gram.held_rows`): :func:`per_class_basis` then
+    works on the rows, never on a ``d x d`` matrix."""
+
+    rows: Tensor
+
+    @property
+    def dim(self) -> int:
+        return int(self.rows.shape[1])
+
+    def trace(self) -> float:
+        """``trace(Rᵀ R) = ‖R‖²``."""
+        return float(self.rows.to(torch.float64).square().sum())
+
+    def covariance(self) -> Tensor:
+        """``Rᵀ R`` in float64 (``d x d``)."""
+        rows = self.rows.to(torch.float64)
+        return rows.T @ rows
+
+
+@dataclass(frozen=True)
 class BasisInfo:
     """What a basis keeps: row dimension, rank and the fraction of remaining energy captured."""
 
@@ -468,8 +490,30 @@ def _extend(basis: Tensor, cov: Tensor, threshold: float, rank_bound: int | None
     return _orthonormal_extension(basis, vectors) if vectors.shape[1] else basis
 
 
+def _extend_rows(basis: Tensor, rows: Tensor, threshold: float) -> Tensor:
+    # :func:`_extend` for the covariance ``Rᵀ R`` of float64 rows ``R`` (``n x d``): the energy
+    # ``U`` captures is ``‖R U‖²`` and the residual ``(I - UUᵀ) Rᵀ R (I - UUᵀ)`` has the right
+    # singular vectors of ``R - (R U) Uᵀ`` as eigenvectors and their squared singular values
+    # as eigenvalues: one ``n x d`` SVD, ``O(n d (n + r))``, no ``d x d`` matrix
+    dim = rows.shape[1]
+    width = basis.shape[1]
+    total = float(rows.square().sum())
+    product = rows @ basis if width else None
+    captured = float(product.square().sum()) if product is not None else 0.0
+    eps = min(threshold, 1.0)
+    if total <= 0 or eps * total - captured <= RELATIVE_TOLERANCE * total or width >= dim:
+        return basis
+    residual = rows if product is None else rows - product @ basis.T
+    try:
+        _, singular, right = torch.linalg.svd(residual, full_matrices=False)
+    except (torch.linalg.LinAlgError, RuntimeError):  # the covariance's decomposition instead
+        return _extend(basis, _symmetric(rows.T @ rows), threshold, rows.shape[0])
+    rank = min(energy_rank(singular.square(), eps, total, captured), dim - width)
+    return _orthonormal_extension(basis, right[:rank].T) if rank else basis
+
+
 def per_class_basis(
-    class_covariances: Mapping[int, Tensor],
+    class_covariances: Mapping[int, Tensor | ClassRows],
     threshold: Threshold,
     basis: Tensor | None = None,
     rank_bounds: Mapping[int, int] | None = None,
@@ -484,7 +528,8 @@ def per_class_basis(
     kept eigenvectors of the residual are computed (see :func:`_top_vectors`).
 
     Args:
-        class_covariances: ``class id -> d x d`` covariance of the class's rows.
+        class_covariances: ``class id -> d x d`` covariance of the class's rows, or
+            :class:`ClassRows` (the rows themselves, when they are few).
         threshold: energy fraction per class, a float or ``k -> fraction``.
         basis: an orthonormal ``d x r`` basis from earlier (lower) classes to extend; classes
             can then be processed in ascending groups, one group's covariances at a time.
@@ -498,7 +543,7 @@ def per_class_basis(
 
 
 def _dense_per_class_basis(
-    class_covariances: Mapping[int, Tensor],
+    class_covariances: Mapping[int, Tensor | ClassRows],
     threshold: Threshold,
     basis: Tensor | None = None,
     rank_bounds: Mapping[int, int] | None = None,
@@ -519,33 +564,46 @@ def _dense_extend(basis: Tensor, cov: Tensor, threshold: float, rank_bound: int 
 
 
 def _class_by_class(
-    class_covariances: Mapping[int, Tensor],
+    class_covariances: Mapping[int, Tensor | ClassRows],
     threshold: Threshold,
     basis: Tensor | None,
     rank_bounds: Mapping[int, int] | None,
     extend: Callable[[Tensor, Tensor, float, int | None], Tensor],
 ) -> tuple[Tensor, BasisInfo]:
-    # Algorithm 1's loop: ``extend`` grows the basis for one class, in ascending class id
+    # Algorithm 1's loop: ``extend`` grows the basis for one class, in ascending class id; a
+    # class held as rows takes :func:`_extend_rows` under the library's rule, and its
+    # covariance under the reference rule
     classes = sorted(class_covariances)
     if not classes:
         raise ValueError(
             "`class_covariances` is empty: there is no remaining class to build a basis from."
         )
-    dim = class_covariances[classes[0]].shape[0]
-    device = class_covariances[classes[0]].device
+    first = class_covariances[classes[0]]
+    dim = first.dim if isinstance(first, ClassRows) else first.shape[0]
+    device = first.rows.device if isinstance(first, ClassRows) else first.device
     if basis is None:
         basis = torch.zeros(dim, 0, dtype=torch.float64, device=device)
     basis = basis.to(device=device, dtype=torch.float64)
     summed: Tensor | None = None
+    held: list[Tensor] = []  # float64 rows of the classes held as rows
     for k in classes:
-        cov = _symmetric(class_covariances[k].to(basis.device))
-        summed = cov.clone() if summed is None else summed.add_(cov)
+        item = class_covariances[k]
         eps = threshold(k) if callable(threshold) else threshold
+        if isinstance(item, ClassRows) and extend is _extend:
+            rows = item.rows.to(device=basis.device, dtype=torch.float64)
+            held.append(rows)
+            basis = _extend_rows(basis, rows, eps)
+            continue
+        matrix = item.covariance() if isinstance(item, ClassRows) else item
+        cov = _symmetric(matrix.to(basis.device))
+        summed = cov.clone() if summed is None else summed.add_(cov)
         bound = None if rank_bounds is None else rank_bounds.get(k)
         basis = extend(basis, cov, eps, bound)
-    assert summed is not None
-    total_energy = float(torch.trace(summed))
-    kept = float(((summed @ basis) * basis).sum()) if basis.shape[1] else 0.0
+    total_energy = sum(float(rows.square().sum()) for rows in held)
+    kept = sum(float((rows @ basis).square().sum()) for rows in held) if basis.shape[1] else 0.0
+    if summed is not None:
+        total_energy += float(torch.trace(summed))
+        kept += float(((summed @ basis) * basis).sum()) if basis.shape[1] else 0.0
     energy = kept / total_energy if total_energy > 0 else 1.0
     return basis, BasisInfo(dim=dim, rank=basis.shape[1], energy=energy)
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from unsc_lightning.nullspace.basis import (
     BasisInfo,
+    ClassRows,
     class_threshold_schedule,
     per_class_basis,
     pooled_basis,
@@ -98,6 +99,10 @@ class BasisPass:
             self.dims, num_classes=0, device=self.device, gram=engine.gram
         )
         slots.bind(accumulator)
+        # a class's few rows of a wide layer stay rows for the per-class rule (one process:
+        # the ranks' all-reduce sums covariances, so DDP forms them)
+        accumulator.keep_rows = engine.rule == "per_class" and not pooled_labels
+        accumulator.keep_rows &= self.reduce is None
         products = _ProductDtypes(engine, slots)
         accumulator.product_dtype = products.of_slot
         sites = engine.accounting.sites()
@@ -306,8 +311,10 @@ class BasisPass:
     ) -> None:
         engine = self.engine
         start = time.perf_counter()
+        held = accumulator.take_rows()  # before ``sums`` multiplies the buffered rows
         for key in self.dims:
             sums = accumulator.sums[key]
+            rows = {group[slot]: ClassRows(r) for (name, slot), r in held.items() if name == key}
             eps = engine.threshold_of(key)
             # rank(C_k) <= rows summed into it: small eigenproblems where data are few
             per_sample = accumulator.rows_per_sample.get(key, 0)
@@ -329,21 +336,29 @@ class BasisPass:
                         stacklevel=2,
                     )
                 schedule = class_threshold_schedule(eps, engine.class_threshold_step)
-                covariances = {k: sums[i] for i, k in enumerate(group)}
+                covariances: dict[int, Tensor | ClassRows] = {
+                    k: rows.get(k, sums[i]) for i, k in enumerate(group)
+                }
                 bases[key], info = per_class_basis(covariances, schedule, bases[key], bounds)
             else:
                 bound = None if bounds is None else sum(bounds.values())
                 bases[key], info = pooled_basis(sums[0], eps, bound)
             trace = float(sums.diagonal(dim1=-2, dim2=-1).sum())
+            trace += sum(held_rows.trace() for held_rows in rows.values())
             energy[key] += info.energy * trace
             total[key] += trace
-            self._peak(accumulator, bases)
+            self._peak(accumulator, bases, sum(r.numel() * r.element_size() for r in held.values()))
+            held = {item: r for item, r in held.items() if item[0] != key}
         engine.timings["bases"] += time.perf_counter() - start
 
     def _peak(
-        self, accumulator: CovarianceAccumulator, bases: Mapping[str, Tensor] | None = None
+        self,
+        accumulator: CovarianceAccumulator,
+        bases: Mapping[str, Tensor] | None = None,
+        rows: int = 0,
     ) -> None:
-        held = accumulator.held_bytes()  # without adding the buffered rows (no flush)
+        # ``rows``: bytes of the class rows taken out of the accumulator (``take_rows``)
+        held = accumulator.held_bytes() + rows  # without adding the buffered rows (no flush)
         held += 8 * sum(t.numel() for t in (bases if bases is not None else self.bases).values())
         self.peak = max(self.peak, held)
 
@@ -363,18 +378,8 @@ class _Slots:
 
     def _grow(self, count: int) -> None:
         # every class new in a batch at once: one copy of the sums, not one per class
-        acc = self.accumulator
-        assert acc is not None
-        if count == 0:
-            return
-        for key, total in acc.sums.items():
-            d = total.shape[-1]
-            fresh = torch.zeros(count, d, d, dtype=total.dtype, device=total.device)
-            acc.sums[key] = torch.cat([total, fresh]) if total.shape[0] else fresh
-        acc.samples_per_class = torch.cat(
-            [acc.samples_per_class[: acc.num_classes or 0], torch.zeros(count, dtype=torch.long)]
-        )
-        acc.num_classes = (acc.num_classes or 0) + count
+        assert self.accumulator is not None
+        self.accumulator.add_classes_(count)
 
     def assign_all(self, labels: list[int], used: dict[int, int]) -> list[int]:
         """Slots of ``labels`` (ascending), assigning, evicting and growing as needed."""
@@ -396,11 +401,8 @@ class _Slots:
                 # the highest is never a class appended in this batch (those are below label)
                 highest = max(self.classes)
                 slot = self.classes.index(highest)
-                acc = self.accumulator
-                assert acc is not None
-                for total in acc.sums.values():
-                    total[slot].zero_()
-                acc.samples_per_class[slot] = 0
+                assert self.accumulator is not None
+                self.accumulator.clear_class_(slot)
                 used[highest] = 0
                 self.classes[slot] = label
                 result.append(slot)

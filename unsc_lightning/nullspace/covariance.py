@@ -25,6 +25,7 @@ from unsc_lightning.nullspace.gram import (
     add_gram,
     add_shifted_gram,
     buffer_rows,
+    held_rows,
     map_borders,
 )
 from unsc_lightning.nullspace.representation import (
@@ -210,6 +211,11 @@ class CovarianceAccumulator:
         self._pending: dict[tuple[str, int | None], tuple[Tensor, int]] = {}
         #: ``layer -> whether every row that went into its buffers was finite`` (a 0-d tensor)
         self._buffered_finite: dict[str, Tensor] = {}
+        #: keep each class's rows of a wide layer as rows, up to :func:`held_rows` of them, for
+        #: :meth:`take_rows` (a per-class basis pass sets it; the sums stay complete either way)
+        self.keep_rows = False
+        #: ``(layer, class slot)`` whose sums have received a product (their rows are not all held)
+        self._dense: set[tuple[str, int | None]] = set()
         self.rows_seen: dict[str, int] = dict.fromkeys(self.dims, 0)
         #: the most rows one sample contributed per layer: ``samples x this`` bounds a rank
         self.rows_per_sample: dict[str, int] = dict.fromkeys(self.dims, 0)
@@ -289,6 +295,7 @@ class CovarianceAccumulator:
             return
         name, slot = key
         target = self._sums[name] if slot is None else self._sums[name][slot]
+        self._dense.add(key)
         add_gram(target, buffer[:filled])
         if not bool(torch.isfinite(target.diagonal()).all()):
             raise self._non_finite(name)
@@ -376,6 +383,7 @@ class CovarianceAccumulator:
                     first, last, kernel, stride, inner = map_borders(borders, cut)
                     self.rows_seen[name] += block.shape[0]
                     self._float32_products |= product == torch.float32
+                    self._dense.add((name, cls))
                     add_shifted_gram(
                         target[cls], block, first, last, kernel, stride, product, inner
                     )
@@ -410,23 +418,79 @@ class CovarianceAccumulator:
             self._float32_products = True
         key = (name, slot)
         count, dim = rows.shape
-        limit = buffer_rows(dim)
+        limit = self._row_limit(key, dim)
         pending = self._pending.get(key)
         if pending is not None and (pending[0].dtype != dtype or pending[1] + count > limit):
             self._flush_one(key)
             pending = None
+            limit = self._row_limit(key, dim)
         if count >= limit:
+            self._dense.add(key)
             add_gram(target if slot is None else target[slot], rows)
             return
         if pending is None:
-            pending = (torch.empty(limit, dim, dtype=dtype, device=target.device), 0)
+            size = min(limit, max(buffer_rows(dim), count))
+            pending = (torch.empty(size, dim, dtype=dtype, device=target.device), 0)
         buffer, filled = pending
+        if filled + count > buffer.shape[0]:  # a class's held rows grow by doubling
+            size = min(limit, max(2 * buffer.shape[0], filled + count))
+            grown = torch.empty(size, dim, dtype=dtype, device=target.device)
+            grown[:filled].copy_(buffer[:filled])
+            buffer = grown
         buffer[filled : filled + count].copy_(rows)
         self._pending[key] = (buffer, filled + count)
         # :meth:`check_finite` sees these rows before they reach the sums (no sync here)
         finite = torch.isfinite(rows).all()
         previous = self._buffered_finite.get(name)
         self._buffered_finite[name] = finite if previous is None else previous & finite
+
+    def _row_limit(self, key: tuple[str, int | None], dim: int) -> int:
+        # rows a key's buffer may gather: a class whose sums are untouched keeps up to
+        # ``held_rows`` under :attr:`keep_rows`, otherwise ``buffer_rows``
+        limit = buffer_rows(dim)
+        if self.keep_rows and key[1] is not None and key not in self._dense:
+            limit = max(limit, held_rows(dim))
+        return limit
+
+    def take_rows(self) -> dict[tuple[str, int], Tensor]:
+        """Remove and return every class's rows that never reached its sums (:attr:`keep_rows`).
+
+        Returns:
+            ``(layer, class slot) -> rows`` (``n x d``, in the product dtype). The sums of these
+            classes stay zero: their covariance is ``rowsᵀ rows``, and nothing else is held
+            for them. Rows were checked for NaN/inf by :meth:`check_finite`.
+        """
+        taken: dict[tuple[str, int], Tensor] = {}
+        for key in list(self._pending):
+            name, slot = key
+            if slot is None or key in self._dense:
+                continue
+            buffer, filled = self._pending.pop(key)
+            if filled:
+                taken[(name, slot)] = buffer[:filled]
+        return taken
+
+    def add_classes_(self, count: int) -> None:
+        """Append ``count`` empty class slots (per-class sums; buffered rows stay buffered)."""
+        if count <= 0:
+            return
+        for name, total in self._sums.items():
+            d = total.shape[-1]
+            fresh = torch.zeros(count, d, d, dtype=total.dtype, device=total.device)
+            self._sums[name] = torch.cat([total, fresh]) if total.shape[0] else fresh
+        held = self.num_classes or 0
+        self.samples_per_class = torch.cat(
+            [self.samples_per_class[:held], torch.zeros(count, dtype=torch.long)]
+        )
+        self.num_classes = held + count
+
+    def clear_class_(self, slot: int) -> None:
+        """Empty one class slot: its sums, its buffered rows and its sample count."""
+        for name, total in self._sums.items():
+            total[slot].zero_()
+            self._pending.pop((name, slot), None)
+            self._dense.discard((name, slot))
+        self.samples_per_class[slot] = 0
 
     def channels_last_(self, orders: Mapping[str, ColumnOrder]) -> None:
         """Take the rows of the keys in ``orders`` channels-last (a :class:`SiteRecorder`'s
@@ -458,6 +522,7 @@ class CovarianceAccumulator:
             return
         for cls, count in enumerate(counts):
             if count:
+                self._dense.add((name, cls))
                 target[cls].add_(gram, alpha=count)
 
     def check_finite(self) -> None:

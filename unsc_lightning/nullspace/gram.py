@@ -6,7 +6,9 @@
   first spatial dimension and, for 2-d convolutions, the second (:func:`_shifted_top`), so that
   only the blocks with a tap below the stride on one side are multiplied;
 - :func:`buffer_rows`: how many rows a wide layer's small class blocks are gathered into before
-  one product (the accumulator's row buffers).
+  one product (the accumulator's row buffers);
+- :func:`held_rows`: how many rows of one class a wide layer may keep as rows, never forming
+  their ``d x d`` sums (the per-class rule then works on the rows).
 """
 
 from __future__ import annotations
@@ -125,6 +127,21 @@ def buffer_rows(dim: int) -> int:
     sums in float64, and every product is that of one batch of at most that many rows.
     """
     return dim // 8 if dim >= 512 else 0
+
+
+def held_rows(dim: int) -> int:
+    """Rows of one class a layer at least 512 wide keeps as rows in a per-class basis pass
+    (``dim // 3 - 8``; 0 below 512): beyond that, they are multiplied into the class's sums.
+
+    A class with fewer rows than ``d`` has a covariance of rank at most its row count. Kept as
+    rows ``R`` (``n x d``), the per-class rule needs no ``d x d`` product at all: the energy
+    ``U`` captures is ``‖R U‖²``, and the residual's eigenpairs are the singular pairs of
+    ``R - (R U) Uᵀ``, ``O(n d (n + r))`` instead of the ``O(d² n)`` of the sums' low-rank path
+    (:func:`~unsc_lightning.nullspace.basis.eigh_descending` with a rank bound, which applies
+    below the same size: ``3 (n + 8) <= d``). Late layers of image models are wide and see few
+    rows per sample: ResNet-18 at 32x32 gives one row per sample to its d = 4608 layers.
+    """
+    return dim // 3 - 8 if dim >= 512 else 0
 
 
 def add_gram(target: Tensor, rows: Tensor) -> None:
