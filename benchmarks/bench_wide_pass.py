@@ -1,19 +1,33 @@
-"""The basis pass of a model with wide layers: torchvision's ResNet-18 on 32 x 32 inputs.
+"""The basis build of a model with wide layers: torchvision's ResNet-18 on 32 x 32 inputs.
 
 At 32 x 32, ResNet-18's last stage runs on 1 x 1 maps: its 2304- and 4608-wide layers receive one
 row per sample, a few rows per class and batch. Each class block's Gram product must be added
 into that class's ``d x d`` float64 sums, a pass over ``8 d²`` bytes that costs far more than the
-product of a few rows. This benchmark times, in one process and interleaved, the pass alone
-(the eigendecompositions are skipped) against a plain no-grad forward over the same samples:
+product of a few rows, and each class's basis step then works on a ``d x d`` matrix. This
+benchmark times, in one process and interleaved, whole builds (``NullSpaceEngine.build``: the
+pass, and the bases, ``bases_s``) against a plain no-grad forward over the same samples:
 
-- ``library``: the engine as it is: a wide layer's small class blocks gather in a row buffer
-  (``nullspace.gram.buffer_rows``) before one product, and convolution sums stay channels-last, the
+- ``library``: the engine as it is: under the per-class rule a wide layer keeps each class's
+  rows as rows (``nullspace.gram.held_rows``, up to ``d/3 - 8``) and the rule works on them
+  (``basis._extend_rows``); other small class blocks gather in a row buffer
+  (``nullspace.gram.buffer_rows``) before one product; convolution sums stay channels-last, the
   bases' rows being permuted at the end;
-- ``unbuffered``: every block multiplied and added as it comes (``buffer_rows`` patched to 0);
+- ``sums``: every class's ``d x d`` sums formed (``held_rows`` patched to 0: the engine of the
+  third speed pass, before 2026-11-27 16:00);
+- ``unbuffered``: ``sums`` with every block multiplied and added as it comes (``buffer_rows``
+  patched to 0);
 - ``former``: unbuffered, and every class's sums permuted to weight order after the pass (what
-  the engine did before 2026-11-27).
+  the engine did before the third speed pass).
 
-Inputs are random (``--samples``, labels ``i % 10``), batch ``--batch``, rule ``--rule``.
+``--pass-only`` skips the eigendecompositions (the sums are still completed), as this benchmark
+did before the held rows: ``library`` then equals ``sums`` plus the cost of multiplying the
+held rows at the end.
+
+Data (``--data``): ``random`` (an untrained model; ``--samples`` random inputs, labels ``i % 10``,
+batch ``--batch``), or ``zoo``: the zoo's ResNet-18 trained on digits at 32 x 32 and the remaining
+data of its unlearning run (class 3 forgotten; ``benchmarks/zoo.py``, which trains the model
+into its ``--cache-dir`` when it is not there), the build ``NullSpaceCalibration()`` runs at its
+defaults. Rule ``--rule``.
 
 Example:
     python benchmarks/bench_wide_pass.py --threads 1 --json docs/results/wide_pass.json
@@ -25,6 +39,7 @@ import contextlib
 import functools
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,19 +50,23 @@ from torch.utils.data import DataLoader, TensorDataset
 from unsc_lightning.nullspace import NullSpaceEngine, covariance
 from unsc_lightning.nullspace.basis_pass import BasisPass
 
-VARIANTS = ("library", "unbuffered", "former")
+VARIANTS = ("library", "sums", "unbuffered", "former")
 
 
 @contextlib.contextmanager
-def variant(name: str) -> Iterator[None]:
-    """Patch the engine into ``name``'s behaviour; the eigendecompositions are always skipped."""
+def variant(name: str, pass_only: bool) -> Iterator[None]:
+    """Patch the engine into ``name``'s behaviour (and skip the eigendecompositions)."""
 
     def sums_only(
         self: BasisPass, bases: Any, energy: Any, total: Any, accumulator: Any, *rest: Any
     ) -> None:
         accumulator.sums  # noqa: B018  (the property adds the buffered rows: timed, as in a build)
 
-    patches: list[tuple[Any, str, Any]] = [(BasisPass, "_extend", sums_only)]
+    patches: list[tuple[Any, str, Any]] = []
+    if pass_only:
+        patches.append((BasisPass, "_extend", sums_only))
+    if name != "library":
+        patches.append((covariance, "held_rows", lambda dim: 0))
     if name in ("unbuffered", "former"):
         patches.append((covariance, "buffer_rows", lambda dim: 0))
     if name == "former":
@@ -69,20 +88,37 @@ def variant(name: str) -> Iterator[None]:
             setattr(owner, attr, value)
 
 
+def data(options: Any) -> tuple[torch.nn.Module, Any]:
+    """(model, remaining data) of ``--data``."""
+    if options.data == "zoo":
+        from zoo import ZOO, trained, zoo_datamodule
+
+        entry = ZOO["resnet18"]
+        model = trained(entry, [3], False, 0, "cpu", options.cache_dir)
+        datamodule = zoo_datamodule(entry.data, [3], "forget", seed=0)
+        datamodule.setup("fit")
+        return model, datamodule.retain_dataloader()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(options.samples, 3, 32, 32, generator=generator)
+    y = torch.arange(options.samples) % 10
+    return model, DataLoader(TensorDataset(x, y), batch_size=options.batch)
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0])
     args.add_argument("--samples", type=int, default=640)
     args.add_argument("--batch", type=int, default=64)
     args.add_argument("--rule", choices=["per_class", "pooled"], default="per_class")
     args.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    args.add_argument("--pass-only", action="store_true", help="skip the eigendecompositions")
+    args.add_argument("--data", choices=["random", "zoo"], default="random")
+    args.add_argument("--cache-dir", type=Path, default=Path("/tmp/unsc_zoo_cache"))
     options = args.parse_args()
     device = setup(options)
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).to(device).eval()
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(options.samples, 3, 32, 32, generator=generator)
-    y = torch.arange(options.samples) % 10
-    loader = DataLoader(TensorDataset(x, y), batch_size=options.batch)
+    model, loader = data(options)
+    model = model.to(device).eval()
 
     def forward() -> None:
         with torch.no_grad():
@@ -91,37 +127,54 @@ def main() -> None:
 
     forward()  # warm-up
     forwards: list[float] = []
-    passes: dict[str, list[float]] = {name: [] for name in options.variants}
+    builds: dict[str, list[float]] = {name: [] for name in options.variants}
+    eigen: dict[str, list[float]] = {name: [] for name in options.variants}
+    ranks: dict[str, dict[str, int]] = {}
     for _ in range(options.repeats):
         forwards.append(timed(forward, device))
         for name in options.variants:
             engine = NullSpaceEngine(model, threshold=0.97, rule=options.rule)
-            with variant(name):
-                passes[name].append(timed(functools.partial(engine.build, loader), device))
+            with variant(name, options.pass_only):
+                builds[name].append(timed(functools.partial(engine.build, loader), device))
+            eigen[name].append(0.0 if options.pass_only else engine.timings["bases"])
+            if not options.pass_only:
+                ranks[name] = {key: info.rank for key, info in engine.layer_infos.items()}
             del engine  # ten classes' sums of ResNet-18 take 7 GiB: freed before the next
             gc.collect()
     plain = best(forwards)
-    rows = [
-        {
-            "variant": name,
-            "forward_s": plain,
-            "pass_s": best(times),
-            "pass_throughput_vs_forward": plain / best(times),
-            "speedup_vs_former": best(passes["former"]) / best(times)
-            if "former" in passes
-            else None,
-        }
-        for name, times in passes.items()
-    ]
+    baseline = next((name for name in ("sums", "former") if name in builds), None)
+    rows = []
+    for name, times in builds.items():
+        fastest = times.index(best(times))  # the fastest build, split into pass and bases
+        build, bases = times[fastest], eigen[name][fastest]
+        rows.append(
+            {
+                "variant": name,
+                "forward_s": plain,
+                "build_s": build,
+                "bases_s": bases,
+                "pass_s": build - bases,
+                "pass_throughput_vs_forward": plain / (build - bases),
+                "speedup": None if baseline is None else best(builds[baseline]) / build,
+                "same_ranks_as_baseline": None
+                if baseline is None or not ranks
+                else ranks[name] == ranks[baseline],
+            }
+        )
     print(table(rows, list(rows[0])))
     write_json(
         options.json,
         {
             "benchmark": "bench_wide_pass",
-            "model": "torchvision resnet18(num_classes=10), eval, random 3x32x32",
-            "samples": options.samples,
-            "batch": options.batch,
+            "model": "torchvision resnet18(num_classes=10), eval",
+            "data": "zoo: trained on digits 32x32, remaining data of class 3's unlearning"
+            if options.data == "zoo"
+            else "random 3x32x32, untrained",
+            "samples": options.samples if options.data == "random" else None,
+            "batch": options.batch if options.data == "random" else None,
             "rule": options.rule,
+            "pass_only": options.pass_only,
+            "speedup_against": baseline,
             "results": rows,
             "machine": machine(device),
         },

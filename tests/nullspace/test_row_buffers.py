@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unsc_lightning.nullspace import NullSpaceEngine
+from unsc_lightning.nullspace import NullSpaceEngine, covariance
 from unsc_lightning.nullspace.basis_pass import BasisPass, _Slots
 from unsc_lightning.nullspace.batches import default_batch_adapter
 from unsc_lightning.nullspace.covariance import (
@@ -77,13 +77,22 @@ def test_a_nan_waiting_in_a_row_buffer_is_reported_naming_the_layer():
         engine.build([(x[i : i + 3], y[i : i + 3]) for i in range(0, 30, 3)])
 
 
-def test_peak_memory_counts_the_row_buffers():
+def test_peak_memory_counts_the_row_buffers(monkeypatch):
     model, (x, y) = _wide_model(), _data()
-    engine = NullSpaceEngine(model, threshold=0.97)
-    engine.build([(x[i : i + 9], y[i : i + 9]) for i in range(0, len(x), 9)])
-    assert engine.report is not None
+    batches = [(x[i : i + 9], y[i : i + 9]) for i in range(0, len(x), 9)]
     buffers = 3 * buffer_rows(640) * 640 * 4  # float32 rows, three classes
     sums = 3 * (640**2 + 16**2) * 8
+    # 50 rows per class: held as rows, the wide layer's d x d sums are never allocated
+    engine = NullSpaceEngine(model, threshold=0.97)
+    engine.build(batches)
+    assert engine.report is not None
+    assert buffers <= engine.report.peak_bytes < 3 * 640**2 * 8
+    assert engine.report.peak_bytes <= engine.report.estimate_bytes
+    # every class's sums formed (``held_rows`` off): the sums and the buffers, counted
+    monkeypatch.setattr(covariance, "held_rows", lambda dim: 0)
+    engine = NullSpaceEngine(model, threshold=0.97)
+    engine.build(batches)
+    assert engine.report is not None
     assert engine.report.peak_bytes >= sums + buffers
     assert engine.report.peak_bytes <= engine.report.estimate_bytes
 

@@ -494,7 +494,7 @@ def _extend_rows(basis: Tensor, rows: Tensor, threshold: float) -> Tensor:
     # :func:`_extend` for the covariance ``Rᵀ R`` of float64 rows ``R`` (``n x d``): the energy
     # ``U`` captures is ``‖R U‖²`` and the residual ``(I - UUᵀ) Rᵀ R (I - UUᵀ)`` has the right
     # singular vectors of ``R - (R U) Uᵀ`` as eigenvectors and their squared singular values
-    # as eigenvalues: one ``n x d`` SVD, ``O(n d (n + r))``, no ``d x d`` matrix
+    # as eigenvalues: ``O(n d (n + r))``, no ``d x d`` matrix
     dim = rows.shape[1]
     width = basis.shape[1]
     total = float(rows.square().sum())
@@ -504,12 +504,20 @@ def _extend_rows(basis: Tensor, rows: Tensor, threshold: float) -> Tensor:
     if total <= 0 or eps * total - captured <= RELATIVE_TOLERANCE * total or width >= dim:
         return basis
     residual = rows if product is None else rows - product @ basis.T
+    # the residual's n x n Gram E Eᵀ = W Λ Wᵀ gives the eigenpairs (Λ, Eᵀ W Λ^-½): no ``d x d``
+    # matrix, and float64 products (the covariances' own precision is that of their sums)
+    small = _symmetric(residual @ residual.T)
+    scale = float(torch.trace(small).clamp_min(torch.finfo(torch.float64).tiny))
     try:
-        _, singular, right = torch.linalg.svd(residual, full_matrices=False)
+        values, vectors = torch.linalg.eigh(small / scale)
     except (torch.linalg.LinAlgError, RuntimeError):  # the covariance's decomposition instead
         return _extend(basis, _symmetric(rows.T @ rows), threshold, rows.shape[0])
-    rank = min(energy_rank(singular.square(), eps, total, captured), dim - width)
-    return _orthonormal_extension(basis, right[:rank].T) if rank else basis
+    values, vectors = values.flip(0).clamp_min(0) * scale, vectors.flip(1)
+    rank = min(energy_rank(values, eps, total, captured), dim - width)
+    if not rank:
+        return basis
+    directions = (residual.T @ vectors[:, :rank]) / values[:rank].sqrt()
+    return _orthonormal_extension(basis, directions)
 
 
 def per_class_basis(

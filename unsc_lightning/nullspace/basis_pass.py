@@ -312,9 +312,11 @@ class BasisPass:
         engine = self.engine
         start = time.perf_counter()
         held = accumulator.take_rows()  # before ``sums`` multiplies the buffered rows
-        for key in self.dims:
-            sums = accumulator.sums[key]
+        for key, dim in self.dims.items():
             rows = {group[slot]: ClassRows(r) for (name, slot), r in held.items() if name == key}
+            # ``None``: every row of this layer is held as rows, no ``d x d`` sums exist
+            sums = accumulator.layer_sums(key) if per_class else accumulator.sums[key]
+            none = ClassRows(torch.zeros(0, dim, dtype=torch.float64, device=self.device))
             eps = engine.threshold_of(key)
             # rank(C_k) <= rows summed into it: small eigenproblems where data are few
             per_sample = accumulator.rows_per_sample.get(key, 0)
@@ -337,13 +339,14 @@ class BasisPass:
                     )
                 schedule = class_threshold_schedule(eps, engine.class_threshold_step)
                 covariances: dict[int, Tensor | ClassRows] = {
-                    k: rows.get(k, sums[i]) for i, k in enumerate(group)
+                    k: rows.get(k, none if sums is None else sums[i]) for i, k in enumerate(group)
                 }
                 bases[key], info = per_class_basis(covariances, schedule, bases[key], bounds)
             else:
+                assert sums is not None
                 bound = None if bounds is None else sum(bounds.values())
                 bases[key], info = pooled_basis(sums[0], eps, bound)
-            trace = float(sums.diagonal(dim1=-2, dim2=-1).sum())
+            trace = 0.0 if sums is None else float(sums.diagonal(dim1=-2, dim2=-1).sum())
             trace += sum(held_rows.trace() for held_rows in rows.values())
             energy[key] += info.energy * trace
             total[key] += trace

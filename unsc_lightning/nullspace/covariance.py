@@ -201,11 +201,10 @@ class CovarianceAccumulator:
         self.dims = dict(dims)
         self.num_classes = num_classes
         self.dtype = dtype
-        shape = (num_classes,) if num_classes is not None else ()
-        self._sums: dict[str, Tensor] = {
-            name: torch.zeros(*shape, d, d, dtype=dtype, device=device)
-            for name, d in self.dims.items()
-        }
+        self.device = torch.device("cpu" if device is None else device)
+        #: a layer's sums are allocated when a product first goes into them: a wide layer whose
+        #: classes are all held as rows (:attr:`keep_rows`) never allocates its ``d x d`` sums
+        self._sums: dict[str, Tensor] = _LazySums(self._zeros)
         #: ``(layer, class slot or None) -> (rows buffer, rows filled)``: small class blocks wait
         #: here until :func:`buffer_rows` of them make one product (see :meth:`add`)
         self._pending: dict[tuple[str, int | None], tuple[Tensor, int]] = {}
@@ -237,6 +236,11 @@ class CovarianceAccumulator:
         #: layers whose rows arrive already subsampled (not subsampled again here)
         self.presampled: set[str] = set()
 
+    def _zeros(self, name: str) -> Tensor:
+        shape = (self.num_classes,) if self.num_classes is not None else ()
+        d = self.dims[name]
+        return torch.zeros(*shape, d, d, dtype=self.dtype, device=self.device)
+
     @classmethod
     def from_sums(
         cls,
@@ -255,6 +259,7 @@ class CovarianceAccumulator:
         per_class = first.dim() == 3
         accumulator = cls({}, num_classes=first.shape[0] if per_class else None, dtype=first.dtype)
         accumulator.dims = {name: int(total.shape[-1]) for name, total in sums.items()}
+        accumulator.device = first.device
         accumulator.sums = dict(sums)
         accumulator.rows_seen = {name: int((rows_seen or {}).get(name, 0)) for name in sums}
         accumulator.samples_per_class = samples_per_class.detach().to("cpu", torch.long).clone()
@@ -265,7 +270,15 @@ class CovarianceAccumulator:
         """``layer -> Σ x xᵀ`` (``(num_classes, d, d)`` per class, ``(d, d)`` pooled), complete:
         rows still waiting in a buffer are multiplied and added first."""
         self.flush_()
+        for name in self.dims:
+            self._sums[name]  # noqa: B018  (allocates the sums of a layer that had none yet)
         return self._sums
+
+    def layer_sums(self, name: str) -> Tensor | None:
+        """The complete sums of one layer (buffered rows added), or ``None`` when nothing was
+        ever added into them (every row it received was taken by :meth:`take_rows`)."""
+        self.flush_()
+        return self._sums.get(name)
 
     @sums.setter
     def sums(self, value: dict[str, Tensor]) -> None:
@@ -350,7 +363,6 @@ class CovarianceAccumulator:
         kernel size and stride; the Gram blocks of the taps ``>= stride`` then follow from the
         others (:func:`conv_shift_borders`), so only ``stride / kernel`` of the products run.
         """
-        target = self._sums[name]
         if not self.per_class:
             self._accumulate(name, None, self._rows(name, rows), self._product(name, 0))
             return
@@ -385,7 +397,7 @@ class CovarianceAccumulator:
                     self._float32_products |= product == torch.float32
                     self._dense.add((name, cls))
                     add_shifted_gram(
-                        target[cls], block, first, last, kernel, stride, product, inner
+                        self._sums[name][cls], block, first, last, kernel, stride, product, inner
                     )
                 start += count * rows_per_sample
                 sample += count
@@ -411,10 +423,9 @@ class CovarianceAccumulator:
         # addition into the ``d x d`` sums serve many batches; every product is then one of at
         # most ``buffer_rows`` rows, the precision of a batch of that size.
         self.rows_seen[name] += rows.shape[0]
-        target = self._sums[name]
-        dtype = target.dtype if product == target.dtype or rows.dtype == torch.float64 else product
-        rows = rows.to(device=target.device, dtype=dtype)
-        if dtype != target.dtype:
+        dtype = self.dtype if product == self.dtype or rows.dtype == torch.float64 else product
+        rows = rows.to(device=self.device, dtype=dtype)
+        if dtype != self.dtype:
             self._float32_products = True
         key = (name, slot)
         count, dim = rows.shape
@@ -426,15 +437,16 @@ class CovarianceAccumulator:
             limit = self._row_limit(key, dim)
         if count >= limit:
             self._dense.add(key)
+            target = self._sums[name]
             add_gram(target if slot is None else target[slot], rows)
             return
         if pending is None:
             size = min(limit, max(buffer_rows(dim), count))
-            pending = (torch.empty(size, dim, dtype=dtype, device=target.device), 0)
+            pending = (torch.empty(size, dim, dtype=dtype, device=self.device), 0)
         buffer, filled = pending
         if filled + count > buffer.shape[0]:  # a class's held rows grow by doubling
             size = min(limit, max(2 * buffer.shape[0], filled + count))
-            grown = torch.empty(size, dim, dtype=dtype, device=target.device)
+            grown = torch.empty(size, dim, dtype=dtype, device=self.device)
             grown[:filled].copy_(buffer[:filled])
             buffer = grown
         buffer[filled : filled + count].copy_(rows)
@@ -463,7 +475,9 @@ class CovarianceAccumulator:
         taken: dict[tuple[str, int], Tensor] = {}
         for key in list(self._pending):
             name, slot = key
-            if slot is None or key in self._dense:
+            if not self.keep_rows or slot is None or key in self._dense:
+                continue
+            if not held_rows(self.dims[name]):
                 continue
             buffer, filled = self._pending.pop(key)
             if filled:
@@ -486,8 +500,9 @@ class CovarianceAccumulator:
 
     def clear_class_(self, slot: int) -> None:
         """Empty one class slot: its sums, its buffered rows and its sample count."""
-        for name, total in self._sums.items():
+        for total in self._sums.values():
             total[slot].zero_()
+        for name in self.dims:
             self._pending.pop((name, slot), None)
             self._dense.discard((name, slot))
         self.samples_per_class[slot] = 0
@@ -534,16 +549,19 @@ class CovarianceAccumulator:
         Raises:
             RuntimeError: naming the first layer whose covariance is not finite.
         """
-        sums = self._sums  # without a flush: buffered rows carry their own flag
-        if not sums:
+        names = list(self.dims)
+        if not names:
             return
         flags = []
-        for name, total in sums.items():
-            flag = torch.isfinite(total.diagonal(dim1=-2, dim2=-1)).all()
+        for name in names:  # without a flush: buffered rows carry their own flag
+            total = self._sums.get(name)
+            flag = torch.ones((), dtype=torch.bool, device=self.device)
+            if total is not None:
+                flag = torch.isfinite(total.diagonal(dim1=-2, dim2=-1)).all().to(self.device)
             buffered = self._buffered_finite.get(name)
-            flags.append(flag if buffered is None else flag & buffered.to(flag.device))
+            flags.append(flag if buffered is None else flag & buffered.to(self.device))
         finite = torch.stack(flags).tolist()
-        for name, ok in zip(sums, finite):
+        for name, ok in zip(names, finite):
             if not ok:
                 raise self._non_finite(name)
 
@@ -594,6 +612,17 @@ class CovarianceAccumulator:
         for k in sorted({int(k) for k in classes}):
             pooled += total[k]
         return pooled
+
+
+class _LazySums(dict):  # type: ignore[type-arg]
+    # ``layer -> sums``, allocated by ``factory(layer)`` on first access
+    def __init__(self, factory: Callable[[str], Tensor]) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, name: str) -> Tensor:
+        value = self[name] = self.factory(name)
+        return value
 
 
 def _sample_range(patches: Tensor, total: int, start: int, count: int) -> Tensor:
