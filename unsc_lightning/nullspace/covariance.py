@@ -274,16 +274,16 @@ class CovarianceAccumulator:
             self._sums[name]  # noqa: B018  (allocates the sums of a layer that had none yet)
         return self._sums
 
+    @sums.setter
+    def sums(self, value: dict[str, Tensor]) -> None:
+        self.flush_()
+        self._sums = value
+
     def layer_sums(self, name: str) -> Tensor | None:
         """The complete sums of one layer (buffered rows added), or ``None`` when nothing was
         ever added into them (every row it received was taken by :meth:`take_rows`)."""
         self.flush_()
         return self._sums.get(name)
-
-    @sums.setter
-    def sums(self, value: dict[str, Tensor]) -> None:
-        self.flush_()
-        self._sums = value
 
     def held_bytes(self) -> int:
         """Bytes of the sums and of the row buffers (without adding the buffered rows)."""
