@@ -14,8 +14,10 @@ from unsc_lightning.nullspace import NullSpaceEngine, covariance
 from unsc_lightning.nullspace.basis import (
     ClassRows,
     _dense_per_class_basis,
+    _dense_pooled_basis,
     class_threshold_schedule,
     per_class_basis,
+    pooled_rows_basis,
 )
 from unsc_lightning.nullspace.gram import held_rows
 
@@ -95,7 +97,8 @@ def _batches(samples: int, batch: int, descending: bool = False) -> list[tuple[T
 
 
 def _bases(batches, monkeypatch=None, **options) -> tuple[dict[str, Tensor], NullSpaceEngine]:
-    engine = NullSpaceEngine(_wide_net(), threshold=0.97, class_threshold_step=0.003, **options)
+    options.setdefault("class_threshold_step", 0.003 if options.get("rule") != "pooled" else 0.0)
+    engine = NullSpaceEngine(_wide_net(), threshold=0.97, **options)
     taken: list[str] = []
     original = covariance.CovarianceAccumulator.take_rows
 
@@ -151,3 +154,27 @@ def test_rows_beyond_the_limit_go_to_the_sums(monkeypatch):
     expected, _ = _bases(batches, gram=torch.float64)
     for key, basis in expected.items():
         assert projector_gap(found[key], basis) < 1e-6, key
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.99, 1.0])
+def test_pooled_basis_from_rows_equals_the_one_from_their_covariance(threshold):
+    rows = torch.cat([_rows(60, 300, 40, seed=k) for k in range(3)])
+    found, info = pooled_rows_basis(ClassRows(rows), threshold)
+    expected, expected_info = _dense_pooled_basis(rows.T @ rows, threshold)
+    assert found.shape == expected.shape and 0 < found.shape[1] < 300
+    assert projector_gap(found, expected) < 1e-8
+    assert info.energy == pytest.approx(expected_info.energy, abs=1e-12)
+
+
+def test_pooled_pass_with_held_rows_equals_the_pass_forming_the_sums(monkeypatch):
+    batches = _batches(120, 16)  # 480 rows at d = 576: into the sums; 120 at d = 600: rows
+    found, engine = _bases(batches, monkeypatch, gram=torch.float64, rule="pooled")
+    assert engine.taken == ["8"]
+    monkeypatch.setattr(covariance, "held_rows", lambda dim: 0)
+    expected, reference = _bases(batches, gram=torch.float64, rule="pooled")
+    for key, basis in expected.items():
+        assert found[key].shape == basis.shape, key
+        assert projector_gap(found[key], basis) < 1e-6, key
+        assert engine.layer_infos[key].energy == pytest.approx(
+            reference.layer_infos[key].energy, abs=1e-6
+        )

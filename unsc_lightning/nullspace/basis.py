@@ -281,6 +281,18 @@ def pooled_basis(
     return vectors, _pooled_info(cov.shape[0], values, vectors.shape[1])
 
 
+def pooled_rows_basis(held: ClassRows, threshold: float) -> tuple[Tensor, BasisInfo]:
+    """:func:`pooled_basis` of the covariance ``Rᵀ R`` of rows held as rows (``n`` well below
+    ``d``): the top right singular vectors of ``R``, from its ``n x n`` Gram, no ``d x d`` matrix."""
+    rows = held.rows.to(torch.float64)
+    basis = _extend_rows(rows.new_zeros(held.dim, 0), rows, threshold)
+    total = float(rows.square().sum())
+    kept = float((rows @ basis).square().sum()) if basis.shape[1] else 0.0
+    return basis, BasisInfo(
+        dim=held.dim, rank=basis.shape[1], energy=kept / total if total > 0 else 1.0
+    )
+
+
 def _pooled_info(dim: int, values: Tensor, rank: int) -> BasisInfo:
     # the kept fraction of the eigenvalues' sum (`values` may be fewer than `dim`: the others
     # are zero)

@@ -19,6 +19,7 @@ from unsc_lightning.nullspace.basis import (
     class_threshold_schedule,
     per_class_basis,
     pooled_basis,
+    pooled_rows_basis,
 )
 from unsc_lightning.nullspace.batches import (
     BatchAdapter,
@@ -99,10 +100,9 @@ class BasisPass:
             self.dims, num_classes=0, device=self.device, gram=engine.gram
         )
         slots.bind(accumulator)
-        # a class's few rows of a wide layer stay rows for the per-class rule (one process:
-        # the ranks' all-reduce sums covariances, so DDP forms them)
-        accumulator.keep_rows = engine.rule == "per_class" and not pooled_labels
-        accumulator.keep_rows &= self.reduce is None
+        # a class's (or the pooled rule's) few rows of a wide layer stay rows for the rule (one
+        # process: the ranks' all-reduce sums covariances, so DDP forms them)
+        accumulator.keep_rows = self.reduce is None
         products = _ProductDtypes(engine, slots)
         accumulator.product_dtype = products.of_slot
         sites = engine.accounting.sites()
@@ -315,7 +315,7 @@ class BasisPass:
         for key, dim in self.dims.items():
             rows = {group[slot]: ClassRows(r) for (name, slot), r in held.items() if name == key}
             # ``None``: every row of this layer is held as rows, no ``d x d`` sums exist
-            sums = accumulator.layer_sums(key) if per_class else accumulator.sums[key]
+            sums = accumulator.layer_sums(key)
             none = ClassRows(torch.zeros(0, dim, dtype=torch.float64, device=self.device))
             eps = engine.threshold_of(key)
             # rank(C_k) <= rows summed into it: small eigenproblems where data are few
@@ -342,8 +342,9 @@ class BasisPass:
                     k: rows.get(k, none if sums is None else sums[i]) for i, k in enumerate(group)
                 }
                 bases[key], info = per_class_basis(covariances, schedule, bases[key], bounds)
+            elif group[0] in rows or sums is None:
+                bases[key], info = pooled_rows_basis(rows.get(group[0], none), eps)
             else:
-                assert sums is not None
                 bound = None if bounds is None else sum(bounds.values())
                 bases[key], info = pooled_basis(sums[0], eps, bound)
             trace = 0.0 if sums is None else float(sums.diagonal(dim1=-2, dim2=-1).sum())

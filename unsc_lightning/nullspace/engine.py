@@ -258,16 +258,14 @@ class NullSpaceEngine:
         """Peak bytes of the covariance sums and bases with ``groups`` classes held at once.
 
         Per basis: ``groups`` float64 ``d x d`` sums (one for the pooled rule), as many row
-        buffers (:func:`~unsc_lightning.nullspace.gram.buffer_rows` rows, or for the per-class
-        rule the :func:`~unsc_lightning.nullspace.gram.held_rows` a class may keep as rows;
-        counted at 8 bytes) and the basis itself (at most ``d x d``). The number of classes
-        never enters: classes beyond ``groups`` cost passes over the data, not memory.
+        buffers (the larger of :func:`~unsc_lightning.nullspace.gram.buffer_rows` and the
+        :func:`~unsc_lightning.nullspace.gram.held_rows` a class may keep as rows; counted at
+        8 bytes) and the basis itself (at most ``d x d``). The number of classes never enters:
+        classes beyond ``groups`` cost passes over the data, not memory.
         """
         square = sum(d * d for d in self.dims.values()) * 8
-        per_class = self.rule == "per_class"
-        width = held_rows if per_class else buffer_rows
-        buffers = sum(max(buffer_rows(d), width(d)) * d for d in self.dims.values()) * 8
-        held = groups if per_class else 1
+        buffers = sum(max(buffer_rows(d), held_rows(d)) * d for d in self.dims.values()) * 8
+        held = groups if self.rule == "per_class" else 1
         return square * (held + 1) + buffers * held
 
     def classes_per_pass(self, device: torch.device) -> int:
