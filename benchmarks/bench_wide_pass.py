@@ -5,7 +5,8 @@ row per sample, a few rows per class and batch. Each class block's Gram product 
 into that class's ``d x d`` float64 sums, a pass over ``8 d²`` bytes that costs far more than the
 product of a few rows, and each class's basis step then works on a ``d x d`` matrix. This
 benchmark times, in one process and interleaved, whole builds (``NullSpaceEngine.build``: the
-pass, and the bases, ``bases_s``) against a plain no-grad forward over the same samples:
+pass, and the bases, ``bases_s``) against a plain no-grad forward over the same samples, with
+the peak memory of sums, rows and bases the build reports (``peak_mib``):
 
 - ``library``: the engine as it is: under the per-class rule a wide layer keeps each class's
   rows as rows (``nullspace.gram.held_rows``, up to ``d/3 - 8``) and the rule works on them
@@ -130,6 +131,7 @@ def main() -> None:
     builds: dict[str, list[float]] = {name: [] for name in options.variants}
     eigen: dict[str, list[float]] = {name: [] for name in options.variants}
     ranks: dict[str, dict[str, int]] = {}
+    peaks: dict[str, float] = {}
     for _ in range(options.repeats):
         forwards.append(timed(forward, device))
         for name in options.variants:
@@ -137,6 +139,8 @@ def main() -> None:
             with variant(name, options.pass_only):
                 builds[name].append(timed(functools.partial(engine.build, loader), device))
             eigen[name].append(0.0 if options.pass_only else engine.timings["bases"])
+            assert engine.report is not None
+            peaks[name] = engine.report.peak_bytes / 2**20
             if not options.pass_only:
                 ranks[name] = {key: info.rank for key, info in engine.layer_infos.items()}
             del engine  # ten classes' sums of ResNet-18 take 7 GiB: freed before the next
@@ -155,6 +159,7 @@ def main() -> None:
                 "bases_s": bases,
                 "pass_s": build - bases,
                 "pass_throughput_vs_forward": plain / (build - bases),
+                "peak_mib": peaks[name],
                 "speedup": None if baseline is None else best(builds[baseline]) / build,
                 "same_ranks_as_baseline": None
                 if baseline is None or not ranks
