@@ -31,6 +31,7 @@ from unsc_lightning.nullspace.settings import check_gram
 from unsc_lightning.retain import (
     RankShare,
     RetainForward,
+    RowGather,
     ShapeRecorder,
     check_input_shape,
     find_retain_loader,
@@ -335,12 +336,13 @@ class NullSpaceCalibration(Callback):
         batches = ShapeRecorder(
             RankShare(loader, trainer, self.max_retain_batches), self.batch_adapter
         )
-        reduce = None
+        reduce, gather = None, None
         if trainer.world_size > 1:
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+            gather = RowGather(trainer)
         try:
             with trainer.precision_plugin.forward_context():
-                engine.build(batches, forward, reduce, self.batch_adapter, pl_module.device)
+                engine.build(batches, forward, reduce, self.batch_adapter, pl_module.device, gather)
         except NullSpaceEngineError as error:
             raise UnlearningConfigError(str(error)) from error
         self.retain_input_shape = batches.shape

@@ -42,6 +42,22 @@ class RankShare:
                 yield batch
 
 
+class RowGather:
+    """Every rank's ``n_r x d`` rows concatenated in rank order (``NullSpaceEngine.build``'s
+    ``gather``): two ``Strategy.all_gather`` calls, the counts and the rows padded to the most."""
+
+    def __init__(self, trainer: L.Trainer) -> None:
+        self.strategy = trainer.strategy
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        count = torch.tensor([rows.shape[0]], device=rows.device)
+        counts = [int(n) for n in self.strategy.all_gather(count).reshape(-1).tolist()]
+        padded = rows.new_zeros(max(counts), rows.shape[1])
+        padded[: rows.shape[0]] = rows
+        everything = self.strategy.all_gather(padded).reshape(len(counts), -1, rows.shape[1])
+        return torch.cat([everything[rank, :n] for rank, n in enumerate(counts)])
+
+
 class ShapeRecorder:
     """Passes batches through and records the inputs' per-sample shape (``None`` if several)."""
 

@@ -72,6 +72,7 @@ class _SaveRankState(L.Callback):
             "world_size": trainer.world_size,
             "bases": {name: basis.clone() for name, basis in self.calibration.bases.items()},
             "retain_samples": self.calibration.retain_samples,
+            "held_rows": self.calibration.engine.report.held_rows,  # type: ignore[union-attr]
             "weights": {
                 name: value.detach().clone() for name, value in pl_module.state_dict().items()
             },
@@ -165,17 +166,25 @@ def test_ddp_bases_and_weights_equal_single_process(tmp_path, rule, gram, projec
     assert max_weight_difference(initial, single_weights) > 1e-2
 
 
-@pytest.mark.parametrize("classes_per_pass", [None, 2])
+@pytest.mark.parametrize(
+    ("classes_per_pass", "limit"), [(None, None), (2, None), (None, 6)], ids=["1", "2", "6"]
+)
 def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(
-    tmp_path, monkeypatch, classes_per_pass
+    tmp_path, monkeypatch, classes_per_pass, limit
 ):
     """A 600-wide layer gets one or two rows per class and batch: they wait in row buffers
     (``nullspace.gram.buffer_rows``) and must be multiplied and added before the ranks' sums are
     all-reduced, so both ranks hold the single process's bases. With two classes per pass the
     later passes' sums go straight to the all-reduce (``reduce_`` adds the buffers first). One
-    process keeps each class's few rows as rows (``held_rows``) and builds from them: the
-    ranks' bases, built from the all-reduced sums, must span the same subspaces."""
+    process keeps each class's few rows as rows (``held_rows``) and builds from them; the ranks
+    gather them and build from them too. With a limit of 6 rows per class, each rank holds
+    fewer (4 or 5 of a class's 8), but together they hold more: both must multiply them into
+    the sums and all-reduce those instead (forked ranks inherit the patched limit)."""
     from unsc_lightning.nullspace import NullSpaceEngine, covariance
+
+    if limit is not None:  # no row buffer either (it would hold 75 rows of this layer)
+        monkeypatch.setattr(covariance, "held_rows", lambda dim: limit if dim >= 512 else 0)
+        monkeypatch.setattr(covariance, "buffer_rows", lambda dim: 0)
 
     calls: list[int] = []
     original = covariance.CovarianceAccumulator.take_rows
@@ -206,8 +215,8 @@ def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(
     options: dict[str, Any] = {"retain_dataloader": retain, "gram": "float64"}
     single = NullSpaceCalibration(threshold=0.97, memory_budget=budget, **options)
     quiet_trainer(1, [single]).fit(wide_module(), train_dataloaders=forget_loader(2 * 8))
-    # every class of the wide layer was held as rows, in every pass
-    assert len(calls) == NUM_CLASSES - 1
+    # every class of the wide layer was held as rows, in every pass (none past the limit)
+    assert len(calls) == (NUM_CLASSES - 1 if limit is None else 0)
     assert single.bases["model.2"].shape[0] == 600
     assert single.engine is not None and single.engine.report is not None
     assert single.engine.report.passes == (1 if budget is None else 2)
@@ -218,6 +227,8 @@ def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(
     ranks = load_ranks(tmp_path)
     for state in ranks:
         assert state["retain_samples"] == NUM_RETAIN
+        # gathered as rows, or (past the limit together) multiplied into the summed sums
+        assert state["held_rows"] == ({"model.2": NUM_CLASSES - 1} if limit is None else {})
     for name, basis in ranks[0]["bases"].items():
         assert torch.equal(basis, ranks[1]["bases"][name]), name
     assert max_projector_difference(ranks[0]["bases"], dict(single.bases)) <= PROJECTOR_ATOL

@@ -7,7 +7,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from unsc_lightning.nullspace.engine import NullSpaceEngine
 
 Reduce = Callable[[Tensor], Tensor]
+#: every process's ``n_p x d`` tensor, concatenated in process order (the same on every process)
+Gather = Callable[[Tensor], Tensor]
+#: ``(layer, class id) -> rows`` of the classes whose basis step works on their rows
+HeldRows = dict[tuple[str, int], Tensor]
 Threshold = float | Mapping[str, float]
 _PROBE_SAMPLES = 256
 
@@ -50,6 +54,9 @@ class BuildReport:
             class do not fit ``memory_budget`` at once).
         peak_bytes: the largest memory the covariance sums and bases held at once.
         estimate_bytes: the pre-flight estimate of that peak.
+        held_rows: ``layer -> classes`` (1 for the pooled rule) whose basis step worked on
+            their rows, never forming their ``d x d`` sums (wide layers that saw few rows per
+            class; :func:`~unsc_lightning.nullspace.gram.held_rows`).
     """
 
     samples: int
@@ -57,6 +64,7 @@ class BuildReport:
     passes: int
     peak_bytes: int
     estimate_bytes: int
+    held_rows: dict[str, int] = field(default_factory=dict)
 
 
 class BasisPass:
@@ -75,12 +83,15 @@ class BasisPass:
         adapter: BatchAdapter,
         forward: Callable[..., Any],
         reduce: Reduce | None,
+        gather: Gather | None = None,
     ) -> None:
         self.engine = engine
         self.device = device
         self.adapter = adapter
         self.forward = forward
         self.reduce = reduce
+        self.gather = gather
+        self.held_classes: dict[str, int] = {}
         self.dims = engine.dims
         self.used: dict[int, int] = {}  # samples used per class, across passes (for the cap)
         self.seen_keys: set[str] = set()
@@ -100,9 +111,9 @@ class BasisPass:
             self.dims, num_classes=0, device=self.device, gram=engine.gram
         )
         slots.bind(accumulator)
-        # a class's (or the pooled rule's) few rows of a wide layer stay rows for the rule (one
-        # process: the ranks' all-reduce sums covariances, so DDP forms them)
-        accumulator.keep_rows = self.reduce is None
+        # a class's (or the pooled rule's) few rows of a wide layer stay rows for the rule;
+        # several processes share them with ``gather`` (without it they form and sum covariances)
+        accumulator.keep_rows = self.reduce is None or self.gather is not None
         products = _ProductDtypes(engine, slots)
         accumulator.product_dtype = products.of_slot
         sites = engine.accounting.sites()
@@ -232,6 +243,7 @@ class BasisPass:
         total = dict.fromkeys(self.dims, 0.0)
         for index, group in enumerate(groups):
             if index == 0:
+                held, dense = self._take(first, list(slots.classes))
                 # per-class sums in slot order; a copy aligned to ``group`` only when another
                 # process may hold other slots (the all-reduce needs the same layout everywhere)
                 if self.reduce is None and sorted(slots.classes) == group:
@@ -241,9 +253,11 @@ class BasisPass:
                 del first
             else:
                 accumulator = self._pass(batches, _Slots(len(group), fixed=group), False)
-            self._account(accumulator, group)
-            self._extend(bases, energy, total, accumulator, group, per_class)
-            del accumulator
+                held, dense = self._take(accumulator, group)
+            held, summed = self._share(held, dense, accumulator, group)
+            self._account(accumulator, group, summed)
+            self._extend(bases, energy, total, accumulator, group, per_class, held)
+            del accumulator, held
         samples = sum(self.class_samples.values())
         if samples == 0:
             raise RuntimeError(
@@ -280,13 +294,79 @@ class BasisPass:
             passes=len(groups),
             peak_bytes=self.peak,
             estimate_bytes=engine.estimate_bytes(min(group_size, len(classes)) if per_class else 1),
+            held_rows=dict(self.held_classes),
         )
         return result, report
 
-    def _account(self, accumulator: CovarianceAccumulator, group: list[int]) -> None:
+    def _take(
+        self, accumulator: CovarianceAccumulator, classes: list[int]
+    ) -> tuple[HeldRows, set[tuple[str, int]]]:
+        # the rows held per (layer, class id) (``classes``: the class of each slot), and the
+        # (layer, class) pairs whose sums received products here
+        taken = accumulator.take_rows()
+        held = {(name, classes[slot]): rows for (name, slot), rows in taken.items()}
+        dense = {
+            (name, k)
+            for name in self.dims
+            if accumulator.held_limit(name)
+            for slot, k in enumerate(classes)
+            if accumulator.is_dense(name, slot)
+        }
+        return held, dense
+
+    def _share(
+        self,
+        held: HeldRows,
+        dense: set[tuple[str, int]],
+        accumulator: CovarianceAccumulator,
+        group: list[int],
+    ) -> tuple[HeldRows, list[str] | None]:
+        """Several processes: the rows of a (layer, class) are gathered from every process when
+        no process formed its sums and their total stays within ``held_rows``; otherwise each
+        process multiplies its rows into the sums, which are all-reduced.
+
+        Returns:
+            the rows every process now holds, and the layers whose sums must be all-reduced
+            (``None``: one process, nothing to reduce).
+        """
+        if self.reduce is None:
+            return held, None
+        wide = [name for name in self.dims if accumulator.held_limit(name)]
+        if self.gather is None or not wide:
+            return held, list(self.dims)
+        flags = torch.zeros(len(wide), len(group), 2, dtype=torch.float64, device=self.device)
+        for i, name in enumerate(wide):
+            for j, k in enumerate(group):
+                flags[i, j, 0] = float((name, k) in dense)
+                rows = held.get((name, k))
+                flags[i, j, 1] = 0.0 if rows is None else float(rows.shape[0])
+        flags = self.reduce(flags).cpu()
+        shared: HeldRows = {}
+        summed = [name for name in self.dims if name not in wide]
+        for i, name in enumerate(wide):
+            dim = self.dims[name]
+            for j, k in enumerate(group):
+                anywhere, count = bool(flags[i, j, 0] > 0), int(flags[i, j, 1])
+                local = held.get((name, k))
+                if not anywhere and 0 < count <= accumulator.held_limit(name):
+                    # float64 everywhere (exact for the float32 rows): every process sends the
+                    # same dtype, also one without rows of this class
+                    rows = torch.zeros(0, dim, dtype=torch.float64, device=self.device)
+                    rows = rows if local is None else local.to(self.device, torch.float64)
+                    shared[(name, k)] = self.gather(rows)
+                elif anywhere or count:
+                    if local is not None:
+                        accumulator.add_rows_(name, j, local)
+                    if name not in summed:
+                        summed.append(name)
+        return shared, summed
+
+    def _account(
+        self, accumulator: CovarianceAccumulator, group: list[int], summed: list[str] | None
+    ) -> None:
         if self.reduce is not None:
             accumulator.samples_per_class = accumulator.samples_per_class.to(self.device)
-            accumulator.reduce_(self.reduce)
+            accumulator.reduce_(self.reduce, summed)
             names = list(self.dims)
             flags = torch.tensor([float(k in self.seen_keys) for k in names], device=self.device)
             flags = self.reduce(flags)
@@ -308,12 +388,14 @@ class BasisPass:
         accumulator: CovarianceAccumulator,
         group: list[int],
         per_class: bool,
+        held: HeldRows,
     ) -> None:
         engine = self.engine
         start = time.perf_counter()
-        held = accumulator.take_rows()  # before ``sums`` multiplies the buffered rows
         for key, dim in self.dims.items():
-            rows = {group[slot]: ClassRows(r) for (name, slot), r in held.items() if name == key}
+            rows = {k: ClassRows(r) for (name, k), r in held.items() if name == key}
+            if rows:
+                self.held_classes[key] = self.held_classes.get(key, 0) + len(rows)
             # ``None``: every row of this layer is held as rows, no ``d x d`` sums exist
             sums = accumulator.layer_sums(key)
             none = ClassRows(torch.zeros(0, dim, dtype=torch.float64, device=self.device))
@@ -416,9 +498,15 @@ class _Slots:
     def aligned(
         self, accumulator: CovarianceAccumulator, group: list[int]
     ) -> CovarianceAccumulator:
-        """The first pass's sums in the order of ``group`` (zeros for a class not held here)."""
-        sums = {}
-        for key, total in accumulator.sums.items():
+        """The first pass's sums in the order of ``group`` (zeros for a class not held here);
+        a layer without sums (its rows all taken) stays without."""
+        aligned = CovarianceAccumulator(
+            accumulator.dims, num_classes=len(group), device=accumulator.device
+        )
+        for key in accumulator.dims:
+            total = accumulator.layer_sums(key)
+            if total is None:
+                continue
             d = total.shape[-1]
             rows = [
                 total[self.classes.index(k)]
@@ -426,7 +514,7 @@ class _Slots:
                 else torch.zeros(d, d, dtype=total.dtype, device=total.device)
                 for k in group
             ]
-            sums[key] = torch.stack(rows)
+            aligned._sums[key] = torch.stack(rows)
         counts = torch.tensor(
             [
                 int(accumulator.samples_per_class[self.classes.index(k)])
@@ -436,7 +524,7 @@ class _Slots:
             ],
             dtype=torch.long,
         )
-        aligned = CovarianceAccumulator.from_sums(sums, counts)
+        aligned.samples_per_class = counts
         aligned.rows_per_sample = dict(accumulator.rows_per_sample)
         return aligned
 

@@ -459,10 +459,9 @@ class CovarianceAccumulator:
     def _row_limit(self, key: tuple[str, int | None], dim: int) -> int:
         # rows a key's buffer may gather: a class whose sums are untouched keeps up to
         # ``held_rows`` under :attr:`keep_rows`, otherwise ``buffer_rows``
-        limit = buffer_rows(dim)
         if self.keep_rows and key[1] is not None and key not in self._dense:
-            limit = max(limit, held_rows(dim))
-        return limit
+            return max(buffer_rows(dim), self.held_limit(key[0]))
+        return buffer_rows(dim)
 
     def take_rows(self) -> dict[tuple[str, int], Tensor]:
         """Remove and return every class's rows that never reached its sums (:attr:`keep_rows`).
@@ -477,12 +476,27 @@ class CovarianceAccumulator:
             name, slot = key
             if not self.keep_rows or slot is None or key in self._dense:
                 continue
-            if not held_rows(self.dims[name]):
+            if not self.held_limit(name):
                 continue
             buffer, filled = self._pending.pop(key)
             if filled:
                 taken[(name, slot)] = buffer[:filled]
         return taken
+
+    def held_limit(self, name: str) -> int:
+        """Rows of one class this layer may keep as rows under :attr:`keep_rows` (0: none):
+        :func:`held_rows`, or the row buffer where that is longer."""
+        dim = self.dims[name]
+        return max(held_rows(dim), buffer_rows(dim)) if held_rows(dim) else 0
+
+    def is_dense(self, name: str, slot: int) -> bool:
+        """Whether a product went into the sums of this layer and class slot."""
+        return (name, slot) in self._dense
+
+    def add_rows_(self, name: str, slot: int, rows: Tensor) -> None:
+        """Multiply rows (e.g. returned by :meth:`take_rows`) into one class slot's sums."""
+        self._dense.add((name, slot))
+        add_gram(self._sums[name][slot], rows.to(self.device))
 
     def add_classes_(self, count: int) -> None:
         """Append ``count`` empty class slots (per-class sums; buffered rows stay buffered)."""
@@ -585,10 +599,19 @@ class CovarianceAccumulator:
         self.samples_per_class += other.samples_per_class
         return self
 
-    def reduce_(self, reduce_fn: Callable[[Tensor], Tensor]) -> CovarianceAccumulator:
-        """Apply a cross-process sum (e.g. a DDP all-reduce) to every sum in place."""
-        for name in self.sums:
-            self.sums[name] = reduce_fn(self.sums[name])
+    def reduce_(
+        self, reduce_fn: Callable[[Tensor], Tensor], layers: Iterable[str] | None = None
+    ) -> CovarianceAccumulator:
+        """Apply a cross-process sum (e.g. a DDP all-reduce) to every sum in place.
+
+        Args:
+            reduce_fn: the sum over processes.
+            layers: only these layers' sums (every process must pass the same ones; the others
+                stay unallocated: all their rows were taken by :meth:`take_rows` everywhere).
+        """
+        self.flush_()
+        for name in self.dims if layers is None else layers:
+            self._sums[name] = reduce_fn(self._sums[name])
         self.samples_per_class = reduce_fn(self.samples_per_class)
         return self
 

@@ -42,7 +42,13 @@ from unsc_lightning.nullspace.accounting import Accounting, Constraint, account_
 from unsc_lightning.nullspace.basis import (
     BasisInfo,
 )
-from unsc_lightning.nullspace.basis_pass import BasisPass, BuildReport, Reduce, _threshold_for
+from unsc_lightning.nullspace.basis_pass import (
+    BasisPass,
+    BuildReport,
+    Gather,
+    Reduce,
+    _threshold_for,
+)
 from unsc_lightning.nullspace.batches import (
     BatchAdapter,
     batch_size_of,
@@ -297,6 +303,7 @@ class NullSpaceEngine:
         reduce: Reduce | None = None,
         batch_adapter: BatchAdapter | None = None,
         device: torch.device | str | None = None,
+        gather: Gather | None = None,
     ) -> dict[str, BasisInfo]:
         """Build every basis from batches of remaining data (model in eval mode, no grad).
 
@@ -308,6 +315,11 @@ class NullSpaceEngine:
                 process then holds the bases of all processes' data.
             batch_adapter: ``batch -> (inputs, labels)`` (default :func:`default_batch_adapter`).
             device: where inputs and sums go (default: the device of the first parameter).
+            gather: with ``reduce``, every process's ``n x d`` tensor concatenated in process
+                order (e.g. from ``Strategy.all_gather``, padded): a wide layer's few rows of a
+                class are then shared as rows (see
+                :func:`~unsc_lightning.nullspace.gram.held_rows`) instead of forming and
+                all-reducing ``d x d`` sums. Without it, every covariance is all-reduced.
 
         Returns:
             ``key -> BasisInfo``.
@@ -322,7 +334,7 @@ class NullSpaceEngine:
         start = time.perf_counter()
         self.timings = {"bases": 0.0}
         with eval_mode(self.model):
-            bases, report = BasisPass(self, device, adapter, forward, reduce).run(batches)
+            bases, report = BasisPass(self, device, adapter, forward, reduce, gather).run(batches)
         self.timings["total"] = time.perf_counter() - start
         self.report = report
         self._set_bases(bases)
