@@ -143,7 +143,7 @@ def main() -> None:
             peaks[name] = engine.report.peak_bytes / 2**20
             if not options.pass_only:
                 ranks[name] = {key: info.rank for key, info in engine.layer_infos.items()}
-            del engine  # ten classes' sums of ResNet-18 take 7 GiB: freed before the next
+            del engine  # with every class's sums formed, ResNet-18's take 7 GiB: freed first
             gc.collect()
     plain = best(forwards)
     baseline = next((name for name in ("sums", "former") if name in builds), None)
