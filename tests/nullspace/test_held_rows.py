@@ -19,6 +19,8 @@ from unsc_lightning.nullspace.basis import (
     per_class_basis,
     pooled_rows_basis,
 )
+from unsc_lightning.nullspace.basis_pass import _Slots
+from unsc_lightning.nullspace.covariance import CovarianceAccumulator
 from unsc_lightning.nullspace.gram import held_rows
 
 
@@ -178,3 +180,26 @@ def test_pooled_pass_with_held_rows_equals_the_pass_forming_the_sums(monkeypatch
         assert engine.layer_infos[key].energy == pytest.approx(
             reference.layer_infos[key].energy, abs=1e-6
         )
+
+
+def test_aligned_sums_reuse_or_release_the_first_pass_sums():
+    dims = {"narrow": 4, "wide": 600}
+    first = CovarianceAccumulator(dims, num_classes=0)
+    slots = _Slots(3, fixed=None)
+    slots.bind(first)
+    assert slots.assign_all([2, 5], {}) == [0, 1]
+    first._sums["narrow"].normal_()  # the wide layer never received a product
+    first.samples_per_class[:] = torch.tensor([3, 4])
+    expected = first._sums["narrow"].clone()
+    # already in the group's order: the same accumulator, nothing copied
+    assert slots.aligned(first, [2, 5]) is first
+    # another order (and a class this process never saw): copied layer by layer, the source
+    # layer released, the wide layer left without sums
+    aligned = slots.aligned(first, [0, 2, 5])
+    assert aligned is not first and "narrow" not in first._sums
+    assert aligned.layer_sums("wide") is None
+    narrow = aligned.layer_sums("narrow")
+    assert narrow is not None
+    assert torch.equal(narrow[0], torch.zeros(4, 4, dtype=torch.float64))
+    assert torch.equal(narrow[1:], expected)
+    assert aligned.samples_per_class.tolist() == [0, 3, 4]

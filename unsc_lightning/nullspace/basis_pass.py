@@ -244,8 +244,8 @@ class BasisPass:
         for index, group in enumerate(groups):
             if index == 0:
                 held, dense = self._take(first, list(slots.classes))
-                # per-class sums in slot order; a copy aligned to ``group`` only when another
-                # process may hold other slots (the all-reduce needs the same layout everywhere)
+                # per-class sums in slot order; aligned to ``group`` where another process may
+                # hold other slots (the all-reduce needs the same layout everywhere)
                 if self.reduce is None and sorted(slots.classes) == group:
                     accumulator, group = first, list(slots.classes)
                 else:
@@ -499,7 +499,15 @@ class _Slots:
         self, accumulator: CovarianceAccumulator, group: list[int]
     ) -> CovarianceAccumulator:
         """The first pass's sums in the order of ``group`` (zeros for a class not held here);
-        a layer without sums (its rows all taken) stays without."""
+        a layer without sums (its rows all taken) stays without.
+
+        ``accumulator`` is consumed: it is returned as it is when its slots already hold
+        ``group`` in order (the usual case: the first batch had every class), and otherwise
+        each layer's sums are released as soon as their aligned copy exists, so that memory
+        holds one layer twice at most, not every layer.
+        """
+        if self.classes == group:
+            return accumulator
         aligned = CovarianceAccumulator(
             accumulator.dims, num_classes=len(group), device=accumulator.device
         )
@@ -515,6 +523,8 @@ class _Slots:
                 for k in group
             ]
             aligned._sums[key] = torch.stack(rows)
+            del rows, total
+            accumulator._sums.pop(key)
         counts = torch.tensor(
             [
                 int(accumulator.samples_per_class[self.classes.index(k)])
