@@ -336,13 +336,15 @@ class NullSpaceCalibration(Callback):
         batches = ShapeRecorder(
             RankShare(loader, trainer, self.max_retain_batches), self.batch_adapter
         )
-        reduce, gather = None, None
+        reduce, gather, process = None, None, None
         if trainer.world_size > 1:
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
             gather = RowGather(trainer)
+            process = (trainer.global_rank, trainer.world_size)
         try:
             with trainer.precision_plugin.forward_context():
-                engine.build(batches, forward, reduce, self.batch_adapter, pl_module.device, gather)
+                device = pl_module.device
+                engine.build(batches, forward, reduce, self.batch_adapter, device, gather, process)
         except NullSpaceEngineError as error:
             raise UnlearningConfigError(str(error)) from error
         self.retain_input_shape = batches.shape

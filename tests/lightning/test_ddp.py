@@ -73,6 +73,8 @@ class _SaveRankState(L.Callback):
             "bases": {name: basis.clone() for name, basis in self.calibration.bases.items()},
             "retain_samples": self.calibration.retain_samples,
             "held_rows": self.calibration.engine.report.held_rows,  # type: ignore[union-attr]
+            "layers_built": self.calibration.engine.report.layers_built,  # type: ignore[union-attr]
+            "energy": {k: i.energy for k, i in self.calibration.engine.layer_infos.items()},  # type: ignore[union-attr]
             "weights": {
                 name: value.detach().clone() for name, value in pl_module.state_dict().items()
             },
@@ -229,6 +231,10 @@ def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(
         assert state["retain_samples"] == NUM_RETAIN
         # gathered as rows, or (past the limit together) multiplied into the summed sums
         assert state["held_rows"] == ({"model.2": NUM_CLASSES - 1} if limit is None else {})
+        # each of the two layers' bases computed by one rank and shared with the other
+        assert state["layers_built"] == 1
+        for name, energy in single.engine.layer_infos.items():  # type: ignore[union-attr]
+            assert state["energy"][name] == pytest.approx(energy.energy, abs=1e-9), name
     for name, basis in ranks[0]["bases"].items():
         assert torch.equal(basis, ranks[1]["bases"][name]), name
     assert max_projector_difference(ranks[0]["bases"], dict(single.bases)) <= PROJECTOR_ATOL

@@ -57,6 +57,8 @@ class BuildReport:
         held_rows: ``layer -> classes`` (1 for the pooled rule) whose basis step worked on
             their rows, never forming their ``d x d`` sums (wide layers that saw few rows per
             class; :func:`~unsc_lightning.nullspace.gram.held_rows`).
+        layers_built: layers whose bases this process computed (all of them in one process;
+            with several, each layer's bases are computed by one process and shared).
     """
 
     samples: int
@@ -65,6 +67,7 @@ class BuildReport:
     peak_bytes: int
     estimate_bytes: int
     held_rows: dict[str, int] = field(default_factory=dict)
+    layers_built: int = 0
 
 
 class BasisPass:
@@ -84,6 +87,7 @@ class BasisPass:
         forward: Callable[..., Any],
         reduce: Reduce | None,
         gather: Gather | None = None,
+        process: tuple[int, int] | None = None,
     ) -> None:
         self.engine = engine
         self.device = device
@@ -91,7 +95,11 @@ class BasisPass:
         self.forward = forward
         self.reduce = reduce
         self.gather = gather
+        # (this process, processes): with ``reduce``, each layer's bases are computed by one
+        # process (:meth:`_owners`) and all-reduced to the others
+        self.process = process if reduce is not None and process and process[1] > 1 else None
         self.held_classes: dict[str, int] = {}
+        self.built: set[str] = set()
         self.dims = engine.dims
         self.used: dict[int, int] = {}  # samples used per class, across passes (for the cap)
         self.seen_keys: set[str] = set()
@@ -295,6 +303,7 @@ class BasisPass:
             peak_bytes=self.peak,
             estimate_bytes=engine.estimate_bytes(min(group_size, len(classes)) if per_class else 1),
             held_rows=dict(self.held_classes),
+            layers_built=len(self.built),
         )
         return result, report
 
@@ -392,12 +401,22 @@ class BasisPass:
     ) -> None:
         engine = self.engine
         start = time.perf_counter()
+        owners = self._owners(accumulator, held, len(group) if per_class else 1)
+        me = 0 if self.process is None else self.process[0]
+        kept: dict[str, float] = {}  # energy the new bases capture, of the layers built here
         for key, dim in self.dims.items():
             rows = {k: ClassRows(r) for (name, k), r in held.items() if name == key}
             if rows:
                 self.held_classes[key] = self.held_classes.get(key, 0) + len(rows)
             # ``None``: every row of this layer is held as rows, no ``d x d`` sums exist
             sums = accumulator.layer_sums(key)
+            trace = 0.0 if sums is None else float(sums.diagonal(dim1=-2, dim2=-1).sum())
+            trace += sum(held_rows.trace() for held_rows in rows.values())
+            total[key] += trace
+            if owners[key] != me:
+                held = {item: r for item, r in held.items() if item[0] != key}
+                continue
+            self.built.add(key)
             none = ClassRows(torch.zeros(0, dim, dtype=torch.float64, device=self.device))
             eps = engine.threshold_of(key)
             # rank(C_k) <= rows summed into it: small eigenproblems where data are few
@@ -429,13 +448,62 @@ class BasisPass:
             else:
                 bound = None if bounds is None else sum(bounds.values())
                 bases[key], info = pooled_basis(sums[0], eps, bound)
-            trace = 0.0 if sums is None else float(sums.diagonal(dim1=-2, dim2=-1).sum())
-            trace += sum(held_rows.trace() for held_rows in rows.values())
-            energy[key] += info.energy * trace
-            total[key] += trace
+            kept[key] = info.energy * trace
             self._peak(accumulator, bases, sum(r.numel() * r.element_size() for r in held.values()))
             held = {item: r for item, r in held.items() if item[0] != key}
+        if self.process is not None:
+            kept = self._share_bases(bases, kept, owners)
+        for key, value in kept.items():
+            energy[key] += value
         engine.timings["bases"] += time.perf_counter() - start
+
+    def _owners(
+        self, accumulator: CovarianceAccumulator, held: HeldRows, classes: int
+    ) -> dict[str, int]:
+        """The process that computes each layer's bases: the costliest layers first, each to
+        the least loaded process (the same answer on every process: the costs come from the
+        dimensions, the all-reduced sums and the gathered rows, which every process holds)."""
+        if self.process is None:
+            return dict.fromkeys(self.dims, 0)
+        cost: dict[str, float] = {}
+        for key, dim in self.dims.items():
+            counts = [r.shape[0] for (name, _), r in held.items() if name == key]
+            cost[key] = float(sum(n * n * dim for n in counts))
+            if accumulator.layer_sums(key) is not None:  # one d x d eigenproblem per class
+                cost[key] += float(classes) * dim**3
+        load = [0.0] * self.process[1]
+        owners: dict[str, int] = {}
+        for key in sorted(self.dims, key=lambda k: (-cost[k], k)):
+            least = min(range(len(load)), key=lambda p: (load[p], p))
+            owners[key] = least
+            load[least] += cost[key]
+        return owners
+
+    def _share_bases(
+        self, bases: dict[str, Tensor], kept: dict[str, float], owners: dict[str, int]
+    ) -> dict[str, float]:
+        """Every layer's bases (and captured energy) from its owner to every process: one
+        all-reduce of the widths, one per layer of the bases (zeros from the others: exact)."""
+        assert self.reduce is not None and self.process is not None
+        me = self.process[0]
+        names = list(self.dims)
+        mine = [owners[key] == me for key in names]
+        widths = torch.tensor(
+            [float(bases[key].shape[1]) if own else 0.0 for key, own in zip(names, mine)],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        energies = torch.tensor(
+            [kept.get(key, 0.0) for key in names], dtype=torch.float64, device=self.device
+        )
+        shared_widths = self.reduce(widths).tolist()
+        shared_energies = self.reduce(energies).tolist()
+        for key, own, width in zip(names, mine, shared_widths):
+            basis = bases[key].contiguous() if own else None
+            if basis is None:
+                basis = torch.zeros(self.dims[key], int(width), dtype=torch.float64)
+            bases[key] = self.reduce(basis.to(self.device))
+        return dict(zip(names, shared_energies))
 
     def _peak(
         self,

@@ -304,6 +304,7 @@ class NullSpaceEngine:
         batch_adapter: BatchAdapter | None = None,
         device: torch.device | str | None = None,
         gather: Gather | None = None,
+        process: tuple[int, int] | None = None,
     ) -> dict[str, BasisInfo]:
         """Build every basis from batches of remaining data (model in eval mode, no grad).
 
@@ -320,6 +321,10 @@ class NullSpaceEngine:
                 class are then shared as rows (see
                 :func:`~unsc_lightning.nullspace.gram.held_rows`) instead of forming and
                 all-reducing ``d x d`` sums. Without it, every covariance is all-reduced.
+            process: with ``reduce``, ``(this process's index, number of processes)``: each
+                layer's bases are then computed by one process (the costliest layers spread
+                over the processes) and all-reduced to the others, instead of every process
+                computing every basis. Every process must pass the same number.
 
         Returns:
             ``key -> BasisInfo``.
@@ -334,7 +339,8 @@ class NullSpaceEngine:
         start = time.perf_counter()
         self.timings = {"bases": 0.0}
         with eval_mode(self.model):
-            bases, report = BasisPass(self, device, adapter, forward, reduce, gather).run(batches)
+            runner = BasisPass(self, device, adapter, forward, reduce, gather, process)
+            bases, report = runner.run(batches)
         self.timings["total"] = time.perf_counter() - start
         self.report = report
         self._set_bases(bases)
