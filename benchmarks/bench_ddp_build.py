@@ -9,9 +9,14 @@ sums, rows and bases (``report.peak_bytes``), for two variants, one fit each, on
 other:
 
 - ``gather`` (the library): a wide layer's classes with few rows in all are shared as rows
-  (``RowGather``: two ``Strategy.all_gather`` calls per layer and class);
+  (``RowGather``: two ``Strategy.all_gather`` calls per layer and class), and each layer's bases
+  are computed by one process and all-reduced to the others (``build(process=)``);
+- ``replicated``: the same, but every process computes every basis (``process`` dropped);
 - ``sums``: the callback passes no ``gather``, so every covariance is formed and all-reduced
-  (what DDP did before 2026-11-27 17:00).
+  (bases still split over the processes).
+
+Before 2026-11-27 DDP ran ``sums`` with replicated bases and held every per-class sum twice
+(``_Slots.aligned``'s copy).
 
 The bases of both variants are compared (largest entry of ``U1 U1ᵀ - U2 U2ᵀ`` over layers).
 
@@ -33,6 +38,7 @@ from zoo import NUM_CLASSES, ZOO, plain_trainer, trained, zoo_datamodule
 
 from unsc_lightning import NullSpaceCalibration, UnlearningModule
 from unsc_lightning import callback as callback_module
+from unsc_lightning.nullspace.basis_pass import BasisPass
 
 FORGET = [3]
 
@@ -52,6 +58,7 @@ class _SaveBuild(L.Callback):
                 "bases_s": engine.timings["bases"],
                 "peak_mib": engine.report.peak_bytes / 2**20,
                 "held_rows": engine.report.held_rows,
+                "layers_built": engine.report.layers_built,
                 "bases": {k: v.clone() for k, v in self.calibration.bases.items()},
             }
             torch.save(state, self.path)
@@ -59,9 +66,16 @@ class _SaveBuild(L.Callback):
 
 def run(variant: str, original: torch.nn.Module, options: Any, folder: Path) -> dict[str, Any]:
     path = folder / f"{variant}.pt"
-    saved = callback_module.RowGather
-    if variant == "sums":  # forked ranks inherit the patch
+    saved, init = callback_module.RowGather, BasisPass.__init__
+    if variant == "sums":  # forked ranks inherit the patches
         callback_module.RowGather = lambda trainer: None  # type: ignore[assignment,misc,return-value]
+    if variant == "replicated":
+
+        def replicated(self: BasisPass, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            self.process = None
+
+        BasisPass.__init__ = replicated  # type: ignore[method-assign]
     try:
         calibration = NullSpaceCalibration()
         module = UnlearningModule(copy.deepcopy(original), NUM_CLASSES, forget_classes=FORGET)
@@ -78,6 +92,7 @@ def run(variant: str, original: torch.nn.Module, options: Any, folder: Path) -> 
         return {"error": f"{type(error).__name__}: {error}"}
     finally:
         callback_module.RowGather = saved  # type: ignore[misc]
+        BasisPass.__init__ = init  # type: ignore[method-assign]
     return dict(torch.load(path))
 
 
@@ -90,7 +105,10 @@ def main() -> None:
     options.accelerator = "gpu" if device.type == "cuda" else "cpu"
     original = trained(ZOO["resnet18"], FORGET, False, 0, options.accelerator, options.cache_dir)
     with tempfile.TemporaryDirectory() as folder:
-        states = {name: run(name, original, options, Path(folder)) for name in ("gather", "sums")}
+        states = {
+            name: run(name, original, options, Path(folder))
+            for name in ("gather", "replicated", "sums")
+        }
     worst: float | None = None
     if all("bases" in state for state in states.values()):
         worst = 0.0
@@ -107,6 +125,7 @@ def main() -> None:
             "bases_s": state.get("bases_s"),
             "peak_mib": state.get("peak_mib"),
             "layers_from_rows": len(state["held_rows"]) if "held_rows" in state else None,
+            "layers_built_here": state.get("layers_built"),
             "speedup": states["sums"]["build_s"] / state["build_s"]
             if "build_s" in states["sums"] and "build_s" in state
             else None,
