@@ -210,8 +210,8 @@ class CovarianceAccumulator:
         self._pending: dict[tuple[str, int | None], tuple[Tensor, int]] = {}
         #: ``layer -> whether every row that went into its buffers was finite`` (a 0-d tensor)
         self._buffered_finite: dict[str, Tensor] = {}
-        #: keep each class's rows of a wide layer as rows, up to :func:`held_rows` of them, for
-        #: :meth:`take_rows` (a per-class basis pass sets it; the sums stay complete either way)
+        #: keep each class's rows of a wide layer as rows, up to :meth:`held_limit` of them, for
+        #: :meth:`take_rows` (the basis pass sets it; ``sums`` stays complete either way)
         self.keep_rows = False
         #: ``(layer, class slot)`` whose sums have received a product (their rows are not all held)
         self._dense: set[tuple[str, int | None]] = set()
