@@ -23,12 +23,18 @@ def log_bases(engine: NullSpaceEngine, trainer: L.Trainer, rule: str) -> None:
     report = engine.report
     samples = 0 if report is None else report.samples
     passes = "" if report is None or report.passes <= 1 else f", {report.passes} passes"
+    peak = (
+        "" if report is None or not report.peak_bytes else f", {report.peak_bytes / 2**20:.0f} MiB"
+    )
+    held = {} if report is None else report.held_rows
     lines = [
-        f"{k}: rank {i.rank}/{i.dim}, energy {i.energy:.4f}" for k, i in engine.layer_infos.items()
+        f"{k}: rank {i.rank}/{i.dim}, energy {i.energy:.4f}"
+        + (f" (from rows: {held[k]} classes)" if k in held else "")
+        for k, i in engine.layer_infos.items()
     ]
     rank_zero_info(
         f"NullSpaceCalibration: bases from {samples} remaining samples "
-        f"(rule={rule}{passes}):\n  " + "\n  ".join(lines)
+        f"(rule={rule}{passes}{peak}):\n  " + "\n  ".join(lines)
     )
     metrics: dict[str, float] = {}
     for key, info in engine.layer_infos.items():

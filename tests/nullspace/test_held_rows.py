@@ -6,6 +6,8 @@ class's rows outgrow the limit and go to its sums after all."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -203,3 +205,20 @@ def test_aligned_sums_reuse_or_release_the_first_pass_sums():
     assert torch.equal(narrow[0], torch.zeros(4, 4, dtype=torch.float64))
     assert torch.equal(narrow[1:], expected)
     assert aligned.samples_per_class.tolist() == [0, 3, 4]
+
+
+def test_the_bases_summary_names_the_layers_built_from_rows(caplog, monkeypatch):
+    from types import SimpleNamespace
+
+    from unsc_lightning.diagnostics import log_bases
+
+    _, engine = _bases(_batches(120, 16))
+    assert engine.report is not None and engine.report.held_rows == {"3": 4, "8": 4}
+    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        log_bases(engine, SimpleNamespace(loggers=[]), "per_class")  # type: ignore[arg-type]
+    lines = {line.split(":")[0].strip(): line for line in caplog.messages[-1].splitlines()}
+    assert "(from rows: 4 classes)" in lines["3"] and "(from rows: 4 classes)" in lines["8"]
+    assert "from rows" not in lines["0"] and "from rows" not in lines["6"]
+    peak = f"{engine.report.peak_bytes / 2**20:.0f} MiB"
+    assert f"(rule=per_class, {peak}):" in caplog.text
