@@ -326,3 +326,20 @@ def test_ablations_get_their_own_learning_rate() -> None:
         ablation = unlearn_recipe("unsc_no_nullspace", dataset)
         assert ablation.lr == ABLATION_LR[dataset]["unsc_no_nullspace"] != spec["unlearn"].lr
         assert ablation.epochs == spec["unlearn"].epochs
+
+
+def test_a_baseline_restores_the_validation_limits_at_the_end_of_its_fit() -> None:
+    # a validation epoch interrupted after the cheap-loader rule zeroed a loader's limit: the
+    # end of the fit puts the limit back, as for UnlearningModule (EvaluationMixin.on_fit_end)
+    from types import SimpleNamespace
+
+    from unsc_lightning.baselines import FineTune
+
+    module = FineTune(DigitsConvNet(), num_classes=10, forget_classes=[3])
+    limits = [4, 0]
+    module._trainer = SimpleNamespace(num_val_batches=limits)  # type: ignore[assignment]
+    module._skipped_limits = [(1, 7)]
+    module._retain_iterator = iter([])  # type: ignore[assignment]
+    module.on_fit_end()
+    assert limits == [4, 7]
+    assert module._retain_iterator is None

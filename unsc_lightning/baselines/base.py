@@ -138,4 +138,5 @@ class BaselineModule(EvaluationMixin):
         return None if trainer is None else trainer.train_dataloader
 
     def on_fit_end(self) -> None:
+        super().on_fit_end()  # the validation limits an interrupted epoch left at zero
         self._retain_iterator = None
