@@ -77,6 +77,12 @@ class BasisPass:
     ``group`` classes (the lowest ids seen so far: a lower class evicts the highest). When more
     classes exist, later passes accumulate the next groups in ascending order; the per-class rule
     extends each basis group by group, so memory never holds more than one group's sums.
+
+    A wide layer keeps a class's few rows as rows (:func:`~unsc_lightning.nullspace.gram.held_rows`)
+    and the rule works on them; its ``d x d`` sums are never allocated when every class fits.
+    Several processes agree per layer and class whether to gather those rows (``gather``) or to
+    multiply them into sums that are all-reduced (``reduce``), and with ``process`` each layer's
+    bases are computed by one process and all-reduced to the others.
     """
 
     def __init__(
