@@ -24,8 +24,9 @@ the peak memory of sums, rows and bases the build reports (``peak_mib``):
 did before the held rows: ``library`` then equals ``sums`` plus the cost of multiplying the
 held rows at the end.
 
-Data (``--data``): ``random`` (an untrained model; ``--samples`` random inputs, labels ``i % 10``,
-batch ``--batch``), or ``zoo``: the zoo's ResNet-18 trained on digits at 32 x 32 and the remaining
+Data (``--data``): ``random`` (an untrained ``--model``: ResNet-18, or the paper's VGG-11-bn or
+AlexNet, whose 4096- and 2048-wide Linear layers get one row per sample; ``--samples`` random
+32 x 32 inputs, labels ``i % 10``, batch ``--batch``), or ``zoo``: the zoo's ResNet-18 trained on digits at 32 x 32 and the remaining
 data of its unlearning run (class 3 forgotten; ``benchmarks/zoo.py``, which trains the model
 into its ``--cache-dir`` when it is not there), the build ``NullSpaceCalibration()`` runs at its
 defaults. Rule ``--rule``.
@@ -89,6 +90,20 @@ def variant(name: str, pass_only: bool) -> Iterator[None]:
             setattr(owner, attr, value)
 
 
+def _paper(name: str) -> Any:
+    from unsc_lightning.models import paper
+
+    return getattr(paper, name)(num_classes=10)
+
+
+#: ``--model`` (random data only): ``name -> () -> (untrained model, input channels)``
+MODELS = {
+    "resnet18": lambda: (torchvision.models.resnet18(num_classes=10), 3),
+    "vgg11bn": lambda: (_paper("VGG11BN"), 3),  # the paper's SVHN model
+    "alexnet": lambda: (_paper("AlexNetFMNIST"), 1),  # the paper's Fashion-MNIST model
+}
+
+
 def data(options: Any) -> tuple[torch.nn.Module, Any]:
     """(model, remaining data) of ``--data``."""
     if options.data == "zoo":
@@ -100,9 +115,9 @@ def data(options: Any) -> tuple[torch.nn.Module, Any]:
         datamodule.setup("fit")
         return model, datamodule.retain_dataloader()
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
+    model, channels = MODELS[options.model]()
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(options.samples, 3, 32, 32, generator=generator)
+    x = torch.randn(options.samples, channels, 32, 32, generator=generator)
     y = torch.arange(options.samples) % 10
     return model, DataLoader(TensorDataset(x, y), batch_size=options.batch)
 
@@ -115,6 +130,7 @@ def main() -> None:
     args.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     args.add_argument("--pass-only", action="store_true", help="skip the eigendecompositions")
     args.add_argument("--data", choices=["random", "zoo"], default="random")
+    args.add_argument("--model", choices=list(MODELS), default="resnet18", help="with random data")
     args.add_argument("--cache-dir", type=Path, default=Path("/tmp/unsc_zoo_cache"))
     options = args.parse_args()
     device = setup(options)
@@ -171,7 +187,9 @@ def main() -> None:
         options.json,
         {
             "benchmark": "bench_wide_pass",
-            "model": "torchvision resnet18(num_classes=10), eval",
+            "model": "torchvision resnet18(num_classes=10), eval"
+            if options.data == "zoo" or options.model == "resnet18"
+            else f"unsc_lightning.models.paper {options.model} (num_classes=10), eval",
             "data": "zoo: trained on digits 32x32, remaining data of class 3's unlearning"
             if options.data == "zoo"
             else "random 3x32x32, untrained",
