@@ -559,7 +559,7 @@ def per_class_basis(
     Returns:
         ``(U, info)`` where ``info.energy`` is the captured fraction of the given classes' energy.
     """
-    return _class_by_class(class_covariances, threshold, basis, rank_bounds, _extend)
+    return _class_by_class(class_covariances, threshold, basis, rank_bounds, _extend, _extend_rows)
 
 
 def _dense_per_class_basis(
@@ -589,10 +589,10 @@ def _class_by_class(
     basis: Tensor | None,
     rank_bounds: Mapping[int, int] | None,
     extend: Callable[[Tensor, Tensor, float, int | None], Tensor],
+    extend_rows: Callable[[Tensor, Tensor, float], Tensor] | None = None,
 ) -> tuple[Tensor, BasisInfo]:
     # Algorithm 1's loop: ``extend`` grows the basis for one class, in ascending class id; a
-    # class held as rows takes :func:`_extend_rows` under the library's rule, and its
-    # covariance under the reference rule
+    # class held as rows takes ``extend_rows`` (without it, ``extend`` on its covariance)
     classes = sorted(class_covariances)
     if not classes:
         raise ValueError(
@@ -609,10 +609,10 @@ def _class_by_class(
     for k in classes:
         item = class_covariances[k]
         eps = threshold(k) if callable(threshold) else threshold
-        if isinstance(item, ClassRows) and extend is _extend:
+        if isinstance(item, ClassRows) and extend_rows is not None:
             rows = item.rows.to(device=basis.device, dtype=torch.float64)
             held.append(rows)
-            basis = _extend_rows(basis, rows, eps)
+            basis = extend_rows(basis, rows, eps)
             continue
         matrix = item.covariance() if isinstance(item, ClassRows) else item
         cov = _symmetric(matrix.to(basis.device))

@@ -410,8 +410,9 @@ class BasisPass:
         owners = self._owners(accumulator, held, len(group) if per_class else 1)
         me = 0 if self.process is None else self.process[0]
         kept: dict[str, float] = {}  # energy the new bases capture, of the layers built here
+        held = dict(held)  # each layer's rows leave it (and the peak) once that layer is done
         for key, dim in self.dims.items():
-            rows = {k: ClassRows(r) for (name, k), r in held.items() if name == key}
+            rows = {k: ClassRows(held.pop((name, k))) for name, k in list(held) if name == key}
             if rows:
                 self.held_classes[key] = self.held_classes.get(key, 0) + len(rows)
             # ``None``: every row of this layer is held as rows, no ``d x d`` sums exist
@@ -420,7 +421,6 @@ class BasisPass:
             trace += sum(held_rows.trace() for held_rows in rows.values())
             total[key] += trace
             if owners[key] != me:
-                held = {item: r for item, r in held.items() if item[0] != key}
                 continue
             self.built.add(key)
             none = ClassRows(torch.zeros(0, dim, dtype=torch.float64, device=self.device))
@@ -455,8 +455,8 @@ class BasisPass:
                 bound = None if bounds is None else sum(bounds.values())
                 bases[key], info = pooled_basis(sums[0], eps, bound)
             kept[key] = info.energy * trace
-            self._peak(accumulator, bases, sum(r.numel() * r.element_size() for r in held.values()))
-            held = {item: r for item, r in held.items() if item[0] != key}
+            waiting = [r.rows for r in rows.values()] + list(held.values())
+            self._peak(accumulator, bases, sum(r.numel() * r.element_size() for r in waiting))
         if self.process is not None:
             kept = self._share_bases(bases, kept, owners)
         for key, value in kept.items():
@@ -505,8 +505,9 @@ class BasisPass:
         shared_widths = self.reduce(widths).tolist()
         shared_energies = self.reduce(energies).tolist()
         for key, own, width in zip(names, mine, shared_widths):
-            basis = bases[key].contiguous() if own else None
-            if basis is None:
+            if own:
+                basis = bases[key].contiguous()
+            else:
                 basis = torch.zeros(self.dims[key], int(width), dtype=torch.float64)
             bases[key] = self.reduce(basis.to(self.device))
         return dict(zip(names, shared_energies))

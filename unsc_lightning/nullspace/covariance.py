@@ -458,9 +458,9 @@ class CovarianceAccumulator:
 
     def _row_limit(self, key: tuple[str, int | None], dim: int) -> int:
         # rows a key's buffer may gather: a class whose sums are untouched keeps up to
-        # ``held_rows`` under :attr:`keep_rows`, otherwise ``buffer_rows``
+        # :meth:`held_limit` under :attr:`keep_rows` (never fewer than ``buffer_rows``)
         if self.keep_rows and key[1] is not None and key not in self._dense:
-            return max(buffer_rows(dim), self.held_limit(key[0]))
+            return self.held_limit(key[0]) or buffer_rows(dim)
         return buffer_rows(dim)
 
     def take_rows(self) -> dict[tuple[str, int], Tensor]:
