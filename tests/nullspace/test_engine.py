@@ -329,3 +329,37 @@ def test_embedding_rows_of_every_remaining_token_stay_at_the_default_threshold()
     moved = (model.embed.weight.detach() - before).abs().amax(1)
     assert float(moved[:8].max()) < 1e-6  # every token seen in remaining data, the rare one too
     assert float(moved[8:].min()) > 1e-3  # tokens only the forget data use are free
+
+
+def _small_build_data() -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 6, generator=generator)
+    return [(x[:15], torch.arange(15) % 3), (x[15:], torch.arange(15) % 3)]
+
+
+@pytest.mark.parametrize("process", [(2, 2), (-1, 2), (0,), [0, 2], (True, 2), (0.0, 2)])
+def test_build_refuses_a_malformed_process(process):
+    engine = NullSpaceEngine(nn.Sequential(nn.Linear(6, 3)))
+    with pytest.raises(ValueError, match=r"`process` must be \(rank, world_size\)"):
+        engine.build(_small_build_data(), reduce=lambda t: t, process=process)
+    assert not engine.bases  # refused before any pass
+
+
+def test_build_refuses_gather_or_process_without_reduce_and_a_gather_that_is_not_callable():
+    engine = NullSpaceEngine(nn.Sequential(nn.Linear(6, 3)))
+    data = _small_build_data()
+    with pytest.raises(ValueError, match="need `reduce`"):
+        engine.build(data, gather=lambda t: t)
+    with pytest.raises(ValueError, match="need `reduce`"):
+        engine.build(data, process=(0, 2))
+    with pytest.raises(TypeError, match="`gather` must be callable"):
+        engine.build(data, reduce=lambda t: t, gather="all")  # type: ignore[arg-type]
+    engine.build(data, process=(0, 1))  # one process: nothing to share, accepted
+    assert engine.bases
+
+
+def test_build_refuses_processes_that_do_not_number_the_ranks_once():
+    # one process standing for two that both claim rank 0: the sum over "processes" doubles
+    engine = NullSpaceEngine(nn.Sequential(nn.Linear(6, 3)))
+    with pytest.raises(RuntimeError, match=r"processes per rank: \[2, 0\]"):
+        engine.build(_small_build_data(), reduce=lambda t: 2 * t, process=(0, 2))

@@ -233,6 +233,7 @@ class BasisPass:
         engine = self.engine
         per_class = engine.rule == "per_class"
         group_size = engine.classes_per_pass(self.device) if per_class else 1
+        self._check_process()
         try:
             slots = _Slots(group_size, fixed=None)
             first = self._pass(batches, slots, pooled_labels=not per_class)
@@ -462,6 +463,23 @@ class BasisPass:
         for key, value in kept.items():
             energy[key] += value
         engine.timings["bases"] += time.perf_counter() - start
+
+    def _check_process(self) -> None:
+        # every process must name itself once in ``0 .. world - 1``: otherwise a layer's owner
+        # may be no process, and its bases would be the zeros the others contribute
+        if self.process is None:
+            return
+        assert self.reduce is not None
+        rank, world = self.process
+        present = torch.zeros(world, dtype=torch.float64, device=self.device)
+        present[rank] = 1.0
+        counts = [int(c) for c in self.reduce(present).tolist()]
+        if counts != [1] * world:
+            raise RuntimeError(
+                f"`process` was {self.process} here, but the processes do not name each rank of "
+                f"0 .. {world - 1} once (processes per rank: {counts}); pass each process its own "
+                "(global_rank, world_size)."
+            )
 
     def _owners(
         self, accumulator: CovarianceAccumulator, held: HeldRows, classes: int

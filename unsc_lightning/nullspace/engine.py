@@ -331,8 +331,12 @@ class NullSpaceEngine:
 
         Raises:
             RuntimeError: when no sample was read, a constrained layer received no input, or a
-                layer's inputs contain NaN/inf.
+                layer's inputs contain NaN/inf; when the processes' ``process`` pairs do not
+                number them ``0 .. world - 1``.
+            ValueError: for a ``gather`` or ``process`` without ``reduce``, or a malformed
+                ``process``.
         """
+        _check_collectives(reduce, gather, process)
         device = torch.device(device) if device is not None else self._device()
         adapter = batch_adapter or default_batch_adapter
         forward = forward or self.model
@@ -646,3 +650,31 @@ def _is_view(spec: Any, tensor: Tensor, matrix: Tensor | None = None) -> bool:
     through)."""
     matrix = spec.to_matrix(tensor) if matrix is None else matrix
     return matrix.data_ptr() == tensor.data_ptr() and matrix.numel() == tensor.numel()
+
+
+def _check_collectives(
+    reduce: Reduce | None, gather: Gather | None, process: tuple[int, int] | None
+) -> None:
+    # ``build``'s cross-process arguments, before any pass over the data
+    if gather is not None and not callable(gather):
+        raise TypeError(
+            f"`gather` must be callable (tensor -> tensor), got {type(gather).__name__}."
+        )
+    if process is not None:
+        valid = (
+            isinstance(process, tuple)
+            and len(process) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in process)
+            and 0 <= process[0] < process[1]
+        )
+        if not valid:
+            raise ValueError(
+                f"`process` must be (rank, world_size) with 0 <= rank < world_size, got "
+                f"{process!r}; pass e.g. (fabric.global_rank, fabric.world_size)."
+            )
+    several = process is not None and process[1] > 1
+    if reduce is None and (gather is not None or several):
+        raise ValueError(
+            "`gather` and `process` share work between processes and need `reduce` (the "
+            "cross-process sum) as well; pass all three, or none in a single process."
+        )
