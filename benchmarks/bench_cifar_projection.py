@@ -23,15 +23,23 @@ both sides. ``what_if`` recomputes the ratio from the same costs with the covari
 float32 (measured on the same pass), with bases from 500 samples per remaining class, and for
 the unlearning epochs alone (no bases at all): arithmetic, not runs, and no accuracy measured.
 
+``--setting resnet18`` does the same for the paper's CIFAR-100 / ResNet-18 recipe
+(``ResNet18CIFAR``, ten classes forgotten, one pooled basis at 0.99 from one batch of 512
+remaining samples, 20 epochs at lr 0.04; ``configs/cifar100_resnet18_*.yaml``): its basis pass is
+a fixed cost (one batch), not a cost per remaining sample.
+
 Example:
     python benchmarks/bench_cifar_projection.py --threads 1 --json docs/results/cifar_projection.json
     python benchmarks/bench_cifar_projection.py --device cuda --batch 512 --retain-per-class 512
+    python benchmarks/bench_cifar_projection.py --device cuda --setting resnet18 --batch 512
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as L
@@ -41,30 +49,77 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import ClassifierModule, NullSpaceCalibration, UnlearningModule
 from unsc_lightning.lab.runs import make_trainer
-from unsc_lightning.models.paper import AllCNN
+from unsc_lightning.models.paper import AllCNN, ResNet18CIFAR
 from unsc_lightning.nullspace import CovarianceAccumulator, accumulate_covariances, layer_dims
 from unsc_lightning.nullspace.layers import select_layers
 
-FORGET_CLASS = 3
-NUM_CLASSES = 10
-#: the paper's CIFAR-10 / AllCNN unlearning recipe (REFERENCE.md, configs/cifar10_allcnn_unsc.yaml)
-UNLEARN_EPOCHS, UNLEARN_LR, RECIPE_BATCH = 25, 0.04, 512
-#: the "what if" of a basis from fewer remaining samples (`NullSpaceEngine(max_samples_per_class=)`)
-WHAT_IF_PER_CLASS = 500
-SCENARIOS: dict[str, dict[str, Any]] = {
-    "configs": {
-        "source": "configs/cifar10_allcnn_{original,retrain,unsc}.yaml: max_epochs 100 "
-        "(milestones 30/60/90), val_fraction 0.1 of 50,000, forget class 3 (a tenth)",
-        "retrain_epochs": 100,
-        "remaining_samples": 40_500,
-        "forget_samples": 4_500,
-    },
-    "issue_13": {
-        "source": "issue 13's round figures: 200 epochs x 45,000 remaining, 5,000 forget",
-        "retrain_epochs": 200,
-        "remaining_samples": 45_000,
-        "forget_samples": 5_000,
-    },
+WHAT_IF_PER_CLASS = 500  # the "what if" of a basis from fewer remaining samples per class
+RECIPE_BATCH = 512
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One of the paper's settings: model, classes, the UNSC recipe and the retraining scenarios."""
+
+    model: str
+    build: Callable[[], torch.nn.Module]
+    num_classes: int
+    forget: tuple[int, ...]
+    unlearn_epochs: int
+    unlearn_lr: float
+    callback: dict[str, Any]
+    scenarios: dict[str, dict[str, Any]]
+    #: the basis reads this many remaining samples whatever the data size (one batch), or all
+    basis_samples: int | None = None
+
+
+SETTINGS: dict[str, Setting] = {
+    # the paper's CIFAR-10 / AllCNN unlearning recipe (REFERENCE.md, configs/cifar10_allcnn_*.yaml)
+    "allcnn": Setting(
+        model="AllCNN(num_classes=10, filters_percentage=0.5), batch norm",
+        build=lambda: AllCNN(num_classes=10),
+        num_classes=10,
+        forget=(3,),
+        unlearn_epochs=25,
+        unlearn_lr=0.04,
+        callback={"threshold": 0.97, "rule": "per_class", "class_threshold_step": 0.003},
+        scenarios={
+            "configs": {
+                "source": "configs/cifar10_allcnn_{original,retrain,unsc}.yaml: max_epochs 100 "
+                "(milestones 30/60/90), val_fraction 0.1 of 50,000, forget class 3 (a tenth)",
+                "retrain_epochs": 100,
+                "remaining_samples": 40_500,
+                "forget_samples": 4_500,
+            },
+            "issue_13": {
+                "source": "issue 13's round figures: 200 epochs x 45,000 remaining, 5,000 forget",
+                "retrain_epochs": 200,
+                "remaining_samples": 45_000,
+                "forget_samples": 5_000,
+            },
+        },
+    ),
+    # the paper's CIFAR-100 / ResNet-18 recipe (configs/cifar100_resnet18_*.yaml): one pooled
+    # basis at 0.99 from one mixed batch of 512 remaining samples, 20 epochs at lr 0.04
+    "resnet18": Setting(
+        model="ResNet18CIFAR(num_classes=100) (3x3 stem, no max-pool, BasicBlocks [2, 2, 2, 2])",
+        build=lambda: ResNet18CIFAR(num_classes=100),
+        num_classes=100,
+        forget=(19, 28, 32, 51, 65, 67, 80, 85, 86, 97),
+        unlearn_epochs=20,
+        unlearn_lr=0.04,
+        callback={"threshold": 0.99, "rule": "pooled", "max_retain_batches": 1},
+        scenarios={
+            "configs": {
+                "source": "configs/cifar100_resnet18_{original,retrain,unsc}.yaml: max_epochs "
+                "200 (milestones 60/120/160), val_fraction 0.1 of 50,000, 10 classes forgotten",
+                "retrain_epochs": 200,
+                "remaining_samples": 40_500,
+                "forget_samples": 4_500,
+            },
+        },
+        basis_samples=RECIPE_BATCH,
+    ),
 }
 
 
@@ -142,18 +197,28 @@ def main() -> None:
     args.add_argument("--batch", type=int, default=128, help="batch of the timed steps")
     args.add_argument("--retain-per-class", type=int, default=128, help="samples per class")
     args.add_argument("--steps", type=int, default=4, help="timed training steps per run")
+    args.add_argument("--setting", choices=list(SETTINGS), default="allcnn")
     options = args.parse_args()
     device = setup(options)
     torch.manual_seed(0)
+    setting = SETTINGS[options.setting]
+    num_classes, forget_classes = setting.num_classes, list(setting.forget)
+    unlearn_epochs = setting.unlearn_epochs
     batch = options.batch
-    remaining_classes = [k for k in range(NUM_CLASSES) if k != FORGET_CLASS]
-    n_retain = options.retain_per_class * len(remaining_classes)
-    retain_labels = torch.tensor(remaining_classes).repeat(options.retain_per_class)
-    retain = random_loader(n_retain, retain_labels, batch, seed=1)
+    remaining_classes = [k for k in range(num_classes) if k not in forget_classes]
+    if setting.basis_samples is None:
+        n_retain = options.retain_per_class * len(remaining_classes)
+        retain_labels = torch.tensor(remaining_classes).repeat(options.retain_per_class)
+        retain = random_loader(n_retain, retain_labels, batch, seed=1)
+    else:  # one mixed batch, as the recipe reads it
+        n_retain = setting.basis_samples
+        retain_labels = torch.tensor(remaining_classes).repeat(n_retain)[:n_retain]
+        retain = random_loader(n_retain, retain_labels, n_retain, seed=1)
     steps = options.steps
-    forget = random_loader(batch * steps, torch.full((batch * steps,), FORGET_CLASS), batch, 2)
-    train = random_loader(batch * steps, torch.arange(batch * steps) % NUM_CLASSES, batch, 3)
-    original = AllCNN(num_classes=NUM_CLASSES)
+    forget_labels = torch.tensor(forget_classes).repeat(batch * steps)[: batch * steps]
+    forget = random_loader(batch * steps, forget_labels, batch, 2)
+    train = random_loader(batch * steps, torch.arange(batch * steps) % num_classes, batch, 3)
+    original = setting.build()
     quiet: dict[str, Any] = {"deterministic": False, "log_every_n_steps": 1}
     if device.type == "cuda":
         quiet.update(accelerator="gpu", devices=[device.index or 0])
@@ -165,7 +230,7 @@ def main() -> None:
     # 2. retraining steps (what 100-200 epochs over the remaining data are made of)
     def retraining() -> float:
         timer = StepTimer()
-        module = ClassifierModule(copy.deepcopy(original).train(), NUM_CLASSES, lr=0.1)
+        module = ClassifierModule(copy.deepcopy(original).train(), num_classes, lr=0.1)
         make_trainer(1, [timer], **quiet).fit(module, train_dataloaders=train)
         return timer.step_s()
 
@@ -174,9 +239,9 @@ def main() -> None:
         timer = StepTimer()
         module = UnlearningModule(
             copy.deepcopy(original).eval(),
-            NUM_CLASSES,
-            [FORGET_CLASS],
-            lr=UNLEARN_LR,
+            num_classes,
+            forget_classes,
+            lr=setting.unlearn_lr,
             stop_at_target=False,
         )
         callbacks = [calibration, timer] if calibration is not None else [timer]
@@ -191,9 +256,7 @@ def main() -> None:
     unsc_runs = []
     callback_seconds: list[float] = []
     for _ in range(options.repeats):
-        calibration = NullSpaceCalibration(
-            threshold=0.97, rule="per_class", class_threshold_step=0.003, retain_dataloader=retain
-        )
+        calibration = NullSpaceCalibration(**setting.callback, retain_dataloader=retain)
         time_callback_steps(calibration, callback_seconds)
         timer = unlearning(calibration)
         basis_s = timer.stamps["train_start"] - timer.stamps["setup"]
@@ -230,7 +293,12 @@ def main() -> None:
         model = copy.deepcopy(original).eval().to(device)
         layers = select_layers(model).layers
         accumulator = CovarianceAccumulator(
-            layer_dims(layers), num_classes=NUM_CLASSES, device=device, dtype=dtype
+            layer_dims(layers),
+            # per-class sums only for the per-class rule (100 classes of ResNet-18 sums would
+            # not fit in memory, and the pooled rule never forms them)
+            num_classes=num_classes if setting.callback["rule"] == "per_class" else None,
+            device=device,
+            dtype=dtype,
         )
         sync()
         start = time.perf_counter()
@@ -258,19 +326,20 @@ def main() -> None:
 
     float32_share = dtype_probe["torch.float32"] / dtype_probe["torch.float64"]
     projections = {}
-    for name, scenario in SCENARIOS.items():
+    for name, scenario in setting.scenarios.items():
         n_r, n_f, epochs = (
             scenario["remaining_samples"],
             scenario["forget_samples"],
             scenario["retrain_epochs"],
         )
         retrain_s = epochs * n_r * per_sample["retrain_step_s"]
-        basis_pass_s = passes * n_r * covariance_pass_per_sample
-        unlearn_s = UNLEARN_EPOCHS * n_f * per_sample["unsc_step_at_recipe_batch_s"]
+        basis_reads = n_r if setting.basis_samples is None else setting.basis_samples
+        basis_pass_s = passes * basis_reads * covariance_pass_per_sample
+        unlearn_s = unlearn_epochs * n_f * per_sample["unsc_step_at_recipe_batch_s"]
         unsc_s = basis_pass_s + eigh_s + fixed_rest_s + unlearn_s
         projections[name] = {
             **scenario,
-            "unlearn_epochs": UNLEARN_EPOCHS,
+            "unlearn_epochs": unlearn_epochs,
             "retrain_s": retrain_s,
             "retrain_arithmetic": f"{epochs} epochs x {n_r} samples x "
             f"{per_sample['retrain_step_s'] * 1e3:.3f} ms = {retrain_s:.0f} s",
@@ -279,9 +348,9 @@ def main() -> None:
             "unsc_fixed_rest_s": fixed_rest_s,
             "unsc_unlearning_epochs_s": unlearn_s,
             "unsc_s": unsc_s,
-            "unsc_arithmetic": f"{passes} pass(es) x {n_r} samples x "
+            "unsc_arithmetic": f"{passes} pass(es) x {basis_reads} samples x "
             f"{covariance_pass_per_sample * 1e3:.3f} ms + {eigh_s:.1f} s eigendecompositions + "
-            f"{fixed_rest_s:.1f} s fixed set-up + {UNLEARN_EPOCHS} epochs x {n_f} samples x "
+            f"{fixed_rest_s:.1f} s fixed set-up + {unlearn_epochs} epochs x {n_f} samples x "
             f"{per_sample['unsc_step_at_recipe_batch_s'] * 1e3:.3f} ms = {unsc_s:.0f} s",
             "unsc_over_retrain": unsc_s / retrain_s,
             # arithmetic on the same measured costs, not measured runs (nor accuracy)
@@ -289,7 +358,9 @@ def main() -> None:
                 "covariance_sums_in_float32": (unsc_s - basis_pass_s * (1 - float32_share))
                 / retrain_s,
                 f"bases_from_{WHAT_IF_PER_CLASS}_samples_per_class": (
-                    unsc_s - basis_pass_s * (1 - min(1.0, 9 * WHAT_IF_PER_CLASS / n_r))
+                    unsc_s
+                    - basis_pass_s
+                    * (1 - min(1.0, len(remaining_classes) * WHAT_IF_PER_CLASS / basis_reads))
                 )
                 / retrain_s,
                 "unlearning_epochs_alone": unlearn_s / retrain_s,
@@ -305,7 +376,10 @@ def main() -> None:
         options.json,
         {
             "benchmark": "bench_cifar_projection",
-            "model": "AllCNN(num_classes=10, filters_percentage=0.5), batch norm",
+            "setting": options.setting,
+            "model": setting.model,
+            "callback": setting.callback,
+            "unlearn_lr": setting.unlearn_lr,
             "inputs": "random N(0, 1) 3x32x32",
             "timed_batch": batch,
             "recipe_batch": RECIPE_BATCH,

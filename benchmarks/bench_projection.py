@@ -248,7 +248,8 @@ def trained_configuration(
     from zoo import trained  # benchmarks/zoo.py: trains the original, or reads the cache
 
     entry = ZOO[name]
-    model = trained(entry, [FORGET], False, 0, "cpu", cache).to(device)
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    model = trained(entry, [FORGET], False, 0, accelerator, cache).to(device)
     x_train, y_train, _, _ = zoo_tensors(entry.data)
     keep = y_train != FORGET
     retain = list(

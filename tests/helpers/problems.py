@@ -9,6 +9,7 @@ their outputs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,11 +44,23 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def test_accelerator() -> str:
+    """The accelerator the tests' trainers use: ``cpu`` unless ``UNSC_TEST_ACCELERATOR`` says
+    otherwise (on a GPU machine, ``UNSC_TEST_ACCELERATOR=gpu`` reruns the fits on CUDA)."""
+    return os.environ.get("UNSC_TEST_ACCELERATOR", "cpu")
+
+
 def quiet_trainer(
     max_epochs: int = 1, callbacks: list[L.Callback] | None = None, **kwargs: Any
 ) -> L.Trainer:
-    """The demo's quiet CPU trainer (no logger, checkpoints, progress bar or sanity check)."""
-    options: dict[str, Any] = {"deterministic": None, "log_every_n_steps": 1, **kwargs}
+    """The demo's quiet trainer (no logger, checkpoints, progress bar or sanity check), on the CPU
+    unless ``UNSC_TEST_ACCELERATOR`` names another accelerator (``gpu``: the same tests on CUDA)."""
+    options: dict[str, Any] = {
+        "deterministic": None,
+        "log_every_n_steps": 1,
+        "accelerator": test_accelerator(),
+        **kwargs,
+    }
     return make_trainer(max_epochs, callbacks, **options)
 
 

@@ -252,10 +252,13 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
-def plain_trainer(max_epochs: int, accelerator: str = "cpu", **kwargs: Any) -> L.Trainer:
-    """The lab's quiet trainer (no logger, checkpoints, progress bar, summary or sanity check)."""
+def plain_trainer(max_epochs: int, accelerator: str | None = None, **kwargs: Any) -> L.Trainer:
+    """The lab's quiet trainer (no logger, checkpoints, progress bar, summary or sanity check), on
+    ``accelerator`` (default: the tests' own, ``helpers.problems.test_accelerator``)."""
+    from helpers.problems import test_accelerator
     from unsc_lightning.lab.runs import make_trainer
 
+    accelerator = accelerator or test_accelerator()
     callbacks = kwargs.pop("callbacks", None)
     kwargs.setdefault("deterministic", None)
     return make_trainer(max_epochs, callbacks, accelerator=accelerator, **kwargs)
@@ -266,7 +269,7 @@ def train_zoo_model(
     forget_classes: list[int],
     retrain: bool = False,
     seed: int = 0,
-    accelerator: str = "cpu",
+    accelerator: str | None = None,
 ) -> nn.Module:
     """Train ``entry``'s model with :class:`PlainClassifier`: the original on all training data,
     or (``retrain=True``) a model from scratch on the remaining data only. Returned in eval mode."""

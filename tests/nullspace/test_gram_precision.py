@@ -446,3 +446,53 @@ def test_shifted_gram_along_both_dimensions_equals_the_unfold_gram(conv):
     )
     expected = rows.T @ rows
     assert torch.allclose(found, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
+
+
+def _tf32_state() -> tuple[str | None, str, str, bool | None]:
+    matmul = torch.backends.cuda.matmul
+    try:
+        legacy: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the user mixed the legacy and the new API
+        legacy = None
+    try:
+        allowed: bool | None = matmul.allow_tf32
+    except RuntimeError:
+        allowed = None
+    return legacy, matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision, allowed
+
+
+@pytest.mark.parametrize(
+    "user", ["default", "legacy_high", "legacy_medium", "allow_tf32", "new_api_tf32", "mixed"]
+)
+def test_ieee_float32_switches_tf32_off_consistently_and_restores_the_users_setting(user):
+    # The flags are process-wide and settable without a GPU; on CUDA they decide whether cuBLAS
+    # rounds float32 products to TF32 (and cuBLAS refuses flags that disagree), on the CPU
+    # whether oneDNN multiplies float32 in bfloat16 ("medium").
+    from unsc_lightning.nullspace.gram import ieee_float32
+
+    matmul, cpu = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved = _tf32_state()
+    try:
+        if user == "legacy_high":
+            torch.set_float32_matmul_precision("high")
+        elif user == "legacy_medium":
+            torch.set_float32_matmul_precision("medium")
+        elif user == "allow_tf32":
+            matmul.allow_tf32 = True
+        elif user == "new_api_tf32":
+            matmul.fp32_precision = "tf32"
+        elif user == "mixed":
+            torch.set_float32_matmul_precision("high")
+            matmul.fp32_precision = "ieee"
+        before = _tf32_state()
+        for device in ("cuda", "cpu"):
+            with ieee_float32(torch.device(device)):
+                assert matmul.allow_tf32 is False  # readable: the flags agree
+                assert matmul.fp32_precision == ("none" if user == "default" else "ieee")
+                assert cpu.fp32_precision in ("none", "ieee")
+                assert torch.get_float32_matmul_precision() == "highest"
+            assert _tf32_state() == before
+    finally:
+        torch.set_float32_matmul_precision(saved[0] or "highest")
+        matmul.fp32_precision, cpu.fp32_precision = saved[1], saved[2]
+    assert _tf32_state() == saved

@@ -58,7 +58,7 @@ from unsc_lightning.nullspace.batches import (
     output_logits,
 )
 from unsc_lightning.nullspace.covariance import GramDtype, GramOptions
-from unsc_lightning.nullspace.gram import buffer_rows, held_rows
+from unsc_lightning.nullspace.gram import buffer_rows, held_rows, ieee_float32
 from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.nullspace.projection import NullSpaceProjector
 from unsc_lightning.nullspace.settings import (
@@ -437,12 +437,14 @@ class NullSpaceEngine:
     # -- projection -----------------------------------------------------------------------------
     @torch.no_grad()
     def project_gradients_(self) -> None:
-        """Project every constrained weight's ``.grad`` onto its null space, in place."""
-        for key, constraint in self.accounting.constraints.items():
-            grad = constraint.parameter.grad
-            projector = self._projectors.get(key)
-            if grad is not None and projector is not None:
-                _project_matrix_(constraint.spec, grad, projector)
+        """Project every constrained weight's ``.grad`` onto its null space, in place (IEEE
+        float32 products on CUDA, whatever the user's TF32 setting)."""
+        with ieee_float32(self._device()):
+            for key, constraint in self.accounting.constraints.items():
+                grad = constraint.parameter.grad
+                projector = self._projectors.get(key)
+                if grad is not None and projector is not None:
+                    _project_matrix_(constraint.spec, grad, projector)
 
     @torch.no_grad()
     def project_weights_(self, pending_only: bool = False) -> None:
@@ -454,6 +456,10 @@ class NullSpaceEngine:
         """
         if pending_only and not self._pending:
             return
+        with ieee_float32(self._device()):
+            self._project_weights_()
+
+    def _project_weights_(self) -> None:
         for parameter_id, anchor in self._anchors.items():
             constraints = self._by_parameter.get(parameter_id, [])
             if not constraints:
@@ -488,6 +494,10 @@ class NullSpaceEngine:
     def _remember_weights(self) -> None:
         """``W₀`` of each constrained parameter: for a weight that is one plain ``out x d`` view,
         only its remaining part (``W₀ U``, or ``W₀ U Uᵀ`` when r > d/2); else a copy."""
+        with ieee_float32(self._device()):
+            self._remember_weights_ieee()
+
+    def _remember_weights_ieee(self) -> None:
         self._compact = set()
         for parameter_id, constraints in self._by_parameter.items():
             weight = constraints[0][1].parameter.detach()

@@ -53,7 +53,7 @@ def add_shifted_gram(
     width = dim // kernel
     top = stride * width
     gram = torch.empty(dim, dim, dtype=dtype, device=target.device)
-    with _ieee_float32(target.device):
+    with ieee_float32(target.device):
         if inner is None:
             gram[:top] = rows[:, :top].T @ rows
         else:
@@ -149,7 +149,7 @@ def add_gram(target: Tensor, rows: Tensor) -> None:
     if target.dtype == rows.dtype and _parts(rows) == 1:
         target.addmm_(rows.T, rows)
         return
-    with _ieee_float32(target.device):
+    with ieee_float32(target.device):
         if _parts(rows) == 1:
             target.add_(torch.mm(rows.T, rows))
         else:
@@ -179,16 +179,43 @@ def _add_symmetric_gram(target: Tensor, rows: Tensor) -> None:
                 target[second, first] += block.T
 
 
+#: float32 matrix-product flags of the newer API that ``torch.set_float32_matmul_precision`` sets
+#: (cuBLAS on CUDA; oneDNN on the CPU, where ``"medium"`` means bfloat16 products)
+_FP32_FLAGS = (("cuda", "matmul"), ("mkldnn", "matmul"))
+_EXACT = ("none", "ieee")
+
+
+def _flag(backend: str, op: str) -> object | None:
+    return getattr(
+        getattr(getattr(torch.backends, backend, None), op, None), "fp32_precision", None
+    )
+
+
 @contextmanager
-def _ieee_float32(device: torch.device) -> Iterator[None]:
-    # TF32 rounds float32 products to 10 mantissa bits: switched off around the Gram products
-    if device.type != "cuda":
+def ieee_float32(device: torch.device | None = None) -> Iterator[None]:
+    """Float32 matrix products in IEEE float32 (no TF32 on CUDA, no bfloat16 passes on the CPU),
+    whatever the user set (``torch.set_float32_matmul_precision("high")``, ``allow_tf32``, or the
+    newer ``torch.backends.*.matmul.fp32_precision``); the user's settings are restored exactly.
+
+    TF32 rounds the products' inputs to 10 mantissa bits (relative error ~1e-3): Gram sums and
+    projections computed so would break the null-space guarantee. ``device`` is unused (the
+    flags are process-wide); with the default settings nothing is changed.
+    """
+    flags = {key: _flag(*key) for key in _FP32_FLAGS}
+    try:  # raises once the user mixed the legacy and the new API: the new flags restore it then
+        legacy: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = None
+    if legacy == "highest" and all(value in (None, *_EXACT) for value in flags.values()):
         yield
         return
-    matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32
-    matmul.allow_tf32 = False
+    # the legacy setter sets the flags consistently (cuBLAS checks that they agree)
+    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        matmul.allow_tf32 = previous
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for (backend, op), value in flags.items():
+            if value is not None and _flag(backend, op) != value:
+                getattr(getattr(torch.backends, backend), op).fp32_precision = value
