@@ -19,7 +19,7 @@ START=$(date +%s)
 ROOT=$(pwd)
 LOG="$OUT/log.txt"
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(env cuda_tests suites projection basis cifar_resnet18 cifar_allcnn wide zoo)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(env cuda_tests suites projection cifar_resnet18 basis wide cifar_allcnn zoo)
 
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -175,10 +175,12 @@ def mean_relative_change(before: Tensor, after: Tensor) -> float:
 
 @torch.no_grad()
 def logits_of(model: nn.Module, inputs: Tensor) -> Tensor:
+    """``model``'s eval-mode logits on ``inputs`` (moved to the model's device), on the CPU."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
-        return model(inputs).detach().clone()
+        return model(inputs.to(device)).detach().cpu().clone()
     finally:
         model.train(was_training)
 

@@ -145,7 +145,8 @@ class _ClipProbe(UnlearningModule):
         self.clip_calls += 1
         for name, basis in self.calibration.bases.items():
             grad = self.get_submodule(name).weight.grad
-            self.in_subspace_at_clip.append(float((grad @ basis).norm() / grad.norm()))
+            in_subspace = grad @ basis.to(grad.device)  # bases are kept on the CPU
+            self.in_subspace_at_clip.append(float(in_subspace.norm() / grad.norm()))
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 

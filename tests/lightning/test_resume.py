@@ -69,7 +69,7 @@ def weights(module: L.LightningModule) -> dict[str, Tensor]:
 def max_abs_difference(first: dict[str, Tensor], second: dict[str, Tensor]) -> float:
     assert first.keys() == second.keys()
     return max(
-        float((first[k].double() - second[k].double()).abs().max())
+        float((first[k].double().cpu() - second[k].double().cpu()).abs().max())
         for k in first
         if first[k].is_floating_point()
     )

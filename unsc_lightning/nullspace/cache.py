@@ -44,6 +44,7 @@ from unsc_lightning.nullspace.covariance import (
     accumulate_covariances,
     layer_dims,
 )
+from unsc_lightning.nullspace.gram import ieee_forward
 from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.nullspace.layers import BasisRule, build_bases, threshold_for
 
@@ -203,7 +204,7 @@ class ClassCovarianceCache:
                     raise RuntimeError("A covariance cache needs labelled batches `(x, y, ...)`.")
                 yield batch[0].to(device), batch[1].to(device)
 
-        with eval_mode(model):
+        with eval_mode(model), ieee_forward(torch.device(device)):
             accumulate_covariances(forward or model, layers, batches(), accumulator)
         return cls.from_accumulator(accumulator, model_fingerprint(model, settings))
 

@@ -58,7 +58,7 @@ from unsc_lightning.nullspace.batches import (
     output_logits,
 )
 from unsc_lightning.nullspace.covariance import GramDtype, GramOptions
-from unsc_lightning.nullspace.gram import buffer_rows, held_rows, ieee_float32
+from unsc_lightning.nullspace.gram import buffer_rows, held_rows, ieee_float32, ieee_forward
 from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.nullspace.projection import NullSpaceProjector
 from unsc_lightning.nullspace.settings import (
@@ -342,7 +342,9 @@ class NullSpaceEngine:
         forward = forward or self.model
         start = time.perf_counter()
         self.timings = {"bases": 0.0}
-        with eval_mode(self.model):
+        # IEEE float32 forward and products whatever the user's TF32 setting: the bases must
+        # describe the model's float32 outputs (see ieee_forward)
+        with eval_mode(self.model), ieee_forward(device):
             runner = BasisPass(self, device, adapter, forward, reduce, gather, process)
             bases, report = runner.run(batches)
         self.timings["total"] = time.perf_counter() - start
@@ -556,7 +558,7 @@ class NullSpaceEngine:
 
     # -- evidence -------------------------------------------------------------------------------
     def _logits_on_probe(self, forward: Callable[..., Any]) -> Tensor:
-        with eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad(), ieee_forward(self._device()):
             return output_logits(call_model(forward, self.probe)).detach().float().clone()
 
     def prediction_change(self, forward: Callable[..., Any] | None = None) -> float | None:

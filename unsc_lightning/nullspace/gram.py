@@ -219,3 +219,36 @@ def ieee_float32(device: torch.device | None = None) -> Iterator[None]:
         for (backend, op), value in flags.items():
             if value is not None and _flag(backend, op) != value:
                 getattr(getattr(torch.backends, backend), op).fp32_precision = value
+
+
+@contextmanager
+def ieee_forward(device: torch.device) -> Iterator[None]:
+    """:func:`ieee_float32` and, on CUDA, cuDNN convolutions without TF32: around the basis pass
+    and the drift probe, so that the bases and the probe describe the model's float32 outputs
+    (TF32, on by default for cuDNN convolutions, would give activations ~1e-3 off them, and a
+    null space of those leaks about as much of every update onto the float32 outputs). The
+    user's cuDNN settings are restored exactly; off CUDA only :func:`ieee_float32` applies."""
+    with ieee_float32(device):
+        if device.type != "cuda":
+            yield
+            return
+        cudnn = torch.backends.cudnn
+        ops = {
+            op: getattr(getattr(cudnn, op, None), "fp32_precision", None) for op in ("conv", "rnn")
+        }
+        try:  # raises once the user mixed the legacy and the new API
+            legacy: bool | None = cudnn.allow_tf32
+        except RuntimeError:
+            legacy = None
+        if legacy is False and all(value in (None, *_EXACT) for value in ops.values()):
+            yield
+            return
+        cudnn.allow_tf32 = False  # the legacy setter sets conv and rnn consistently
+        try:
+            yield
+        finally:
+            if legacy is not None:
+                cudnn.allow_tf32 = legacy
+            for op, value in ops.items():
+                if value is not None and getattr(cudnn, op).fp32_precision != value:
+                    getattr(cudnn, op).fp32_precision = value
