@@ -85,6 +85,16 @@ for s in "${STEPS[@]}"; do
     zoo)
         step zoo 80 $B/zoo.py --device cuda --seeds 0 --models resnet18 digits_conv vit \
             --json "$RES/zoo_cuda.json" ;;
+    retests)  # after fixes: the CUDA tests and the suites that had failed, on the GPU
+        step retests 90 env UNSC_TEST_ACCELERATOR=gpu python3 -m pytest -q -p no:cacheprovider \
+            -n 4 tests/lightning/test_cuda.py tests/lightning/test_resume.py \
+            tests/lightning/test_amortised_projection.py --junitxml="$RES/retests_gpu.xml" ;;
+    plain)  # the shifted Gram (CPU-tuned) against one product per class block
+        step plain 60 $B/bench_basis.py --device cuda --repeats 2 --models allcnn \
+            --samples 4096 --variants auto plain --json "$RES/basis_allcnn_plain_cuda.json" ;;
+    profile)
+        step profile 80 $B/profile_build.py --device cuda --model allcnn --samples 4096 \
+            --out "$RES/profile_allcnn_cuda.txt" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
     esac
 done

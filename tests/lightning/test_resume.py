@@ -95,8 +95,8 @@ class _PseudoLabelSpy(L.Callback):
         self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         inputs, labels = batch
-        self.inputs.append(inputs.clone())
-        self.used.append(pl_module.pseudo_label(inputs, labels))
+        self.inputs.append(inputs.cpu().clone())
+        self.used.append(pl_module.pseudo_label(inputs, labels).cpu())
 
 
 def labels_of(model: torch.nn.Module, inputs: Tensor) -> Tensor:

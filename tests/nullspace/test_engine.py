@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import NullSpaceCalibration
 from unsc_lightning.nullspace import NullSpaceEngine, NullSpaceEngineError
-from unsc_lightning.nullspace.basis import class_threshold_schedule, per_class_basis
+from unsc_lightning.nullspace.basis import BasisInfo, class_threshold_schedule, per_class_basis
 
 
 def _projector(basis: Tensor) -> Tensor:
@@ -363,3 +363,43 @@ def test_build_refuses_processes_that_do_not_number_the_ranks_once():
     engine = NullSpaceEngine(nn.Sequential(nn.Linear(6, 3)))
     with pytest.raises(RuntimeError, match=r"processes per rank: \[2, 0\]"):
         engine.build(_small_build_data(), reduce=lambda t: 2 * t, process=(0, 2))
+
+
+def test_make_projectors_again_reuses_each_complement(monkeypatch):
+    # the callback calls make_projectors after the build (the model may have moved): the QR of a
+    # complement (r > d/2; ~0.3 s per 4608-wide layer on a CPU) must not run twice per fit
+    from unsc_lightning.nullspace import projection
+
+    calls: list[int] = []
+    complement = projection.null_space_complement
+
+    def counted(basis: Tensor) -> Tensor:
+        calls.append(basis.shape[0])
+        return complement(basis)
+
+    monkeypatch.setattr(projection, "null_space_complement", counted)
+    engine = NullSpaceEngine(mlp(), threshold=1.0)
+
+    def wide_bases(seed: int) -> dict[str, tuple[Tensor, BasisInfo]]:  # rank d - 2 > d/2
+        generator = torch.Generator().manual_seed(seed)
+        return {
+            key: (
+                torch.linalg.qr(torch.randn(d, d - 2, generator=generator))[0],
+                BasisInfo(d, d - 2, 1.0),
+            )
+            for key, d in engine.dims.items()
+        }
+
+    engine.set_bases(wide_bases(0))
+    made = len(calls)
+    assert made == len(engine.dims)
+    before = dict(engine._projectors)
+    engine.make_projectors()
+    assert len(calls) == made
+    assert all(engine._projectors[k] is before[k] for k in before)  # same device: same object
+    engine.set_bases(wide_bases(1))
+    assert len(calls) == 2 * made  # other bases: new complements
+    for key, projector in engine._projectors.items():
+        assert projector.source is engine.bases[key]
+        gradient = torch.randn(3, engine.dims[key])
+        assert float((projector.project(gradient) @ engine.bases[key]).abs().max()) < 1e-5

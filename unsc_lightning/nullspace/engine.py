@@ -381,11 +381,18 @@ class NullSpaceEngine:
         """(Re)create the projectors next to each weight (call after moving the model), or use
         ready ``projectors`` (``key -> NullSpaceProjector``, e.g. with a known complement)."""
         if projectors is None:
-            projectors = {
-                key: NullSpaceProjector(self._bases[key], device=c.parameter.device)
-                for key, c in self.accounting.constraints.items()
-                if key in self._bases
-            }
+            made = self._projectors
+            projectors = {}
+            for key, constraint in self.accounting.constraints.items():
+                if key not in self._bases:
+                    continue
+                device = constraint.parameter.device
+                old = made.get(key)
+                # same basis: move the factor, never factor the complement again
+                if old is not None and old.source is self._bases[key]:
+                    projectors[key] = old.to(device)
+                else:
+                    projectors[key] = NullSpaceProjector(self._bases[key], device=device)
         self._projectors = dict(projectors)
         # update mode looks constraints up by parameter on every step: index them once here
         self._by_parameter = {}

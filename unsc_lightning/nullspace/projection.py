@@ -9,6 +9,8 @@ the orthonormal complement otherwise — ``2·out·d·min(r, d-r)`` flops, and n
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -53,8 +55,24 @@ class NullSpaceProjector:
     ) -> None:
         self.dim, self.rank = basis.shape
         self.use_complement = self.rank > self.dim / 2
-        factor = null_space_complement(basis.to(torch.float64)) if self.use_complement else basis
+        #: the basis this projector was made from (:meth:`to` reuses the complement for it)
+        self.source = basis
+        # the complement's QR on the projector's device (a GPU factors 4608 x 4608 in a blink)
+        factor = (
+            null_space_complement(basis.to(device=device, dtype=torch.float64))
+            if self.use_complement
+            else basis
+        )
         self.factor = factor.to(device=device, dtype=dtype).contiguous()
+
+    def to(self, device: torch.device | str) -> NullSpaceProjector:
+        """This projector with its factor on ``device`` (``self`` when it is there already):
+        no new QR of the complement."""
+        if self.factor.device == torch.device(device):
+            return self
+        moved = copy.copy(self)
+        moved.factor = self.factor.to(device)
+        return moved
 
     def project(self, matrix: Tensor) -> Tensor:
         """Return the projection of an ``out x d`` matrix (new tensor)."""
