@@ -16,7 +16,8 @@ Variants (``--variants``):
   below the float32 margin);
 - ``plain``: ``auto`` with every class block's Gram as one product (``SHIFTED_ROWS`` patched
   out of reach): the shifted Gram saves multiply-adds at the cost of more, smaller products,
-  a trade measured for the CPU;
+  a trade measured for the CPU (on CUDA the library multiplies so since an H200 run showed
+  it faster: there ``plain`` equals ``auto``);
 - ``subsampled``: ``gram=GramOptions(row_fraction=F)`` (``--row-fraction``, default 0.25),
   approximate. Its basis error is reported as the fraction of held-out remaining rows' energy
   (fresh random inputs through the same model) that its bases capture, next to the exact bases'
