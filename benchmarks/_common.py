@@ -148,10 +148,24 @@ class PhaseTimer(L.Callback):
 
 
 @torch.no_grad()
-def plain_pass_seconds(model: torch.nn.Module, loader: Any) -> float:
-    """One plain no-grad forward pass over ``loader`` (data loading included): the cost floor."""
-    model.eval()
+def plain_pass_seconds(
+    model: torch.nn.Module, loader: Any, device: torch.device | None = None
+) -> float:
+    """One plain no-grad forward pass over ``loader`` (data loading and the copy to ``device``
+    included): the cost floor. ``model`` is moved to ``device`` (default: where it is)."""
+    device = device or next(model.parameters()).device
+    model.to(device).eval()
+    synchronize(device)
     start = time.perf_counter()
-    for inputs, _ in loader:
-        model(inputs)
+    with torch.no_grad():
+        for inputs, _ in loader:
+            model(inputs.to(device))
+    synchronize(device)
     return time.perf_counter() - start
+
+
+def trainer_options(device: torch.device) -> dict[str, Any]:
+    """Lightning Trainer options that put a fit on ``device``."""
+    if device.type == "cuda":
+        return {"accelerator": "gpu", "devices": [device.index or 0]}
+    return {"accelerator": device.type}

@@ -22,10 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import replace
 from typing import Any
 
+import _common
 from _common import PhaseTimer, machine, parser, plain_pass_seconds, setup, table, write_json
 
 from unsc_lightning.data import ForgetSpec
@@ -44,10 +46,7 @@ def main() -> None:
     )
     options = args.parse_args()
     device = setup(options)
-    if device.type != "cpu":
-        print(
-            "note: unsc_lightning.lab trains on the CPU (make_trainer); --device is recorded only"
-        )
+    on_device = _common.trainer_options(device)  # every fit (original, retrain, UNSC) on --device
     forget = ForgetSpec(kind="class", classes=[options.forget_class])
     data = {"num_samples": options.num_samples}
     seed = options.seed
@@ -56,12 +55,12 @@ def main() -> None:
         recipe = replace(recipe, epochs=options.unlearn_epochs)
 
     original, original_fit_s, _ = train_classifier(
-        "mnist1d", forget, seed, "all", data_options=data
+        "mnist1d", forget, seed, "all", data_options=data, trainer_options=on_device
     )
 
     start = time.perf_counter()
     retrained, retrain_fit_s, _ = train_classifier(
-        "mnist1d", forget, seed, "retain", data_options=data
+        "mnist1d", forget, seed, "retain", data_options=data, trainer_options=on_device
     )
     retrain_wall = time.perf_counter() - start
 
@@ -81,6 +80,7 @@ def main() -> None:
                 callbacks=[timer],
                 data_options=data,
                 module_options={"stop_at_target": stop_at_target},
+                trainer_options=on_device,
             )
             wall = time.perf_counter() - start
             walls.setdefault(f"unsc_stop_at_target={stop_at_target}", []).append(wall)
@@ -105,7 +105,7 @@ def main() -> None:
         )
     }
     sizes = dm.split_sizes()
-    floor_s = plain_pass_seconds(original, dm.retain_dataloader())
+    floor_s = plain_pass_seconds(copy.deepcopy(original), dm.retain_dataloader(), device)
     stamps = timer.stamps
     bases_s = stamps["fit_start"] - stamps["setup"]
     breakdown = {

@@ -36,6 +36,7 @@ from _common import (
     plain_pass_seconds,
     setup,
     table,
+    trainer_options,
     write_json,
 )
 
@@ -65,6 +66,7 @@ def main() -> None:
     def fit(method: str, **kwargs: Any) -> tuple[float, PhaseTimer, Any]:
         timer = PhaseTimer()
         kwargs.setdefault("recipe", recipe)
+        kwargs["trainer_options"] = {**trainer_options(device), **kwargs.get("trainer_options", {})}
         run = run_method(method, original, "mnist1d", forget, seed, callbacks=[timer], **kwargs)
         return run.seconds, timer, run
 
@@ -87,7 +89,7 @@ def main() -> None:
     }
     plain: list[float] = []
     for _ in range(options.repeats):
-        plain.append(plain_pass_seconds(copy.deepcopy(original), dm.retain_dataloader()))
+        plain.append(plain_pass_seconds(copy.deepcopy(original), dm.retain_dataloader(), device))
         for name, config in configs.items():
             config = dict(config)
             method = config.pop("method", "unsc")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from unsc_lightning.models import MNIST1DConvNet
 from unsc_lightning.models.paper import AllCNN, ResNet18CIFAR
 from unsc_lightning.nullspace import NullSpaceEngine
 
-MODELS = {
+MODELS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], int, int]] = {
     "mnist1d": (MNIST1DConvNet, (1, 40), 512, 10),
     "allcnn": (lambda: AllCNN(num_classes=10), (3, 32, 32), 128, 10),
     "resnet18cifar": (lambda: ResNet18CIFAR(num_classes=100), (3, 32, 32), 128, 100),

@@ -137,8 +137,12 @@ def train_classifier(
     data_options: dict[str, Any] | None = None,
     environment: RunEnvironment | None = None,
     model_seed: int | None = None,
+    trainer_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, float, bool]:
     """Train (or load from cache) the original (``train_on="all"``) or retrained model.
+
+    ``trainer_options`` go to :func:`make_trainer` over its quiet CPU defaults (e.g.
+    ``{"accelerator": "gpu"}``); they are not part of the cache key.
 
     ``data_options`` are passed to the data module (e.g. ``{"num_samples": 1000}``) and are part
     of the cache key. ``environment`` records where the model was trained (world size, devices,
@@ -178,11 +182,13 @@ def train_classifier(
         gamma=recipe.gamma,
     )
     recorder = environment or RunEnvironment()
-    trainer = make_trainer(recipe.epochs, [EpochProgress(progress), recorder])
+    trainer = make_trainer(
+        recipe.epochs, [EpochProgress(progress), recorder], **(trainer_options or {})
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
-    model.eval()
+    model.cpu().eval()  # as from the cache, wherever it trained
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
