@@ -26,7 +26,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import NullSpaceCalibration, UnlearningModule
 from unsc_lightning.nullspace import CovarianceAccumulator, accumulate_covariances, layer_dims
-from unsc_lightning.nullspace.cache import CACHE_VERSION, ClassCovarianceCache, model_fingerprint
+from unsc_lightning.nullspace.cache import (
+    CACHE_VERSION,
+    ClassCovarianceCache,
+    _signatures,
+    model_fingerprint,
+)
 from unsc_lightning.nullspace.layers import build_bases
 from unsc_lightning.nullspace.representation import layer_rows
 
@@ -169,6 +174,43 @@ def test_bases_from_cache_equal_bases_from_the_remaining_data(
         assert info.rank == reference_info.rank and info.dim == reference_info.dim, name
         assert info.energy == pytest.approx(reference_info.energy, abs=1e-9)
         torch.testing.assert_close(projector(basis), projector(reference), atol=1e-9, rtol=0)
+
+
+def test_memoised_sums_follow_every_in_place_change(data, original):
+    # the per-class rule reads each layer's class signatures from a memo: it must
+    # see drop_classes_, update_ and a user's own in-place edit of the sums
+    x, y = data
+    layers = linear_layers(original)
+    cache = ClassCovarianceCache.build(original, layers, CountingLoader(x, y), NUM_CLASSES)
+    other = ClassCovarianceCache.build(original, layers, CountingLoader(2 * x, y), NUM_CLASSES)
+
+    def fresh() -> ClassCovarianceCache:  # the same sums, nothing memoised
+        copied = ClassCovarianceCache(
+            {k: v.clone() for k, v in cache.sums.items()}, cache.samples_per_class, "x"
+        )
+        return copied._with_rows_per_sample(cache.rows_per_sample)
+
+    def assert_as_fresh(remaining: list[int]) -> None:
+        got, expected = cache.bases(remaining, 0.97), fresh().bases(remaining, 0.97)
+        for name, (basis, info) in got.items():
+            assert info.rank == expected[name][1].rank, name
+            assert info.energy == pytest.approx(expected[name][1].energy, abs=1e-12), name
+            torch.testing.assert_close(
+                projector(basis), projector(expected[name][0]), atol=1e-9, rtol=0
+            )
+        for name in cache.sums:  # the memo against a direct computation
+            direct = _signatures(cache.sums[name], remaining)
+            memoised = cache._signatures_of(name, remaining)  # states match within 1e-12
+            torch.testing.assert_close(memoised, direct, rtol=1e-12, atol=0)
+
+    assert_as_fresh([0, 1, 2, 4])  # fills the memo
+    cache.update_(other)
+    assert_as_fresh([0, 1, 2, 4])
+    cache.drop_classes_([1])
+    assert_as_fresh([0, 2, 3, 4])
+    for total in cache.sums.values():  # the user's own edit
+        total[0].mul_(3.0)
+    assert_as_fresh([0, 2, 3, 4])
 
 
 def test_save_and_load_round_trip_atomically(data, original, tmp_path):

@@ -118,6 +118,8 @@ class ClassCovarianceCache:
         self.rule_states: dict[str, _RuleState] = {}
         #: whether ``rule_states`` changed since the cache was loaded or saved
         self.states_changed = False
+        # per layer: every class's signatures (see _signatures_of)
+        self._memo: dict[str, tuple[tuple[int, int], Tensor]] = {}
 
     # -- what the cache holds -------------------------------------------------------------------
     @property
@@ -332,6 +334,18 @@ class ClassCovarianceCache:
             return None
         return {k: int(self.samples_per_class[k]) * per_sample for k in classes}
 
+    def _signatures_of(self, name: str, classes: list[int]) -> Tensor:
+        """:func:`_signatures` of ``classes``, from a table of every class computed once per
+        layer and again only when its sums changed in place (their version counter, which
+        views share, moves with ``update_``, ``drop_classes_`` or a user's own edit)."""
+        sums = self.sums[name]
+        stamp = (id(sums), sums._version)
+        found = self._memo.get(name)
+        if found is None or found[0] != stamp:
+            found = (stamp, _signatures(sums, list(range(sums.shape[0]))))
+            self._memo[name] = found
+        return found[1][classes]
+
     def _per_class(
         self, name: str, remaining: list[int], eps: float, step: float
     ) -> tuple[Tensor, BasisInfo]:
@@ -339,7 +353,7 @@ class ClassCovarianceCache:
         dim = sums.shape[-1]
         key = f"{name}|{float(eps)!r}|{float(step)!r}"
         bounds = self._bounds(name, remaining)
-        signatures = _signatures(sums, remaining)
+        signatures = self._signatures_of(name, remaining)
         stored = self.rule_states.get(key)
         matched = [] if stored is None else stored.shared_prefix(remaining, signatures, bounds)
         start = len(matched)
@@ -365,7 +379,7 @@ class ClassCovarianceCache:
             held = self.classes
             serves = 0
             if stored is not None:
-                held_signatures = _signatures(sums, held)
+                held_signatures = self._signatures_of(name, held)
                 serves = len(stored.shared_prefix(held, held_signatures, self._bounds(name, held)))
             if stored is None or candidate.follows(held) > serves:
                 self._set_state(key, candidate)
