@@ -180,7 +180,7 @@ def _add_symmetric_gram(target: Tensor, rows: Tensor) -> None:
 
 
 #: float32 matrix-product flags of the newer API that ``torch.set_float32_matmul_precision`` sets
-#: (cuBLAS on CUDA; oneDNN on the CPU, where ``"medium"`` means bfloat16 products)
+#: (cuBLAS on CUDA; oneDNN on the CPU, where ``"medium"`` allows bfloat16 products)
 _FP32_FLAGS = (("cuda", "matmul"), ("mkldnn", "matmul"))
 _EXACT = ("none", "ieee")
 
