@@ -94,7 +94,11 @@ for s in "${STEPS[@]}"; do
             --samples 4096 --variants auto plain --json "$RES/basis_allcnn_plain_cuda.json" ;;
     profile)
         step profile 80 $B/profile_build.py --device cuda --model allcnn --samples 4096 \
-            --out "$RES/profile_allcnn_cuda.txt" ;;
+            --what build --out "$RES/profile_allcnn_cuda.txt" ;;
+    end_to_end)  # MNIST-1D UNSC against retraining, and UNSC against its floor, on the GPU
+        step end_to_end 120 $B/bench_end_to_end.py --device cuda --repeats 2 \
+            --json "$RES/bench_end_to_end_cuda.json"
+        step floor 120 $B/bench_floor.py --device cuda --repeats 3 --json "$RES/bench_floor_cuda.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
     esac
 done
