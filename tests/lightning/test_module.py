@@ -673,3 +673,27 @@ def test_relative_steps_do_not_amplify_projection_rounding():
     after = model(retain_x).detach()
     assert callback.engine is not None and callback.engine.bases["model.0"].shape[1] == 16
     assert float((after - before).norm() / before.norm()) < 1e-4
+
+
+def test_relative_steps_hold_a_weight_whose_gradient_projects_to_rounding():
+    # A gradient wholly inside the remaining subspace projects to float32 rounding; relative
+    # steps must not rescale that to a step of `relative_step * ||W||` (torchvision ResNet-18's
+    # last stage at 32x32). A gradient with a real null-space part still steps.
+    from unsc_lightning.module import NULL_GRADIENT_FRACTION, drop_null_gradients_
+
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 3))[0]
+    inside = torch.nn.Parameter(torch.randn(4, 8))
+    mixed = torch.nn.Parameter(torch.randn(4, 8))
+    inside.grad = torch.randn(4, 3) @ basis.T  # in the span of the basis
+    mixed.grad = torch.randn(4, 8)
+    raw = {id(p): p.grad.norm() for p in (inside, mixed)}
+    for parameter in (inside, mixed):  # what the projection leaves, in float32
+        parameter.grad -= (parameter.grad @ basis) @ basis.T
+    assert 0 < float(inside.grad.norm()) < NULL_GRADIENT_FRACTION * float(raw[id(inside)])
+    kept = mixed.grad.clone()
+
+    drop_null_gradients_([inside, mixed], raw)
+
+    assert float(inside.grad.abs().max()) == 0.0
+    assert torch.equal(mixed.grad, kept)
