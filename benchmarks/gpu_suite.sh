@@ -6,6 +6,9 @@
 #
 # Run from the repository root. The machine's own PyTorch is used; packages it lacks (mnist1d,
 # jsonargparse) are installed from wheels in .whl/ when that folder exists (no network there).
+# Steps (default: the first list below): env cuda_tests suites projection cifar_resnet18 basis
+# wide cifar_allcnn zoo; also retests, plain, profile, kernels, end_to_end (for a next lease:
+# the GPU basis pass is far from its floor, see docs/performance.md).
 # Every step gets at most the time left before DEADLINE seconds (default 540); a step that would
 # start with under 20 s left is skipped and listed. Results: $OUT/log.txt (everything printed) and
 # $OUT/results.tar.gz (the JSON files and the pytest reports), rewritten after every step, so
@@ -95,6 +98,9 @@ for s in "${STEPS[@]}"; do
     profile)
         step profile 80 $B/profile_build.py --device cuda --model allcnn --samples 4096 \
             --what build --out "$RES/profile_allcnn_cuda.txt" ;;
+    kernels)  # per-class accumulation kernels (sorted slices vs one padded bmm, ...) on the GPU
+        step kernels 90 $B/bench_per_class.py --device cuda --repeats 5 --section both \
+            --json "$RES/per_class_kernels_cuda.json" ;;
     end_to_end)  # MNIST-1D UNSC against retraining, and UNSC against its floor, on the GPU
         step end_to_end 120 $B/bench_end_to_end.py --device cuda --repeats 2 \
             --json "$RES/bench_end_to_end_cuda.json"
