@@ -417,10 +417,12 @@ class UnlearningModule(_EvaluationMixin):
 
     def on_after_backward(self) -> None:
         # the gradients' norms before any projection (the last backward of an accumulation
-        # wins: it sees the accumulated gradient), for on_before_optimizer_step
+        # wins: it sees the accumulated gradient), for on_before_optimizer_step; under a
+        # GradScaler (precision="16-mixed" on CUDA) they are still scaled here, and unscaled there
         if self._relative_steps and self._engines:
+            scale = _gradient_scale(self._trainer)
             self._raw_norms = {
-                id(p): p.grad.norm() for p in self.model.parameters() if p.grad is not None
+                id(p): p.grad.norm() / scale for p in self.model.parameters() if p.grad is not None
             }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -591,6 +593,15 @@ def _calibration_engines(trainer: Any) -> list[Any]:
         if getattr(callback, "active_mode", None) in ("gradient", "update")
         and getattr(callback, "engine", None) is not None
     ]
+
+
+def _gradient_scale(trainer: Any) -> float:
+    """The factor a GradScaler multiplies the gradients by until it unscales them (1.0 without
+    one, e.g. in float32 or bf16)."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 #: a projected gradient at most this fraction of the gradient before projection is float32

@@ -156,3 +156,21 @@ def test_bf16_mixed_on_cuda_keeps_remaining_outputs_within_the_cpu_bound(problem
     retain_change, forget_change = unlearn(problem, "auto", "sgd", precision="bf16-mixed")
     assert retain_change <= 0.02
     assert forget_change >= MOVED
+
+
+def test_16_mixed_relative_steps_move_the_weights_on_cuda(problem):
+    # precision="16-mixed" on CUDA runs a GradScaler: the raw gradient norms that decide which
+    # projected gradients are only rounding are taken while the gradients are still scaled
+    # (`module._gradient_scale`); misread, every weight would hold still. Relative steps are
+    # UnlearningModule's default (lr=None with SGD). Written after the H200 runs: not yet run.
+    torch.manual_seed(0)
+    module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], stop_at_target=False)
+    callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=problem.retain_loader())
+    retain_before = logits_of(module, problem.retain_x)
+    forget_before = logits_of(module, problem.forget_x)
+    trainer = quiet_trainer(30, [callback], accelerator="gpu", devices=1, precision="16-mixed")
+    assert getattr(trainer.precision_plugin, "scaler", None) is not None
+    trainer.fit(module, train_dataloaders=problem.forget_loader(8))
+    assert mean_relative_change(forget_before, logits_of(module, problem.forget_x)) >= MOVED
+    # float16 activations in the basis pass: the bf16 bound of test_precision.py holds a fortiori
+    assert max_relative_change(retain_before, logits_of(module, problem.retain_x)) <= 0.02

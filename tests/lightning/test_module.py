@@ -697,3 +697,29 @@ def test_relative_steps_hold_a_weight_whose_gradient_projects_to_rounding():
 
     assert float(inside.grad.abs().max()) == 0.0
     assert torch.equal(mixed.grad, kept)
+
+
+def test_raw_gradient_norms_are_unscaled_under_a_grad_scaler():
+    # precision="16-mixed" on CUDA: on_after_backward sees gradients multiplied by the scaler's
+    # scale, on_before_optimizer_step sees them unscaled; compared as they are, every gradient
+    # would look like rounding (ratio 1 / scale) and no weight would move.
+    from types import SimpleNamespace
+
+    from unsc_lightning.module import drop_null_gradients_
+
+    torch.manual_seed(0)
+    module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS])
+    module._engines = [object()]  # as when a NullSpaceCalibration is attached
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+    parameters = list(module.model.parameters())
+    for parameter in parameters:
+        parameter.grad = 2.0**16 * torch.randn_like(parameter)  # scaled, as after backward
+    module.on_after_backward()
+    for parameter in parameters:
+        parameter.grad /= 2.0**16  # what the scaler's unscale_ does before the step hooks
+    unscaled = [parameter.grad.clone() for parameter in parameters]
+
+    drop_null_gradients_(parameters, module._raw_norms)
+
+    assert all(torch.equal(p.grad, g) for p, g in zip(parameters, unscaled))
