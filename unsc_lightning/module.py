@@ -635,15 +635,16 @@ def scale_to_weight_norms_(parameters: Iterable[Tensor]) -> None:
     A plain SGD step with learning rate ``s`` then moves every weight tensor by ``s * ||W||``
     (a relative step, as LARS does), so one ``s`` suits models of any scale, width or depth. A
     rescaling keeps a projected gradient in the null space. Parameters with a zero norm (or a zero
-    gradient) are left as they are.
+    gradient) are left as they are. No host synchronisation (on a GPU, a test per parameter
+    would wait for each norm).
     """
     for parameter in parameters:
         grad = parameter.grad
         if grad is None:
             continue
         grad_norm, weight_norm = grad.norm(), parameter.norm()
-        if grad_norm > 0 and weight_norm > 0:
-            grad.mul_(weight_norm / grad_norm)
+        usable = (grad_norm > 0) & (weight_norm > 0)
+        grad.mul_(torch.where(usable, weight_norm / grad_norm, torch.ones_like(grad_norm)))
 
 
 class ClassifierModule(_EvaluationMixin):

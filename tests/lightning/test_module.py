@@ -723,3 +723,23 @@ def test_raw_gradient_norms_are_unscaled_under_a_grad_scaler():
     drop_null_gradients_(parameters, module._raw_norms)
 
     assert all(torch.equal(p.grad, g) for p, g in zip(parameters, unscaled))
+
+
+def test_scale_to_weight_norms_matches_the_formula_and_leaves_zero_norms_alone():
+    from unsc_lightning.module import scale_to_weight_norms_
+
+    torch.manual_seed(0)
+    moving, zero_grad, zero_weight = (torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3))
+    moving.grad = torch.randn(3, 4)
+    zero_grad.grad = torch.zeros(3, 4)
+    with torch.no_grad():
+        zero_weight.zero_()
+    zero_weight.grad = torch.randn(3, 4)
+    expected = moving.grad * (moving.detach().norm() / moving.grad.norm())
+    kept = zero_weight.grad.clone()
+
+    scale_to_weight_norms_([moving, zero_grad, zero_weight, torch.nn.Parameter(torch.ones(2))])
+
+    assert torch.equal(moving.grad, expected)  # the same operations as G * (||W|| / ||G||)
+    assert float(zero_grad.grad.abs().max()) == 0.0  # no NaN from 0 / 0
+    assert torch.equal(zero_weight.grad, kept)
