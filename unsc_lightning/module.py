@@ -329,8 +329,12 @@ class UnlearningModule(_EvaluationMixin):
             loss = loss + self._hp.feature_calibration * feature_loss
         self.log("train/loss", loss, prog_bar=True)
         # forget accuracy for free: these logits are computed anyway (before this step's update)
+        # (counted where the logits are: no host synchronisation per step on a GPU)
         correct = (logits.detach().argmax(dim=1) == labels).sum()
-        self._forget_counts += torch.stack([correct.cpu(), torch.tensor(labels.numel())])
+        counts = torch.stack([correct, correct.new_full((), labels.numel())])
+        if self._forget_counts.device != counts.device:
+            self._forget_counts = self._forget_counts.to(counts.device)
+        self._forget_counts += counts
         return loss
 
     def _feature_calibration_loss(self, targets: Tensor) -> Tensor:
