@@ -176,6 +176,8 @@ class UnlearningModule(_EvaluationMixin):
         self._generator = torch.Generator().manual_seed(seed)
         # forget samples classified as their true label in the current epoch / seen
         self._forget_counts = torch.zeros(2, dtype=torch.long)
+        # gradient norms before projection, per parameter id (see on_after_backward)
+        self._raw_norms: dict[int, Tensor] = {}
         self.stopped_at_epoch: int | None = None
         self.last_forget_accuracy: float | None = None
         self.feature_layer = feature_layer
@@ -331,10 +333,7 @@ class UnlearningModule(_EvaluationMixin):
         # forget accuracy for free: these logits are computed anyway (before this step's update)
         # (counted where the logits are: no host synchronisation per step on a GPU)
         correct = (logits.detach().argmax(dim=1) == labels).sum()
-        counts = torch.stack([correct, correct.new_full((), labels.numel())])
-        if self._forget_counts.device != counts.device:
-            self._forget_counts = self._forget_counts.to(counts.device)
-        self._forget_counts += counts
+        self._forget_counts += torch.stack([correct, correct.new_full((), labels.numel())])
         return loss
 
     def _feature_calibration_loss(self, targets: Tensor) -> Tensor:
@@ -353,7 +352,8 @@ class UnlearningModule(_EvaluationMixin):
         return sliced_feature_distance(features[keep], reference[keep], directions)
 
     def on_train_epoch_start(self) -> None:
-        self._forget_counts.zero_()
+        # on the training device, where training_step counts (no host copy per step)
+        self._forget_counts = torch.zeros(2, dtype=torch.long, device=self.device)
 
     def on_train_epoch_end(self) -> None:
         counts = self.trainer.strategy.reduce(self._forget_counts.to(self.device), reduce_op="sum")
@@ -440,7 +440,7 @@ class UnlearningModule(_EvaluationMixin):
             # logit drift); projecting again removes most of it.
             for engine in self._engines:
                 engine.project_gradients_()
-            drop_null_gradients_(self.model.parameters(), getattr(self, "_raw_norms", {}))
+            drop_null_gradients_(self.model.parameters(), self._raw_norms)
             scale_to_weight_norms_(self.model.parameters())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

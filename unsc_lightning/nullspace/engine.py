@@ -448,7 +448,7 @@ class NullSpaceEngine:
     def project_gradients_(self) -> None:
         """Project every constrained weight's ``.grad`` onto its null space, in place (IEEE
         float32 products on CUDA, whatever the user's TF32 setting)."""
-        with ieee_float32(self._device()):
+        with ieee_float32():
             for key, constraint in self.accounting.constraints.items():
                 grad = constraint.parameter.grad
                 projector = self._projectors.get(key)
@@ -465,27 +465,26 @@ class NullSpaceEngine:
         """
         if pending_only and not self._pending:
             return
-        with ieee_float32(self._device()):
-            self._project_weights_()
-
-    def _project_weights_(self) -> None:
-        for parameter_id, anchor in self._anchors.items():
-            constraints = self._by_parameter.get(parameter_id, [])
-            if not constraints:
-                continue
-            weight = constraints[0][1].parameter.detach()
-            anchor = anchor.to(weight.device)  # the model may have moved (end of a fit)
-            if parameter_id in self._compact:  # anchor: W₀'s remaining part, restored in place
-                key, constraint = constraints[0]
-                self._projectors[key].restore_remaining_(constraint.spec.to_matrix(weight), anchor)
-                continue
-            delta = weight - anchor
-            for key, constraint in constraints:
-                _project_matrix_(constraint.spec, delta, self._projectors[key])
-            torch.add(anchor, delta, out=weight)
-        for optimizer in self._state_optimizers:
-            self._project_moments_(optimizer)
-        self._pending = 0
+        with ieee_float32():
+            for parameter_id, anchor in self._anchors.items():
+                constraints = self._by_parameter.get(parameter_id, [])
+                if not constraints:
+                    continue
+                weight = constraints[0][1].parameter.detach()
+                anchor = anchor.to(weight.device)  # the model may have moved (end of a fit)
+                if parameter_id in self._compact:  # anchor: W₀'s remaining part, restored in place
+                    key, constraint = constraints[0]
+                    self._projectors[key].restore_remaining_(
+                        constraint.spec.to_matrix(weight), anchor
+                    )
+                    continue
+                delta = weight - anchor
+                for key, constraint in constraints:
+                    _project_matrix_(constraint.spec, delta, self._projectors[key])
+                torch.add(anchor, delta, out=weight)
+            for optimizer in self._state_optimizers:
+                self._project_moments_(optimizer)
+            self._pending = 0
 
     def _project_moments_(self, optimizer: torch.optim.Optimizer) -> None:
         # SGD momentum is a direction of future steps: projected, the weights do not drift
@@ -503,20 +502,17 @@ class NullSpaceEngine:
     def _remember_weights(self) -> None:
         """``W₀`` of each constrained parameter: for a weight that is one plain ``out x d`` view,
         only its remaining part (``W₀ U``, or ``W₀ U Uᵀ`` when r > d/2); else a copy."""
-        with ieee_float32(self._device()):
-            self._remember_weights_ieee()
-
-    def _remember_weights_ieee(self) -> None:
-        self._compact = set()
-        for parameter_id, constraints in self._by_parameter.items():
-            weight = constraints[0][1].parameter.detach()
-            key, constraint = constraints[0]
-            if len(constraints) == 1 and _is_view(constraint.spec, weight):
-                matrix = constraint.spec.to_matrix(weight)
-                self._anchors[parameter_id] = self._projectors[key].remaining_part(matrix)
-                self._compact.add(parameter_id)
-            else:
-                self._anchors[parameter_id] = weight.clone()
+        with ieee_float32():
+            self._compact = set()
+            for parameter_id, constraints in self._by_parameter.items():
+                weight = constraints[0][1].parameter.detach()
+                key, constraint = constraints[0]
+                if len(constraints) == 1 and _is_view(constraint.spec, weight):
+                    matrix = constraint.spec.to_matrix(weight)
+                    self._anchors[parameter_id] = self._projectors[key].remaining_part(matrix)
+                    self._compact.add(parameter_id)
+                else:
+                    self._anchors[parameter_id] = weight.clone()
 
     def attach(
         self, optimizer: torch.optim.Optimizer, every: int = 1, project_state: bool = False

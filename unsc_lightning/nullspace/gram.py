@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +54,7 @@ def add_shifted_gram(
     width = dim // kernel
     top = stride * width
     gram = torch.empty(dim, dim, dtype=dtype, device=target.device)
-    with ieee_float32(target.device):
+    with ieee_float32():
         if inner is None:
             gram[:top] = rows[:, :top].T @ rows
         else:
@@ -149,7 +150,7 @@ def add_gram(target: Tensor, rows: Tensor) -> None:
     if target.dtype == rows.dtype and _parts(rows) == 1:
         target.addmm_(rows.T, rows)
         return
-    with ieee_float32(target.device):
+    with ieee_float32():
         if _parts(rows) == 1:
             target.add_(torch.mm(rows.T, rows))
         else:
@@ -191,26 +192,35 @@ def _flag(backend: str, op: str) -> object | None:
     )
 
 
-class _IEEEFloat32:
-    """The context of :func:`ieee_float32` (a class: entered per Gram product and projection,
-    a generator-based context manager cost 4 µs a time)."""
+class _ExactFlags:
+    """Switch one backend's float32 products to IEEE and restore the user's flags exactly: its
+    legacy switch (read by ``get``, written by ``set``; ``exact`` its IEEE value, which the legacy
+    setter writes consistently into the newer per-op flags) and those per-op ``fp32_precision``
+    flags (``(backend, op)`` under ``torch.backends``). A class, not a generator: it is entered
+    per Gram product and per projection (a generator-based context manager cost 4 µs a time)."""
 
-    __slots__ = ("_saved",)
+    __slots__ = ("_exact", "_flags", "_get", "_saved", "_set")
 
-    def __init__(self) -> None:
-        self._saved: tuple[str | None, dict[tuple[str, str], object | None]] | None = None
+    def __init__(
+        self,
+        get: Callable[[], object],
+        set_: Callable[[Any], None],
+        exact: object,
+        flags: tuple[tuple[str, str], ...],
+    ) -> None:
+        self._get, self._set, self._exact, self._flags = get, set_, exact, flags
+        self._saved: tuple[object | None, dict[tuple[str, str], object | None]] | None = None
 
     def __enter__(self) -> None:
-        flags = {key: _flag(*key) for key in _FP32_FLAGS}
+        flags = {key: _flag(*key) for key in self._flags}
         try:  # raises once the user mixed the legacy and the new API: the new flags restore it
-            legacy: str | None = torch.get_float32_matmul_precision()
+            legacy: object | None = self._get()
         except RuntimeError:
             legacy = None
-        if legacy == "highest" and all(value in (None, *_EXACT) for value in flags.values()):
+        if legacy == self._exact and all(value in (None, *_EXACT) for value in flags.values()):
             return
         self._saved = (legacy, flags)
-        # the legacy setter sets the flags consistently (cuBLAS checks that they agree)
-        torch.set_float32_matmul_precision("highest")
+        self._set(self._exact)
 
     def __exit__(self, *exc: object) -> None:
         if self._saved is None:
@@ -218,22 +228,42 @@ class _IEEEFloat32:
         legacy, flags = self._saved
         self._saved = None
         if legacy is not None:
-            torch.set_float32_matmul_precision(legacy)
+            self._set(legacy)
         for (backend, op), value in flags.items():
             if value is not None and _flag(backend, op) != value:
                 getattr(getattr(torch.backends, backend), op).fp32_precision = value
 
 
-def ieee_float32(device: torch.device | None = None) -> _IEEEFloat32:
+def ieee_float32() -> _ExactFlags:
     """Float32 matrix products in IEEE float32 (no TF32 on CUDA, no bfloat16 passes on the CPU),
     whatever the user set (``torch.set_float32_matmul_precision("high")``, ``allow_tf32``, or the
     newer ``torch.backends.*.matmul.fp32_precision``); the user's settings are restored exactly.
 
     TF32 rounds the products' inputs to 10 mantissa bits (relative error ~1e-3): Gram sums and
-    projections computed so would break the null-space guarantee. ``device`` is unused (the
-    flags are process-wide); with the default settings nothing is changed.
+    projections computed so would break the null-space guarantee. The flags are process-wide;
+    with the default settings nothing is changed. cuBLAS checks that the legacy and the new flags
+    agree: the legacy setter writes both.
     """
-    return _IEEEFloat32()
+    return _ExactFlags(
+        torch.get_float32_matmul_precision,
+        torch.set_float32_matmul_precision,
+        "highest",
+        _FP32_FLAGS,
+    )
+
+
+def _set_cudnn_tf32(value: Any) -> None:
+    torch.backends.cudnn.allow_tf32 = value
+
+
+def _cudnn_ieee() -> _ExactFlags:
+    """cuDNN convolutions and RNNs without TF32 (on by default), the user's flags restored."""
+    return _ExactFlags(
+        lambda: torch.backends.cudnn.allow_tf32,
+        _set_cudnn_tf32,
+        False,
+        (("cudnn", "conv"), ("cudnn", "rnn")),
+    )
 
 
 @contextmanager
@@ -243,27 +273,9 @@ def ieee_forward(device: torch.device) -> Iterator[None]:
     (TF32, on by default for cuDNN convolutions, would give activations ~1e-3 off them, and a
     null space of those leaks about as much of every update onto the float32 outputs). The
     user's cuDNN settings are restored exactly; off CUDA only :func:`ieee_float32` applies."""
-    with ieee_float32(device):
+    with ieee_float32():
         if device.type != "cuda":
             yield
             return
-        cudnn = torch.backends.cudnn
-        ops = {
-            op: getattr(getattr(cudnn, op, None), "fp32_precision", None) for op in ("conv", "rnn")
-        }
-        try:  # raises once the user mixed the legacy and the new API
-            legacy: bool | None = cudnn.allow_tf32
-        except RuntimeError:
-            legacy = None
-        if legacy is False and all(value in (None, *_EXACT) for value in ops.values()):
+        with _cudnn_ieee():
             yield
-            return
-        cudnn.allow_tf32 = False  # the legacy setter sets conv and rnn consistently
-        try:
-            yield
-        finally:
-            if legacy is not None:
-                cudnn.allow_tf32 = legacy
-            for op, value in ops.items():
-                if value is not None and getattr(cudnn, op).fp32_precision != value:
-                    getattr(cudnn, op).fp32_precision = value
