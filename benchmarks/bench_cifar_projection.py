@@ -44,7 +44,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from _common import best, machine, parser, setup, write_json
+from _common import best, machine, parser, setup, trainer_options, write_json
 from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import ClassifierModule, NullSpaceCalibration, UnlearningModule
@@ -220,8 +220,7 @@ def main() -> None:
     train = random_loader(batch * steps, torch.arange(batch * steps) % num_classes, batch, 3)
     original = setting.build()
     quiet: dict[str, Any] = {"deterministic": False, "log_every_n_steps": 1}
-    if device.type == "cuda":
-        quiet.update(accelerator="gpu", devices=[device.index or 0])
+    quiet.update(trainer_options(device))
 
     # 1. a plain no-grad forward pass (the floor of any pass over the data)
     plain = [forward_s(copy.deepcopy(original), retain, device) for _ in range(options.repeats)]

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import best, machine, parser, setup, table, timed, write_json
+from _common import best, machine, parser, setup, table, timed, trainer_options, write_json
 from torch import Tensor, nn
 
 from unsc_lightning.models.paper import ResNet18CIFAR
@@ -248,7 +248,7 @@ def trained_configuration(
     from zoo import trained  # benchmarks/zoo.py: trains the original, or reads the cache
 
     entry = ZOO[name]
-    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    accelerator = trainer_options(device)["accelerator"]
     model = trained(entry, [FORGET], False, 0, accelerator, cache).to(device)
     x_train, y_train, _, _ = zoo_tensors(entry.data)
     keep = y_train != FORGET

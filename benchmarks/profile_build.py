@@ -1,6 +1,7 @@
 """Where a basis build and the callback's set-up spend their time: profiler tables, not ratios.
 
-- ``build``: ``NullSpaceEngine(model, 0.97, per_class).build`` over ``--samples`` random inputs
+- ``build``: ``NullSpaceEngine(model, 0.97, per_class).build`` of one of ``bench_basis.py``'s
+  models over ``--samples`` of its random inputs
   (one warm-up build first), under ``torch.profiler`` (CPU and, on CUDA, the GPU kernels): the
   operators by self time on the device and by self CPU time;
 - ``fit``: ``NullSpaceCalibration`` with the paper's CIFAR-100 / ResNet-18 recipe (pooled, 0.99,
@@ -16,37 +17,23 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import parser, setup, synchronize
+from _common import parser, setup, synchronize, trainer_options
+from bench_basis import MODELS, SyntheticLoader  # the same models and random data
 from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import NullSpaceCalibration, UnlearningModule
 from unsc_lightning.lab.runs import make_trainer
-from unsc_lightning.models import MNIST1DConvNet
-from unsc_lightning.models.paper import AllCNN, ResNet18CIFAR
+from unsc_lightning.models.paper import ResNet18CIFAR
 from unsc_lightning.nullspace import NullSpaceEngine
-
-MODELS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], int, int]] = {
-    "mnist1d": (MNIST1DConvNet, (1, 40), 512, 10),
-    "allcnn": (lambda: AllCNN(num_classes=10), (3, 32, 32), 128, 10),
-    "resnet18cifar": (lambda: ResNet18CIFAR(num_classes=100), (3, 32, 32), 128, 100),
-}
-
-
-def loader(n: int, shape: tuple[int, ...], batch: int, classes: int, device: torch.device) -> list:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(n, *shape, generator=generator)
-    y = torch.randint(0, classes, (n,), generator=generator)
-    return [(a.to(device), b.to(device)) for a, b in zip(x.split(batch), y.split(batch))]
 
 
 def profile_build(options, device: torch.device) -> str:
-    factory, shape, batch, classes = MODELS[options.model]
+    factory, shape, batch = MODELS[options.model]
     model = factory().to(device).eval()
-    data = loader(options.samples, shape, batch, classes, device)
+    data = list(SyntheticLoader(options.samples, batch, shape, device))
     NullSpaceEngine(model, threshold=0.97).build(data)  # warm-up
     synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -72,7 +59,7 @@ def profile_fit(device: torch.device) -> str:
     train = DataLoader(
         TensorDataset(torch.randn(512, 3, 32, 32), torch.randint(0, 10, (512,))), batch_size=512
     )
-    options = {"accelerator": "gpu" if device.type == "cuda" else "cpu", "deterministic": False}
+    options = {**trainer_options(device), "deterministic": False}
 
     def fit() -> None:
         module = UnlearningModule(model, 100, forget, lr=0.04, stop_at_target=False)
