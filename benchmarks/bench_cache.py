@@ -27,8 +27,8 @@ Both rules are timed: ``per_class`` (the paper's Algorithm 1, one eigendecomposi
 remaining class and layer, so it dominates on small data) and ``pooled`` (one per layer). The
 bases of both ways are checked to span the same subspaces.
 
-Settings (``--setting``): ``mnist1d`` (MNIST1DConvNet on the embedded MNIST-1D data, 10,000
-samples generated, 7,200 for training) or ``allcnn`` (AllCNN at width 0.5 on ``--samples`` random
+Settings (``--setting``): ``mnist1d`` (MNIST1DConvNet on the embedded MNIST-1D data,
+``--num-samples`` generated, 10,000 by default, 72 % of them for training) or ``allcnn`` (AllCNN at width 0.5 on ``--samples`` random
 32 x 32 images with random labels: larger layers and a costlier pass per sample).
 
 Example:
@@ -108,7 +108,7 @@ class Chained:
 
 
 def data_for(
-    setting: str, first: list[int], samples: int, device: torch.device
+    setting: str, first: list[int], samples: int, device: torch.device, num_samples: int = 10_000
 ) -> tuple[nn.Module, Any, Any]:
     """(model, all training data, factory of a request's remaining data)."""
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def data_for(
         from unsc_lightning.data import MNIST1DDataModule
 
         factory = MODELS["mnist1d"][0]
-        dm = MNIST1DDataModule(forget_classes=first, eval_batch_size=512)
+        dm = MNIST1DDataModule(forget_classes=first, eval_batch_size=512, num_samples=num_samples)
         everything = Chained(dm.retain_dataloader(), dm.forget_dataloader())
     else:
         factory, shape, batch = MODELS["allcnn"]
@@ -206,6 +206,9 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0])
     args.add_argument("--setting", choices=["mnist1d", "allcnn"], default="mnist1d")
     args.add_argument("--samples", type=int, default=2000, help="random images (--setting allcnn)")
+    args.add_argument(
+        "--num-samples", type=int, default=10_000, help="MNIST-1D samples generated (--setting mnist1d)"
+    )
     args.add_argument("--first", type=int, nargs="+", default=[3], help="first request's classes")
     args.add_argument("--second", type=int, nargs="+", default=[5], help="second request's classes")
     args.add_argument("--threshold", type=float, default=0.97)
@@ -214,7 +217,7 @@ def main() -> None:
     variants = VARIANTS if options.variant == "both" else (options.variant,)
     device = setup(options)
     model, everything, remaining_data = data_for(
-        options.setting, options.first, options.samples, device
+        options.setting, options.first, options.samples, device, options.num_samples
     )
     layers = select_layers(model).layers
     remaining = [k for k in range(NUM_CLASSES) if k not in options.second]
@@ -293,7 +296,7 @@ def main() -> None:
             "setting": options.setting,
             "samples": options.samples
             if options.setting == "allcnn"
-            else "MNIST-1D training split",
+            else f"MNIST-1D training split of {options.num_samples} generated",
             "first": options.first,
             "second": options.second,
             "threshold": options.threshold,
