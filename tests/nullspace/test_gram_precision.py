@@ -536,3 +536,50 @@ def test_ieee_forward_switches_cudnn_tf32_off_and_restores_the_users_setting(use
         cudnn.allow_tf32 = saved[0] if saved[0] is not None else True
         cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved[1], saved[2]
     assert _cudnn_state() == saved
+
+
+def test_nested_ieee_float32_leaves_the_flags_to_the_enclosing_context(monkeypatch):
+    # The basis pass holds one context around the forward; the Gram product of every class block
+    # enters another inside it, which must neither read nor write the flags (a cost per product)
+    # nor restore the user's setting before the enclosing context ends.
+    from unsc_lightning.nullspace import gram
+
+    saved = _tf32_state()
+    calls = []
+    original_get = torch.get_float32_matmul_precision
+    try:
+        torch.set_float32_matmul_precision("high")
+        with gram.ieee_float32():
+            monkeypatch.setattr(
+                torch, "get_float32_matmul_precision", lambda: calls.append(1) or original_get()
+            )
+            for _ in range(3):
+                with gram.ieee_float32(), gram.ieee_float32():
+                    assert original_get() == "highest"
+                assert original_get() == "highest"  # not restored by an inner context
+            monkeypatch.setattr(torch, "get_float32_matmul_precision", original_get)
+        assert calls == []
+        assert original_get() == "high"  # the enclosing context restores the user's setting
+        with gram.ieee_float32():  # and a later context switches again
+            assert original_get() == "highest"
+        assert original_get() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved[0] or "highest")
+        torch.backends.cuda.matmul.fp32_precision = saved[1]
+        torch.backends.mkldnn.matmul.fp32_precision = saved[2]
+    assert _tf32_state() == saved
+
+
+def test_ieee_float32_nesting_is_undone_when_switching_the_flags_fails(monkeypatch):
+    # A context whose switch raises is not counted: the next one switches the flags again.
+    from unsc_lightning.nullspace import gram
+
+    def refuse(value):
+        raise RuntimeError("refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+        patch.setattr(torch, "set_float32_matmul_precision", refuse)
+        with pytest.raises(RuntimeError, match="refused"), gram.ieee_float32():
+            pass
+    assert getattr(gram._NESTING, "matmul", 0) == 0

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -192,37 +193,54 @@ def _flag(backend: str, op: str) -> object | None:
     )
 
 
+#: per thread, how deep each kind of :class:`_ExactFlags` context is nested (``kind -> depth``)
+_NESTING = threading.local()
+
+
 class _ExactFlags:
     """Switch one backend's float32 products to IEEE and restore the user's flags exactly: its
     legacy switch (read by ``get``, written by ``set``; ``exact`` its IEEE value, which the legacy
     setter writes consistently into the newer per-op flags) and those per-op ``fp32_precision``
     flags (``(backend, op)`` under ``torch.backends``). A class, not a generator: it is entered
-    per Gram product and per projection (a generator-based context manager cost 4 µs a time)."""
+    per Gram product and per projection (a generator-based context manager cost 4 µs a time).
 
-    __slots__ = ("_exact", "_flags", "_get", "_saved", "_set")
+    Inside an enclosing context of the same ``kind`` (the basis pass's forward holds one around
+    every Gram product of its hooks) entering and leaving touch no flag: the enclosing context
+    set them and restores them. The flags read there are those the enclosing context set, so code
+    that changes them inside it (a model whose forward sets its own precision) is not corrected.
+    """
+
+    __slots__ = ("_exact", "_flags", "_get", "_kind", "_saved", "_set")
 
     def __init__(
         self,
+        kind: str,
         get: Callable[[], object],
         set_: Callable[[Any], None],
         exact: object,
         flags: tuple[tuple[str, str], ...],
     ) -> None:
+        self._kind = kind
         self._get, self._set, self._exact, self._flags = get, set_, exact, flags
         self._saved: tuple[object | None, dict[tuple[str, str], object | None]] | None = None
 
     def __enter__(self) -> None:
-        flags = {key: _flag(*key) for key in self._flags}
-        try:  # raises once the user mixed the legacy and the new API: the new flags restore it
-            legacy: object | None = self._get()
-        except RuntimeError:
-            legacy = None
-        if legacy == self._exact and all(value in (None, *_EXACT) for value in flags.values()):
-            return
-        self._saved = (legacy, flags)
-        self._set(self._exact)
+        depth = getattr(_NESTING, self._kind, 0)
+        if not depth:
+            flags = {key: _flag(*key) for key in self._flags}
+            try:  # raises once the user mixed the legacy and the new API: the new flags restore it
+                legacy: object | None = self._get()
+            except RuntimeError:
+                legacy = None
+            if legacy != self._exact or any(
+                value not in (None, *_EXACT) for value in flags.values()
+            ):
+                self._set(self._exact)
+                self._saved = (legacy, flags)
+        setattr(_NESTING, self._kind, depth + 1)  # counted once the flags are set (no raise after)
 
     def __exit__(self, *exc: object) -> None:
+        setattr(_NESTING, self._kind, getattr(_NESTING, self._kind) - 1)
         if self._saved is None:
             return
         legacy, flags = self._saved
@@ -245,6 +263,7 @@ def ieee_float32() -> _ExactFlags:
     agree: the legacy setter writes both.
     """
     return _ExactFlags(
+        "matmul",
         torch.get_float32_matmul_precision,
         torch.set_float32_matmul_precision,
         "highest",
@@ -259,6 +278,7 @@ def _set_cudnn_tf32(value: Any) -> None:
 def _cudnn_ieee() -> _ExactFlags:
     """cuDNN convolutions and RNNs without TF32 (on by default), the user's flags restored."""
     return _ExactFlags(
+        "cudnn",
         lambda: torch.backends.cudnn.allow_tf32,
         _set_cudnn_tf32,
         False,
