@@ -123,3 +123,56 @@ def test_conv_bases_from_channels_last_sums_equal_those_from_weight_order(rule, 
         assert 0 < found.shape[1] < found.shape[0], key
         assert found.shape == expected.shape, key
         assert torch.allclose(found @ found.T, expected @ expected.T, atol=1e-6), key
+
+
+def test_convolutions_of_one_forward_share_one_rows_buffer_and_keep_exact_sums():
+    # The channels-last rows of every convolution are copied into one buffer that the next layer
+    # overwrites (a forward holds one rows buffer, sized for the largest layer, not one per
+    # layer): each layer's sums must still be those of its own rows, per class.
+    from unsc_lightning.nullspace.covariance import SiteRecorder
+    from unsc_lightning.nullspace.representation import conv_representation, conv_rows
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 1),
+    ).double()
+    convs = {"a": model[0], "b": model[2], "c": model[4]}
+    accumulator = CovarianceAccumulator(
+        {key: conv.weight[0].numel() for key, conv in convs.items()}, num_classes=2
+    )
+    recorder = SiteRecorder(
+        [(key, conv, conv_representation(conv)[0]) for key, conv in convs.items()],
+        accumulator.add,
+        channels_last=True,
+    )
+    accumulator.column_orders = dict(recorder.column_orders)
+    inputs = {}
+    hooks = [
+        conv.register_forward_pre_hook(
+            lambda m, a, key=key: inputs.setdefault(key, []).append(a[0])
+        )
+        for key, conv in convs.items()
+    ]
+    batches = [torch.randn(5, 3, 8, 8, dtype=torch.float64) for _ in range(2)]
+    labels = [torch.tensor([0, 1, 1, 0, 1]), torch.tensor([1, 0, 0, 0, 1])]
+    with recorder, torch.no_grad():
+        for x, y in zip(batches, labels):
+            accumulator.set_labels(y)
+            model(x)
+    for hook in hooks:
+        hook.remove()
+    assert len(recorder._rows_workspaces) == 1  # one dtype and device: one rows buffer
+    (workspace,) = recorder._rows_workspaces.values()
+    largest = max(conv_rows(conv, inputs[key][0]).numel() for key, conv in convs.items())
+    assert workspace["rows"].numel() == largest
+    accumulator.weight_order_()
+    for key, conv in convs.items():
+        for label in range(2):
+            rows = torch.cat([conv_rows(conv, x[y == label]) for x, y in zip(inputs[key], labels)])
+            expected = rows.T @ rows
+            found = accumulator.sums[key][label]
+            assert torch.allclose(found, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))

@@ -749,9 +749,12 @@ class SiteRecorder(_HookOwner):
         super().__init__()
         self.row_fraction = row_fraction
         self._generator = torch.Generator().manual_seed(seed)
-        # per key: the channels-last input and rows buffers, reused from batch to batch (the
-        # rows are consumed by ``on_rows`` before the next call overwrites them)
+        # per key: the channels-last input buffer (its zero border written once), reused from
+        # batch to batch; per dtype and device: one rows buffer that every layer reuses, as the
+        # largest layer needs it (``on_rows`` consumes the rows before the next call overwrites
+        # them, so one forward holds one rows buffer, not one per layer)
         self._workspaces: dict[str, dict[str, Tensor]] = {}
+        self._rows_workspaces: dict[tuple[torch.dtype, torch.device], dict[str, Tensor]] = {}
         self.on_shared_rows = on_shared_rows
         self.row_dtype = row_dtype
         #: samples of the batch being forwarded (set by the caller; ``None`` = unknown)
@@ -798,8 +801,11 @@ class SiteRecorder(_HookOwner):
                     workspace = self._workspaces.setdefault(key, {})
                     padded = channels_last_padded(module, inputs.detach(), workspace)
                     fraction = None if shared else self.row_fraction
+                    rows_workspace = self._rows_workspaces.setdefault(
+                        (padded.dtype, padded.device), {}
+                    )
                     rows = conv_rows_channels_last(
-                        module, inputs, fraction, self._generator, padded, workspace
+                        module, inputs, fraction, self._generator, padded, rows_workspace
                     )
                     if key in self.shifted and not shared:
                         conv = cast(nn.modules.conv._ConvNd, module)
