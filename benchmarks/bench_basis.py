@@ -18,13 +18,17 @@ Variants (``--variants``):
   out of reach): the shifted Gram saves multiply-adds at the cost of more, smaller products,
   a trade measured for the CPU (on CUDA the library multiplies so since an H200 run showed
   it faster: there ``plain`` equals ``auto``);
+- ``flags_per_product``: ``auto`` with the float32 flags read and switched around every class
+  block's product, as before the nested contexts of ``nullspace.gram.ieee_float32`` became free
+  (``gram._NESTING`` patched to forget every enclosing context): what that per-product cost was;
 - ``subsampled``: ``gram=GramOptions(row_fraction=F)`` (``--row-fraction``, default 0.25),
   approximate. Its basis error is reported as the fraction of held-out remaining rows' energy
   (fresh random inputs through the same model) that its bases capture, next to the exact bases'
   (``heldout_energy``, the trace-weighted mean over layers, and the lowest layer's).
 
 Models: ``mnist1d`` (MNIST1DConvNet, inputs 1 x 40, batch 512) and ``allcnn`` (AllCNN at the
-paper's width 0.5, inputs 3 x 32 x 32, batch 128).
+paper's width 0.5, inputs 3 x 32 x 32, batch 128); ``--batch`` sets another batch size (a user's
+retain loader at a training batch size of 32 to 128 makes many more, smaller products).
 
 Example:
     python benchmarks/bench_basis.py --threads 1 --repeats 2 --samples 4000 16000 \\
@@ -43,16 +47,28 @@ from torch import Tensor
 
 from unsc_lightning.models import MNIST1DConvNet
 from unsc_lightning.models.paper import AllCNN
-from unsc_lightning.nullspace import NullSpaceEngine, covariance
+from unsc_lightning.nullspace import NullSpaceEngine, covariance, gram
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, GramOptions, SiteRecorder
 
 NUM_CLASSES = 10
 THRESHOLD = 0.97
+
+
+class _NoNesting:
+    """A ``gram._NESTING`` that never records a context: each one switches the flags again."""
+
+    def __getattr__(self, kind: str) -> int:
+        return 0
+
+    def __setattr__(self, kind: str, depth: int) -> None:
+        pass
+
+
 MODELS = {
     "mnist1d": (lambda: MNIST1DConvNet(num_classes=NUM_CLASSES), (1, 40), 512),
     "allcnn": (lambda: AllCNN(num_classes=NUM_CLASSES), (3, 32, 32), 128),
 }
-VARIANTS = ("float64", "auto", "subsampled", "plain")
+VARIANTS = ("float64", "auto", "subsampled", "plain", "flags_per_product")
 
 
 class SyntheticLoader:
@@ -76,7 +92,7 @@ class SyntheticLoader:
 def gram_of(variant: str, row_fraction: float) -> Any:
     if variant == "float64":
         return torch.float64
-    if variant in ("auto", "plain"):
+    if variant in ("auto", "plain", "flags_per_product"):
         return "auto"
     return GramOptions(row_fraction=row_fraction, seed=0)
 
@@ -106,8 +122,10 @@ def measure(
     device: torch.device,
     repeats: int,
     row_fraction: float,
+    batch: int | None = None,
 ) -> list[dict[str, Any]]:
     factory, shape, batch_size = MODELS[model_name]
+    batch_size = batch or batch_size
     torch.manual_seed(0)
     model = factory().to(device).eval()
     loader = SyntheticLoader(n, batch_size, shape, device)
@@ -123,13 +141,15 @@ def measure(
         engine = NullSpaceEngine(
             model, threshold=THRESHOLD, gram=gram_of(variant, row_fraction), memory_budget=1 << 34
         )
-        shifted = covariance.SHIFTED_ROWS
+        shifted, nesting = covariance.SHIFTED_ROWS, gram._NESTING
         if variant == "plain":  # every class block's Gram as one product, no shifted Gram
             covariance.SHIFTED_ROWS = 1 << 62
+        if variant == "flags_per_product":
+            gram._NESTING = _NoNesting()  # type: ignore[assignment]
         try:
             engine.build(loader)
         finally:
-            covariance.SHIFTED_ROWS = shifted
+            covariance.SHIFTED_ROWS, gram._NESTING = shifted, nesting
         synchronize(device)
         engines[variant] = engine
         return dict(engine.timings)
@@ -154,6 +174,7 @@ def measure(
         row: dict[str, Any] = {
             "model": model_name,
             "samples": n,
+            "batch": batch_size,
             "variant": variant,
             "forward_s": forward,
             "pass_s": passes,
@@ -184,13 +205,20 @@ def main() -> None:
     args.add_argument("--samples", type=int, nargs="+", default=[4000, 16000])
     args.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     args.add_argument("--row-fraction", type=float, default=0.25)
+    args.add_argument("--batch", type=int, default=None, help="default: the model's (512 / 128)")
     options = args.parse_args()
     device = setup(options)
     results = []
     for model_name in options.models:
         for n in options.samples:
             rows = measure(
-                model_name, n, options.variants, device, options.repeats, options.row_fraction
+                model_name,
+                n,
+                options.variants,
+                device,
+                options.repeats,
+                options.row_fraction,
+                options.batch,
             )
             for row in rows:
                 print({k: v for k, v in row.items() if "by_layer" not in k}, flush=True)
@@ -198,6 +226,7 @@ def main() -> None:
     columns = [
         "model",
         "samples",
+        "batch",
         "variant",
         "forward_s",
         "pass_s",

@@ -9,6 +9,12 @@ at their defaults, under a Trainer whose only setting is a cap on epochs. Report
 macro test accuracy over remaining (Acc_r) and forgotten (Acc_f) classes of the three models, the
 epochs unlearning used (it stops by itself at the target) and its wall seconds (bases included).
 
+``--torchvision NAME ...`` adds classifiers of ``torchvision.models`` by name (built with
+``num_classes=10``, trained on digits upsampled to 32x32 for ``--train-epochs`` at
+``--train-lr``, like the zoo's ResNet-18). Every row also reports the callback's
+``nullspace_drift/model`` (relative change of the logits on a probe of remaining samples) and the
+share of that probe whose prediction changed.
+
 ``--unlearn '{"lr": 0.05, "optimizer": "sgd"}'`` and ``--callback '{"rule": "pooled"}'`` pass
 other settings, to compare mechanisms with the same models. Trained originals and retrains are
 cached under ``--cache-dir``.
@@ -58,6 +64,8 @@ COLUMNS = [
     "unsc_acc_f",
     "epochs",
     "seconds",
+    "drift",
+    "changed",
 ]
 
 
@@ -83,8 +91,8 @@ def unlearn(
     forget: list[int],
     seed: int,
     options: argparse.Namespace,
-) -> tuple[torch.nn.Module, int, float]:
-    """UNSC on a copy of ``original``: ``(model, epochs used, seconds)``."""
+) -> tuple[torch.nn.Module, int, float, NullSpaceCalibration]:
+    """UNSC on a copy of ``original``: ``(model, epochs used, seconds, callback)``."""
     model = copy.deepcopy(original)
     L.seed_everything(seed, verbose=False)
     dm = zoo_datamodule(entry.data, forget, "forget", seed=seed)
@@ -94,21 +102,25 @@ def unlearn(
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
-    return model.cpu().eval(), trainer.current_epoch, seconds
+    return model.cpu().eval(), trainer.current_epoch, seconds, callback
 
 
 def run(entry: ZooEntry, seed: int, options: argparse.Namespace) -> dict[str, Any]:
     forget = [options.forget_class]
     dm = zoo_datamodule(entry.data, forget, seed=seed)
-    original = trained(entry, forget, False, seed, options.accelerator, options.cache_dir)
-    retrain = trained(entry, forget, True, seed, options.accelerator, options.cache_dir)
-    unlearned, epochs, seconds = unlearn(original, entry, forget, seed, options)
+    cache = options.cache_dir
+    if entry.name not in ZOO:  # a --torchvision model: cached per training recipe
+        cache = cache / f"torchvision-e{entry.epochs}-lr{entry.lr:g}"
+    original = trained(entry, forget, False, seed, options.accelerator, cache)
+    retrain = trained(entry, forget, True, seed, options.accelerator, cache)
+    unlearned, epochs, seconds, callback = unlearn(original, entry, forget, seed, options)
     row: dict[str, Any] = {"model": entry.name, "seed": seed}
     for label, model in (("original", original), ("retrain", retrain), ("unsc", unlearned)):
         accuracy = zoo_accuracy(model, dm)
         row[f"{label}_acc_r"] = accuracy["acc_r"]
         row[f"{label}_acc_f"] = accuracy["acc_f"]
     row.update(epochs=epochs, seconds=seconds)
+    row.update(drift=callback.model_drift, changed=callback.prediction_change)
     if options.probe:  # forgotten-class accuracy of a linear probe on the penultimate features
         x_train, y_train, x_test, y_test = zoo_tensors(entry.data)
         for label, model in (("original", original), ("retrain", retrain), ("unsc", unlearned)):
@@ -117,9 +129,30 @@ def run(entry: ZooEntry, seed: int, options: argparse.Namespace) -> dict[str, An
     return row
 
 
+def torchvision_entry(name: str, options: argparse.Namespace) -> ZooEntry:
+    """A ``torchvision.models`` classifier on the zoo's 32x32 digits, trained as ``--train-*``."""
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise SystemExit(f"--torchvision: {name!r} is not a torchvision classifier")
+    build = getattr(torchvision.models, name)
+    return ZooEntry(
+        name,
+        "digits32",
+        lambda: build(num_classes=NUM_CLASSES),
+        epochs=options.train_epochs,
+        lr=options.train_lr,
+    )
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0])
-    args.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO))
+    args.add_argument("--models", nargs="*", default=list(ZOO), choices=list(ZOO))
+    args.add_argument(
+        "--torchvision", nargs="+", default=[], help="torchvision.models classifiers by name"
+    )
+    args.add_argument("--train-epochs", type=int, default=8, help="--torchvision models only")
+    args.add_argument("--train-lr", type=float, default=1e-3, help="--torchvision models only")
     args.add_argument("--seeds", nargs="+", type=int, default=[0])
     args.add_argument("--forget-class", type=int, default=3)
     args.add_argument(
@@ -136,10 +169,12 @@ def main() -> None:
     options = args.parse_args()
     device = setup(options)
     options.accelerator = "gpu" if device.type == "cuda" else "cpu"
+    entries = [ZOO[name] for name in options.models]
+    entries += [torchvision_entry(name, options) for name in options.torchvision]
     rows = []
-    for name in options.models:
+    for entry in entries:
         for seed in options.seeds:
-            rows.append(run(ZOO[name], seed, options))
+            rows.append(run(entry, seed, options))
             print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
     print(table(rows, COLUMNS))
     settings = {
@@ -147,6 +182,7 @@ def main() -> None:
         "callback": options.callback,
         "max_epochs": options.max_epochs,
         "forget_class": options.forget_class,
+        "torchvision_training": {"epochs": options.train_epochs, "lr": options.train_lr},
     }
     write_json(options.json, {"machine": machine(device), "settings": settings, "rows": rows})
 
