@@ -185,6 +185,7 @@ class UnlearningModule(_EvaluationMixin):
         self._feature_capture = InputCapture()
         #: the Trainer's calibration engines (found once per fit, in ``on_fit_start``)
         self._engines: list[Any] = []
+        self._projected_already: list[bool] = []
         self._collecting_reference = False
         self._last_features: Tensor | None = None
 
@@ -233,6 +234,10 @@ class UnlearningModule(_EvaluationMixin):
     def on_fit_start(self) -> None:
         # after the callbacks' `on_fit_start`: a calibration has built its engine and mode
         self._engines = _calibration_engines(self._trainer)
+        # gradient mode: the callback projected each gradient before this module's hook runs
+        self._projected_already = [
+            callback.active_mode == "gradient" for callback in _calibrations(self._trainer)
+        ]
         if not bool(self.original_captured):
             # θ_o: a copy of the weights before the first update (kept in checkpoints so a
             # resumed fit labels with the same original model).
@@ -437,9 +442,14 @@ class UnlearningModule(_EvaluationMixin):
             # almost wholly in the remaining subspace, `G - (G U) Uᵀ` is mostly float32
             # cancellation error along that subspace, and the rescaling would blow it up to a
             # step of `relative_step` of the weight (torchvision ResNet-18 at threshold 1.0: 13 %
-            # logit drift); projecting again removes most of it.
-            for engine in self._engines:
-                engine.project_gradients_()
+            # logit drift); projecting again removes most of it. Only gradients projected as
+            # `G - (G U) Uᵀ` that kept under SECOND_PROJECTION_BELOW of their norm need it (see
+            # `reproject_cancelled_`). Update mode projects every gradient here for the first time.
+            for engine, projected in zip(self._engines, self._projected_already):
+                if projected:
+                    engine.reproject_cancelled_(self._raw_norms, SECOND_PROJECTION_BELOW)
+                else:
+                    engine.project_gradients_()
             drop_null_gradients_(self.model.parameters(), self._raw_norms)
             scale_to_weight_norms_(self.model.parameters())
 
@@ -589,14 +599,19 @@ class FeatureReference:
         return reference, keep.to(like.device)
 
 
-def _calibration_engines(trainer: Any) -> list[Any]:
-    """Engines of the Trainer's active null-space calibrations."""
+def _calibrations(trainer: Any) -> list[Any]:
+    """The Trainer's active null-space calibrations (callbacks with an engine and a mode)."""
     return [
-        callback.engine
+        callback
         for callback in getattr(trainer, "callbacks", None) or []
         if getattr(callback, "active_mode", None) in ("gradient", "update")
         and getattr(callback, "engine", None) is not None
     ]
+
+
+def _calibration_engines(trainer: Any) -> list[Any]:
+    """Engines of the Trainer's active null-space calibrations."""
+    return [callback.engine for callback in _calibrations(trainer)]
 
 
 def _gradient_scale(trainer: Any) -> float:
@@ -607,6 +622,13 @@ def _gradient_scale(trainer: Any) -> float:
         return 1.0
     return float(scaler.get_scale())
 
+
+#: in gradient mode with relative steps, a gradient that its projection `G - (G U) Uᵀ` left with
+#: less than this fraction of its norm is projected a second time: above it, the float32
+#: cancellation error left along the remaining subspace is at most 4 u / 0.05 ≈ 5e-6 of the step
+#: (u = 2⁻²⁴), a step of 1 % of the weight leaking 5e-8 of it, below the rounding of the update
+#: itself (about u of the weight per step)
+SECOND_PROJECTION_BELOW = 0.05
 
 #: a projected gradient at most this fraction of the gradient before projection is float32
 #: cancellation error (~1e-7 relative), not a direction to step along: relative steps would blow

@@ -675,6 +675,40 @@ def test_relative_steps_do_not_amplify_projection_rounding():
     assert float((after - before).norm() / before.norm()) < 1e-4
 
 
+def test_relative_steps_project_once_where_projection_keeps_much_of_the_gradient(monkeypatch):
+    # Forget inputs well outside the remaining inputs' span (r = 16 of d = 64, the direct form
+    # G - (G U) Uᵀ): the projection keeps a good part of each gradient, its cancellation error is
+    # then below the update's own rounding, and the gradient is not projected a second time.
+    # The remaining outputs must still not move.
+    from unsc_lightning.nullspace import engine as engine_module
+
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(16, 64, generator=generator)
+    retain_x = torch.randn(256, 16, generator=generator) @ mixing
+    forget_x = torch.randn(64, 16, generator=generator) @ mixing
+    forget_x += 3 * torch.randn(64, 64, generator=generator)
+    retain = DataLoader(
+        TensorDataset(retain_x, torch.randint(0, 4, (256,), generator=generator)), batch_size=64
+    )
+    forget = DataLoader(TensorDataset(forget_x, torch.zeros(64, dtype=torch.long)), batch_size=32)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4))
+    before = model(retain_x).detach()
+    projections = []
+    project = engine_module._project_matrix_
+    monkeypatch.setattr(
+        engine_module, "_project_matrix_", lambda *a: projections.append(1) or project(*a)
+    )
+    module = UnlearningModule(model, 4, [0], stop_at_target=False)
+    callback = NullSpaceCalibration(threshold=1.0, rule="pooled", retain_dataloader=retain)
+    quiet_trainer(5, callbacks=[callback]).fit(module, train_dataloaders=forget)
+    after = model(retain_x).detach()
+    assert callback.engine is not None and callback.engine.bases["model.0"].shape[1] == 16
+    assert len(projections) == 10  # 5 epochs x 2 steps, one projection each
+    assert float((after - before).norm() / before.norm()) < 1e-5
+    assert float((model[0].weight.detach() - module.original[0].weight).norm()) > 0.01
+
+
 def test_relative_steps_hold_a_weight_whose_gradient_projects_to_rounding():
     # A gradient wholly inside the remaining subspace projects to float32 rounding; relative
     # steps must not rescale that to a step of `relative_step * ||W||` (torchvision ResNet-18's
