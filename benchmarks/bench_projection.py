@@ -21,6 +21,12 @@ Timed per configuration:
   before the step, project the change after it) and now (:meth:`NullSpaceEngine.attach`: one
   copy at fit start, ``W₀ + (W - W₀)(I - UUᵀ)`` written in place after the step); and a whole
   step under ``attach``;
+- ``relative``: what ``UnlearningModule``'s default step (relative steps, gradient mode)
+  projects: the callback's projection, then a second projection of the gradients that the
+  direct form ``G - (G U) Uᵀ`` left with under ``SECOND_PROJECTION_BELOW`` of their norm
+  (``reproject_cancelled_``), against ``relative_twice``, every gradient projected twice (the
+  module before 2026-11-27 night); the gradient is that of the batch's cross-entropy, not of
+  UNSC's pseudo-labels;
 - ``every_K`` (``--every``): ``project_every=K`` projects the weights once every ``K`` steps:
   its cost per step is the weight projection's divided by ``K`` (the optimizer step is
   untouched in between; hook bookkeeping is a counter).
@@ -46,6 +52,7 @@ from _common import best, machine, parser, setup, table, timed, trainer_options,
 from torch import Tensor, nn
 
 from unsc_lightning.models.paper import ResNet18CIFAR
+from unsc_lightning.module import SECOND_PROJECTION_BELOW
 from unsc_lightning.nullspace import NullSpaceProjector
 from unsc_lightning.nullspace.engine import NullSpaceEngine
 
@@ -175,12 +182,42 @@ def measure(
         F.cross_entropy(model(inputs), targets).backward()
         attached.step()  # + project_weights_ in the post-step hook
 
+    # UnlearningModule's default step (relative steps, gradient mode): the callback's
+    # projection, then a second one only where the first left float32 cancellation error that
+    # matters (direct form, under SECOND_PROJECTION_BELOW of the gradient kept); before
+    # 2026-11-27 night every gradient was projected twice
+    backward()
+    raw = {id(p): p.grad.norm() for p in params if p.grad is not None}
+    engine.project_gradients_()
+    direct = [
+        key
+        for key, projector in engine._projectors.items()
+        if projector.rank and not projector.use_complement
+    ]
+    parameters = {key: engine.accounting.constraints[key].parameter for key in direct}
+    again = [
+        key
+        for key, parameter in parameters.items()
+        if parameter.grad is not None
+        and float(parameter.grad.norm()) < SECOND_PROJECTION_BELOW * float(raw[id(parameter)])
+    ]
+
+    def relative_projection() -> None:
+        engine.project_gradients_()
+        engine.reproject_cancelled_(raw, SECOND_PROJECTION_BELOW)
+
+    def relative_projection_twice() -> None:
+        engine.project_gradients_()
+        engine.project_gradients_()
+
     around = old_update_extra(engine)
     variants: list[tuple[str, Callable[[], None]]] = [
         ("step_s", plain_step),
         ("gradient_step_s", gradient_step),
         ("update_step_s", update_step),
         ("gradient_projection_s", engine.project_gradients_),
+        ("relative_projection_s", relative_projection),
+        ("relative_projection_twice_s", relative_projection_twice),
         ("weight_projection_s", engine.project_weights_),
         ("update_old_extra_s", lambda: around(lambda: None)),
     ]
@@ -203,6 +240,12 @@ def measure(
     )
     for every in everies:
         row[f"overhead_every_{every}"] = row["weight_projection_s"] / every / step
+    row.update(
+        overhead_relative=row["relative_projection_s"] / step,
+        overhead_relative_twice=row["relative_projection_twice_s"] / step,
+        direct_form_layers=len(direct),
+        relative_second_projections=len(again),
+    )
     return row
 
 
@@ -326,6 +369,10 @@ def main() -> None:
         "overhead_gradient",
         "overhead_update_old",
         "overhead_update",
+        "overhead_relative",
+        "overhead_relative_twice",
+        "relative_second_projections",
+        "direct_form_layers",
         *[f"overhead_every_{k}" for k in options.every],
         "measured_gradient_step_ratio",
         "measured_update_step_ratio",
