@@ -326,9 +326,9 @@ def test_no_hooks_left_after_fit_and_second_fit(problem):
         trainer = quiet_trainer(1, [callback, probe])
         trainer.fit(module, train_dataloaders=problem.forget_loader())
         assert callback.active_mode == "update"
-        assert probe.during and all(
-            count == 1 for count in probe.during
-        )  # a post-step hook while fitting (update mode copies the weights once, at attach)
+        assert probe.during and all(  # one pre-step and one post-step hook
+            count == 2 for count in probe.during
+        )  # while fitting (update mode copies the weights once, at attach)
         assert _step_hook_count(trainer.optimizers[0]) == 0
         assert forward_hook_count(module) == hooks_before == 0
         assert all(p.requires_grad for p in module.model.parameters())

@@ -164,6 +164,34 @@ def test_user_model_unchanged_after_an_exception_inside_the_fit(problem):
     assert same_state(state(module.model), weights)
 
 
+def test_weights_projected_in_complement_form_unchanged_after_an_exception_before_any_step():
+    # Ranks above d/2 project as (M Q) Qᵀ: projecting weights that never moved rounds them
+    # (M - (M Q) Qᵀ + (M Q) Qᵀ is not M bit for bit), so a fit that stops before its first
+    # optimizer step must not project at all.
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(6, 8, generator=generator)
+    retain_x = torch.randn(128, 6, generator=generator) @ mixing  # rank 6 of d = 8
+    retain = DataLoader(TensorDataset(retain_x, torch.randint(1, 3, (128,))), batch_size=64)
+    wide = DataLoader(TensorDataset(torch.randn(8, 2, 8), torch.zeros(8, dtype=torch.long)))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    weights = state(model)
+    module = UnlearningModule(model, 3, [0], optimizer="adamw", lr=1e-3)
+    calibration = NullSpaceCalibration(threshold=1.0, rule="pooled", retain_dataloader=retain)
+    trainer = quiet_trainer(1, [calibration])
+
+    try:
+        trainer.fit(module, train_dataloaders=wide)
+    except UnlearningConfigError:
+        pass
+    else:  # pragma: no cover - the shape check must fire
+        raise AssertionError("expected the retain/training shape check to raise")
+
+    assert calibration.active_mode == "update"
+    assert calibration.bases["model.0"].shape[1] > 4  # the complement form
+    assert same_state(state(model), weights)
+
+
 # --------------------------------------------------------------------------------------------
 # Determinism
 # --------------------------------------------------------------------------------------------

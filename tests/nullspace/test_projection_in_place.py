@@ -124,3 +124,19 @@ def test_reproject_cancelled_projects_again_only_mostly_cancelled_direct_form_gr
     assert changed == {"0"}
     leak = layers["0"].weight.grad @ bases["0"]
     assert float(leak.norm() / layers["0"].weight.grad.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("rank", [0, 2, 4])
+def test_restore_remaining_leaves_an_unchanged_matrix_bitwise_unchanged(rank):
+    # The direct form (r <= d/2) projects a matrix that never moved back to itself bit for bit,
+    # as long as M U is formed exactly as M₀ U was (a fused `addmm(M₀ U, M, U, beta=-1)` rounds
+    # differently). The complement form does not (M - (M Q) Qᵀ + (M Q) Qᵀ is rounded), which is
+    # why the engine projects no weights when no optimizer step ran since the last projection.
+    projector = NullSpaceProjector(basis(rank))
+    matrix = matrices(3, False) * 1e3
+    remaining = projector.remaining_part(matrix)
+    before = matrix.clone()
+
+    projector.restore_remaining_(matrix, remaining)
+
+    assert torch.equal(matrix, before)

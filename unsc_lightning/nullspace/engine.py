@@ -197,6 +197,7 @@ class NullSpaceEngine:
         self._state_optimizers: list[torch.optim.Optimizer] = []
         self._every = 1
         self._pending = 0  # optimizer steps since the last projection of the weights
+        self._stepping = False  # inside an attached optimizer's step (between its hooks)
         self.probe: Any = None
         self._probe_logits: Tensor | None = None
 
@@ -567,16 +568,26 @@ class NullSpaceEngine:
         if project_state:
             self._state_optimizers.append(optimizer)
 
+        def before(opt: torch.optim.Optimizer, *_: Any) -> None:
+            self._stepping = True
+
         def after(opt: torch.optim.Optimizer, *_: Any) -> None:
+            self._stepping = False
             self._pending += 1
             if self._pending >= self._every:
                 self.project_weights_()
 
+        self._step_hooks.append(optimizer.register_step_pre_hook(before))
         self._step_hooks.append(optimizer.register_step_post_hook(after))
 
     def detach(self) -> None:
-        """Project the weights a last time (see :meth:`attach`) and remove the step hooks."""
-        if self._anchors:  # also after an exception inside a step: project what moved
+        """Project the weights a last time (see :meth:`attach`) and remove the step hooks.
+
+        Only when an optimizer step ran since the last projection, or raised inside its step
+        (some weights may have moved): weights that did not move are left bit for bit as they
+        are (projecting them again would round them where the projector uses the complement).
+        """
+        if self._anchors and (self._pending or self._stepping):
             self.project_weights_()
         while self._step_hooks:
             self._step_hooks.pop().remove()
@@ -584,6 +595,7 @@ class NullSpaceEngine:
         self._compact = set()
         self._state_optimizers = []
         self._pending = 0
+        self._stepping = False
 
     # -- evidence -------------------------------------------------------------------------------
     def _logits_on_probe(self, forward: Callable[..., Any]) -> Tensor:

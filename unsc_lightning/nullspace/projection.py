@@ -124,8 +124,8 @@ class NullSpaceProjector:
                 torch.addmm(remaining, reduced, factor.T, out=matrix)
             else:
                 matrix.copy_(torch.addmm(remaining, reduced, factor.T))
-        elif self.rank:  # (M U - M₀ U) in one product: beta = -1 subtracts the stored part
-            matrix.addmm_(torch.addmm(remaining, matrix, factor, beta=-1), factor.T, alpha=-1)
+        elif self.rank:  # M U formed as M₀ U was: an unchanged M gives an exact zero change
+            matrix.addmm_(matrix @ factor - remaining, factor.T, alpha=-1)
         return matrix
 
     @torch.no_grad()
