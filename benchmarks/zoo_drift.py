@@ -6,8 +6,9 @@ defaults and ``NullSpaceCalibration(threshold=--threshold)`` for ``--epochs`` ep
 process for each variant:
 
 - ``library``: as shipped;
-- ``no_drop``: ``module.drop_null_gradients_`` patched to do nothing (the engine before
-  2026-11-27 evening: relative steps rescaled whatever projection left, rounding included).
+- ``no_drop``: ``module.NULL_GRADIENT_FRACTION`` patched to 0, so no gradient is dropped (the
+  engine before 2026-11-27 evening: relative steps rescaled whatever projection left, rounding
+  included).
 
 Reported per variant: the relative change of the remaining logits, and per constrained layer the
 leak ``||ΔW x|| / ||W₀ x||`` on the original's inputs ``x`` (remaining samples), the relative
@@ -105,13 +106,13 @@ def unlearn(
     unlearned = copy.deepcopy(model)
     module = UnlearningModule(unlearned, NUM_CLASSES, forget_classes=FORGET)
     callback = NullSpaceCalibration(threshold=threshold)
-    patched = unsc_module.drop_null_gradients_
-    if not drop:
-        unsc_module.drop_null_gradients_ = lambda *args: None  # type: ignore[assignment]
+    patched = unsc_module.NULL_GRADIENT_FRACTION
+    if not drop:  # every gradient kept, however little of it the projection left
+        unsc_module.NULL_GRADIENT_FRACTION = 0.0
     try:
         plain_trainer(epochs, callbacks=[callback]).fit(module, datamodule=dm)
     finally:
-        unsc_module.drop_null_gradients_ = patched
+        unsc_module.NULL_GRADIENT_FRACTION = patched
     unlearned.eval()
     with torch.no_grad():
         before, after = model(x), unlearned(x)

@@ -759,6 +759,43 @@ def test_raw_gradient_norms_are_unscaled_under_a_grad_scaler():
     assert all(torch.equal(p.grad, g) for p, g in zip(parameters, unscaled))
 
 
+def test_relative_step_gradients_equal_dropping_then_scaling_one_parameter_at_a_time():
+    # The fused form (every norm in one `_foreach_norm`, one multiplication per gradient) against
+    # the rule written out per parameter: dropped where the projection left at most
+    # NULL_GRADIENT_FRACTION of the raw norm, else rescaled to the weight's norm. Mixed dtypes,
+    # a parameter without a raw norm, zero gradients and weights, and one without a gradient.
+    from unsc_lightning.module import NULL_GRADIENT_FRACTION, relative_step_gradients_
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 3, 3), (4, 4), (6,), (2, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    params.append(torch.nn.Parameter(torch.randn(3, generator=generator, dtype=torch.float64)))
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+    params[3].grad.zero_()
+    with torch.no_grad():
+        params[4].zero_()
+    no_grad = torch.nn.Parameter(torch.ones(2))
+    raw = {id(p): p.grad.norm() * 0.5 for p in params}
+    raw[id(params[1])] = params[1].grad.norm() / NULL_GRADIENT_FRACTION * 2  # dropped
+    del raw[id(params[2])]  # no raw norm: never dropped
+    expected = []
+    for p in params:
+        grad, norm = p.grad.clone(), p.grad.norm()
+        if id(p) in raw and not norm > NULL_GRADIENT_FRACTION * raw[id(p)]:
+            grad = grad * 0
+        elif norm > 0 and p.detach().norm() > 0:
+            grad = grad * (p.detach().norm() / norm)
+        expected.append(grad)
+
+    relative_step_gradients_([*params, no_grad], raw)
+
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=0)
+    assert float(params[1].grad.abs().max()) == 0.0
+    assert no_grad.grad is None
+
+
 def test_scale_to_weight_norms_matches_the_formula_and_leaves_zero_norms_alone():
     from unsc_lightning.module import scale_to_weight_norms_
 
