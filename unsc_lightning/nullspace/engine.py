@@ -451,7 +451,7 @@ class NullSpaceEngine:
         float32 products on CUDA, whatever the user's TF32 setting)."""
         with ieee_float32():
             for key, constraint in self.accounting.constraints.items():
-                grad = constraint.parameter.grad
+                grad = _dense_grad(constraint.parameter)
                 projector = self._projectors.get(key)
                 if grad is not None and projector is not None:
                     _project_matrix_(constraint.spec, grad, projector)
@@ -471,7 +471,7 @@ class NullSpaceEngine:
         """
         with ieee_float32():
             for key, constraint in self.accounting.constraints.items():
-                grad = constraint.parameter.grad
+                grad = _dense_grad(constraint.parameter)
                 projector = self._projectors.get(key)
                 if grad is None or projector is None:
                     continue
@@ -686,6 +686,17 @@ class NullSpaceEngine:
 #: Adam's ``exp_avg`` is not: projecting it moves momentum into coordinates whose ``exp_avg_sq``
 #: is ~0, and ``m / (sqrt(v) + eps)`` then explodes (measured: remaining logits x6000 in a step).
 _FIRST_MOMENTS = ("momentum_buffer",)
+
+
+def _dense_grad(parameter: Tensor) -> Tensor | None:
+    """``parameter.grad``, made dense first when it is sparse (``nn.Embedding(sparse=True)``):
+    a projected gradient is dense in general. Gradients are projected for SGD (gradient mode,
+    relative steps), which takes dense gradients as well; update mode, the choice for every
+    other optimizer (``SparseAdam`` included), leaves gradients alone."""
+    grad = parameter.grad
+    if grad is not None and grad.is_sparse:
+        grad = parameter.grad = grad.to_dense()
+    return grad
 
 
 def _project_matrix_(spec: Any, tensor: Tensor, projector: NullSpaceProjector) -> None:
