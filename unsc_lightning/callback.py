@@ -200,6 +200,20 @@ class NullSpaceCalibration(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         engine = self._engine()
+        half = sorted(
+            {
+                str(c.parameter.dtype).removeprefix("torch.")
+                for c in engine.accounting.constraints.values()
+                if c.parameter.dtype in (torch.bfloat16, torch.float16)
+            }
+        )
+        if half:
+            rank_zero_warn(
+                f"NullSpaceCalibration: the constrained weights are stored in {', '.join(half)} "
+                f"(precision={trainer.precision!r}): every optimizer step rounds them to that "
+                "precision, which moves the remaining outputs however exact the projection is. "
+                "Keep float32 weights (e.g. precision='bf16-mixed') for the null-space guarantee."
+            )
         if engine.accounting.constraints:
             if self._loaded_state is not None:
                 self._restore(self._loaded_state)

@@ -27,19 +27,23 @@ def find_retain_loader(given: Any, trainer: L.Trainer) -> Any:
 
 
 class RankShare:
-    """The retain batches this rank reads: every ``world_size``-th, up to ``max_batches``."""
+    """The retain batches this rank reads: every ``world_size``-th, up to ``max_batches``, each
+    converted as the Trainer converts its own batches (``precision_plugin.convert_input``: under
+    ``"bf16-true"``, ``"16-true"`` or ``"64-true"`` floating tensors to the model's dtype; the
+    identity otherwise)."""
 
     def __init__(self, loader: Any, trainer: L.Trainer, max_batches: int | None) -> None:
         self.loader = loader
         self.rank, self.world = trainer.global_rank, trainer.world_size
         self.max_batches = max_batches
+        self.convert = trainer.precision_plugin.convert_input
 
     def __iter__(self) -> Iterator[Any]:
         for index, batch in enumerate(self.loader):
             if self.max_batches is not None and index >= self.max_batches:
                 break
             if index % self.world == self.rank:  # sums are all-reduced afterwards
-                yield batch
+                yield self.convert(batch)
 
 
 class RowGather:
