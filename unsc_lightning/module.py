@@ -286,8 +286,9 @@ class UnlearningModule(_EvaluationMixin):
         original = self._original_eval()
         self._feature_capture.start(self._layer(original))
         try:
+            convert = self.trainer.precision_plugin.convert_input  # as the Trainer's batches
             for batch in loader_of():
-                inputs, _ = default_batch_adapter(batch)
+                inputs, _ = default_batch_adapter(convert(batch))
                 logits = self._classifier_logits(original(inputs.to(self.device)))
                 self._add_reference(self._feature_capture.take(), logits)
         finally:

@@ -509,11 +509,13 @@ def test_feature_calibration_without_remaining_data_says_what_to_add(problem: Su
     assert forward_hook_count(module.model) == 0
 
 
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])
 def test_feature_calibration_reads_retain_dataloader_once_without_the_callback(
-    problem: SubspaceProblem,
+    problem: SubspaceProblem, precision: str
 ):
+    # 64-true: the retain batches are converted to float64 as the Trainer's own batches are
     module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], feature_calibration=1.0)
-    quiet_trainer(1).fit(module, datamodule=SubspaceDataModule(problem))
+    quiet_trainer(1, precision=precision).fit(module, datamodule=SubspaceDataModule(problem))
     assert module.feature_reference is not None
     assert int(module.feature_reference.counts.sum()) == len(problem.retain_x)
 
