@@ -193,6 +193,7 @@ class NullSpaceCalibration(Callback):
                 "be projected per layer. Use one of SingleDeviceStrategy, DDPStrategy (or a subclass; "
                 "e.g. `strategy='ddp'`, 'ddp_spawn' or 'ddp_fork')."
             )
+        _refuse_compiled(pl_module)
         self._check_remaining_classes(pl_module)
         self.engine = self._make_engine(pl_module)
         self.engine.freeze_()
@@ -424,3 +425,23 @@ def _forgotten_by_owner(
         if forgotten:
             found.append((name, [int(k) for k in forgotten]))
     return found
+
+
+def _refuse_compiled(pl_module: L.LightningModule) -> None:
+    """A clear error for ``torch.compile``: forward hooks registered on the layers of a compiled
+    graph after compilation do not fire, so the basis pass (and the drift probe, the covariance
+    cache) would find layers that "received no input" -- or read them once and never again."""
+    compiled = [
+        f"`{name}`"
+        for name, module in pl_module.named_modules()
+        if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+    ]
+    if getattr(pl_module, "_compiler_ctx", None):  # Trainer.fit(torch.compile(pl_module))
+        compiled.insert(0, f"the {type(pl_module).__name__} itself")
+    if compiled:
+        raise UnlearningConfigError(
+            f"`NullSpaceCalibration` cannot record layer inputs inside `torch.compile`d modules "
+            f"({', '.join(compiled)}): forward hooks added after compilation do not run in the "
+            "compiled graph. Unlearn the uncompiled model (pass it, not `torch.compile(model)`, "
+            "to your LightningModule and to `Trainer.fit`) and compile the result afterwards."
+        )

@@ -1541,3 +1541,22 @@ def test_gram_setting_reaches_the_engine_and_the_fingerprint(gram, dtype):
     engine = callback._make_engine(module)
     assert engine.gram.dtype == dtype
     assert engine.fingerprint() != NullSpaceCalibration()._make_engine(module).fingerprint()
+
+
+@pytest.mark.parametrize("where", ["submodule", "lightning_module"])
+def test_torch_compiled_models_are_refused_with_what_to_do(where):
+    # Forward hooks added after compilation do not run in the compiled graph: the basis pass
+    # would read a layer's inputs once at best (the drift probe then found "no input").
+    problem = make_subspace_problem()
+    net = mlp()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    model = torch.compile(net) if where == "submodule" else net
+    module: Any = UnlearningModule(model, NUM_CLASSES, [FORGET_CLASS])
+    if where == "lightning_module":
+        module = torch.compile(module)
+    calibration = NullSpaceCalibration(retain_dataloader=problem.retain_loader())
+    expected = "`model`" if where == "submodule" else "the UnlearningModule itself"
+    with pytest.raises(UnlearningConfigError, match=r"inside `torch.compile`d modules") as info:
+        quiet_trainer(1, [calibration]).fit(module, train_dataloaders=problem.forget_loader())
+    assert expected in str(info.value) and "compile the result afterwards" in str(info.value)
+    assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
