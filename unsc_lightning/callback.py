@@ -193,9 +193,10 @@ class NullSpaceCalibration(Callback):
                 "be projected per layer. Use one of SingleDeviceStrategy, DDPStrategy (or a subclass; "
                 "e.g. `strategy='ddp'`, 'ddp_spawn' or 'ddp_fork')."
             )
-        _refuse_compiled(pl_module)
         self._check_remaining_classes(pl_module)
-        self.engine = self._make_engine(pl_module)
+        engine = self._make_engine(pl_module)
+        _refuse_compiled(pl_module, list(engine.accounting.layers.values()))
+        self.engine = engine
         self.engine.freeze_()
 
     @override
@@ -427,14 +428,18 @@ def _forgotten_by_owner(
     return found
 
 
-def _refuse_compiled(pl_module: L.LightningModule) -> None:
+def _refuse_compiled(pl_module: L.LightningModule, layers: list[Any]) -> None:
     """A clear error for ``torch.compile``: forward hooks registered on the layers of a compiled
     graph after compilation do not fire, so the basis pass (and the drift probe, the covariance
-    cache) would find layers that "received no input" -- or read them once and never again."""
+    cache) would find layers that "received no input" -- or read them once and never again.
+    Compiled parts without a constrained layer (``layers``) are left alone."""
+    constrained = {id(layer) for layer in layers}
     compiled = [
         f"`{name}`"
         for name, module in pl_module.named_modules()
-        if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+        if type(module).__name__ == "OptimizedModule"
+        and hasattr(module, "_orig_mod")
+        and any(id(inner) in constrained for inner in module.modules())
     ]
     if getattr(pl_module, "_compiler_ctx", None):  # Trainer.fit(torch.compile(pl_module))
         compiled.insert(0, f"the {type(pl_module).__name__} itself")

@@ -1560,3 +1560,14 @@ def test_torch_compiled_models_are_refused_with_what_to_do(where):
         quiet_trainer(1, [calibration]).fit(module, train_dataloaders=problem.forget_loader())
     assert expected in str(info.value) and "compile the result afterwards" in str(info.value)
     assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
+
+
+def test_compiled_parts_without_constrained_layers_are_accepted():
+    # only compiled modules that hold a constrained layer hide inputs from the basis pass
+    problem = make_subspace_problem()
+    net = mlp()
+    net[1] = torch.compile(net[1], backend="eager")  # the activation: no weight
+    module = UnlearningModule(net, NUM_CLASSES, [FORGET_CLASS], stop_at_target=False)
+    calibration = NullSpaceCalibration(retain_dataloader=problem.retain_loader())
+    quiet_trainer(1, [calibration]).fit(module, train_dataloaders=problem.forget_loader())
+    assert calibration.bases
