@@ -67,7 +67,7 @@ for s in "${STEPS[@]}"; do
             tests/lightning/test_amortised_projection.py tests/lightning/test_zoo.py \
             tests/lightning/test_nothing_lost.py tests/lightning/test_resume.py \
             tests/lightning/test_paper_models.py tests/lightning/test_module.py \
-            --junitxml="$RES/suites_gpu.xml" ;;
+            tests/lightning/test_sparse_gradients.py --junitxml="$RES/suites_gpu.xml" ;;
     projection)
         step projection 110 $B/bench_projection.py --device cuda --repeats 5 --ranks 0.5 0.7 0.9 \
             --trained mnist1d_conv digits_conv resnet18 --json "$RES/projection_cuda.json" ;;
