@@ -653,21 +653,28 @@ def test_full_val_every_n_epochs_must_be_a_positive_integer():
         UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS], full_val_every_n_epochs=0)
 
 
-def test_relative_steps_do_not_amplify_projection_rounding():
-    # forget inputs lie almost wholly in the remaining inputs' span (r = 16 of d = 64, so the
-    # projection is G - (G U) Uᵀ): the projected gradient is tiny, and one float32 projection
-    # leaves cancellation error along the span that a step of 1 % of the weight's norm amplifies
+def _span_problem(outside: float) -> tuple[Tensor, DataLoader, DataLoader, nn.Sequential]:
+    """Remaining inputs spanning 16 of 64 dimensions (the pooled basis at threshold 1.0 has
+    r = 16, so the projection is the direct form G - (G U) Uᵀ), forget inputs in that span plus
+    ``outside`` times noise off it: ``(retain_x, retain loader, forget loader, Linear(64, 4))``."""
     generator = torch.Generator().manual_seed(0)
     mixing = torch.randn(16, 64, generator=generator)
     retain_x = torch.randn(256, 16, generator=generator) @ mixing
     forget_x = torch.randn(64, 16, generator=generator) @ mixing
-    forget_x += 1e-6 * torch.randn(64, 64, generator=generator)
+    forget_x += outside * torch.randn(64, 64, generator=generator)
     retain = DataLoader(
         TensorDataset(retain_x, torch.randint(0, 4, (256,), generator=generator)), batch_size=64
     )
     forget = DataLoader(TensorDataset(forget_x, torch.zeros(64, dtype=torch.long)), batch_size=32)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 4))
+    return retain_x, retain, forget, nn.Sequential(nn.Linear(64, 4))
+
+
+def test_relative_steps_do_not_amplify_projection_rounding():
+    # forget inputs lie almost wholly in the remaining inputs' span (r = 16 of d = 64, so the
+    # projection is G - (G U) Uᵀ): the projected gradient is tiny, and one float32 projection
+    # leaves cancellation error along the span that a step of 1 % of the weight's norm amplifies
+    retain_x, retain, forget, model = _span_problem(1e-6)
     before = model(retain_x).detach()
     module = UnlearningModule(model, 4, [0], stop_at_target=False)
     callback = NullSpaceCalibration(threshold=1.0, rule="pooled", retain_dataloader=retain)
@@ -684,17 +691,7 @@ def test_relative_steps_project_once_where_projection_keeps_much_of_the_gradient
     # The remaining outputs must still not move.
     from unsc_lightning.nullspace import engine as engine_module
 
-    generator = torch.Generator().manual_seed(0)
-    mixing = torch.randn(16, 64, generator=generator)
-    retain_x = torch.randn(256, 16, generator=generator) @ mixing
-    forget_x = torch.randn(64, 16, generator=generator) @ mixing
-    forget_x += 3 * torch.randn(64, 64, generator=generator)
-    retain = DataLoader(
-        TensorDataset(retain_x, torch.randint(0, 4, (256,), generator=generator)), batch_size=64
-    )
-    forget = DataLoader(TensorDataset(forget_x, torch.zeros(64, dtype=torch.long)), batch_size=32)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 4))
+    retain_x, retain, forget, model = _span_problem(3.0)
     before = model(retain_x).detach()
     projections = []
     project = engine_module._project_matrix_
