@@ -450,11 +450,17 @@ class NullSpaceEngine:
         """Project every constrained weight's ``.grad`` onto its null space, in place (IEEE
         float32 products on CUDA, whatever the user's TF32 setting)."""
         with ieee_float32():
-            for key, constraint in self.accounting.constraints.items():
-                grad = _dense_grad(constraint.parameter)
-                projector = self._projectors.get(key)
-                if grad is not None and projector is not None:
-                    _project_matrix_(constraint.spec, grad, projector)
+            for constraint, grad, projector in self._gradients():
+                _project_matrix_(constraint.spec, grad, projector)
+
+    def _gradients(self) -> Iterator[tuple[Any, Tensor, NullSpaceProjector]]:
+        """``(constraint, gradient, projector)`` of every constrained weight with both (a sparse
+        gradient made dense first, see :func:`_dense_grad`)."""
+        for key, constraint in self.accounting.constraints.items():
+            grad = _dense_grad(constraint.parameter)
+            projector = self._projectors.get(key)
+            if grad is not None and projector is not None:
+                yield constraint, grad, projector
 
     @torch.no_grad()
     def reproject_cancelled_(self, raw_norms: Mapping[int, Tensor], fraction: float) -> None:
@@ -470,11 +476,7 @@ class NullSpaceEngine:
         has no such error: its result lies in the span of ``Q`` up to ``u ‖(G Q) Qᵀ‖``.
         """
         with ieee_float32():
-            for key, constraint in self.accounting.constraints.items():
-                grad = _dense_grad(constraint.parameter)
-                projector = self._projectors.get(key)
-                if grad is None or projector is None:
-                    continue
+            for constraint, grad, projector in self._gradients():
                 if projector.use_complement or not projector.rank:
                     continue
                 raw = raw_norms.get(id(constraint.parameter))
