@@ -183,9 +183,10 @@ class UnlearningModule(_EvaluationMixin):
         self.feature_layer = feature_layer
         self.feature_reference: FeatureReference | None = None
         self._feature_capture = InputCapture()
-        #: the Trainer's calibration engines (found once per fit, in ``on_fit_start``)
-        self._engines: list[Any] = []
-        self._projected_already: list[bool] = []
+        #: ``(engine, projected already)`` of the Trainer's calibrations, found once per fit in
+        #: ``on_fit_start``: in gradient mode the callback projected each gradient before this
+        #: module's ``on_before_optimizer_step`` runs
+        self._projections: list[tuple[Any, bool]] = []
         self._collecting_reference = False
         self._last_features: Tensor | None = None
 
@@ -229,14 +230,13 @@ class UnlearningModule(_EvaluationMixin):
 
     def teardown(self, stage: str) -> None:
         self._stop_feature_capture()
-        self._engines = []
+        self._projections = []
 
     def on_fit_start(self) -> None:
         # after the callbacks' `on_fit_start`: a calibration has built its engine and mode
-        self._engines = _calibration_engines(self._trainer)
-        # gradient mode: the callback projected each gradient before this module's hook runs
-        self._projected_already = [
-            callback.active_mode == "gradient" for callback in _calibrations(self._trainer)
+        self._projections = [
+            (callback.engine, callback.active_mode == "gradient")
+            for callback in _calibrations(self._trainer)
         ]
         if not bool(self.original_captured):
             # θ_o: a copy of the weights before the first update (kept in checkpoints so a
@@ -429,7 +429,7 @@ class UnlearningModule(_EvaluationMixin):
         # the gradients' norms before any projection (the last backward of an accumulation
         # wins: it sees the accumulated gradient), for on_before_optimizer_step; under a
         # GradScaler (precision="16-mixed" on CUDA) they are still scaled here, and unscaled there
-        if self._relative_steps and self._engines:
+        if self._relative_steps and self._projections:
             scale = _gradient_scale(self._trainer)
             params = [p for p in self.model.parameters() if p.grad is not None]
             norms = torch._foreach_norm([cast(Tensor, p.grad) for p in params]) if params else []
@@ -446,7 +446,7 @@ class UnlearningModule(_EvaluationMixin):
             # logit drift); projecting again removes most of it. Only gradients projected as
             # `G - (G U) Uᵀ` that kept under SECOND_PROJECTION_BELOW of their norm need it (see
             # `reproject_cancelled_`). Update mode projects every gradient here for the first time.
-            for engine, projected in zip(self._engines, self._projected_already):
+            for engine, projected in self._projections:
                 if projected:
                     engine.reproject_cancelled_(self._raw_norms, SECOND_PROJECTION_BELOW)
                 else:
@@ -607,11 +607,6 @@ def _calibrations(trainer: Any) -> list[Any]:
         if getattr(callback, "active_mode", None) in ("gradient", "update")
         and getattr(callback, "engine", None) is not None
     ]
-
-
-def _calibration_engines(trainer: Any) -> list[Any]:
-    """Engines of the Trainer's active null-space calibrations."""
-    return [callback.engine for callback in _calibrations(trainer)]
 
 
 def _gradient_scale(trainer: Any) -> float:

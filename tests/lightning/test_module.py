@@ -742,7 +742,7 @@ def test_raw_gradient_norms_are_unscaled_under_a_grad_scaler():
 
     torch.manual_seed(0)
     module = UnlearningModule(mlp(), NUM_CLASSES, [FORGET_CLASS])
-    module._engines = [object()]  # as when a NullSpaceCalibration is attached
+    module._projections = [(object(), True)]  # as when a NullSpaceCalibration is attached
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
     parameters = list(module.model.parameters())
