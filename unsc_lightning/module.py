@@ -187,6 +187,9 @@ class UnlearningModule(_EvaluationMixin):
         #: ``on_fit_start``: in gradient mode the callback projected each gradient before this
         #: module's ``on_before_optimizer_step`` runs
         self._projections: list[tuple[Any, bool]] = []
+        #: the parameters relative steps rescale: those left trainable once the calibration
+        #: froze the rest (found once per fit, in ``on_fit_start``)
+        self._stepped: list[Tensor] = []
         self._collecting_reference = False
         self._last_features: Tensor | None = None
 
@@ -238,6 +241,7 @@ class UnlearningModule(_EvaluationMixin):
             (callback.engine, callback.active_mode == "gradient")
             for callback in _calibrations(self._trainer)
         ]
+        self._stepped = [p for p in self.model.parameters() if p.requires_grad]
         if not bool(self.original_captured):
             # θ_o: a copy of the weights before the first update (kept in checkpoints so a
             # resumed fit labels with the same original model).
@@ -431,7 +435,7 @@ class UnlearningModule(_EvaluationMixin):
         # GradScaler (precision="16-mixed" on CUDA) they are still scaled here, and unscaled there
         if self._relative_steps and self._projections:
             scale = _gradient_scale(self._trainer)
-            params = [p for p in self.model.parameters() if p.grad is not None]
+            params = [p for p in self._stepped if p.grad is not None]
             norms = torch._foreach_norm([cast(Tensor, p.grad) for p in params]) if params else []
             self._raw_norms = {id(p): norm / scale for p, norm in zip(params, norms)}
 
@@ -451,7 +455,7 @@ class UnlearningModule(_EvaluationMixin):
                     engine.reproject_cancelled_(self._raw_norms, SECOND_PROJECTION_BELOW)
                 else:
                     engine.project_gradients_()
-            relative_step_gradients_(self.model.parameters(), self._raw_norms)
+            relative_step_gradients_(self._stepped, self._raw_norms)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -746,6 +746,7 @@ def test_raw_gradient_norms_are_unscaled_under_a_grad_scaler():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
     parameters = list(module.model.parameters())
+    module._stepped = parameters  # as found in on_fit_start
     for parameter in parameters:
         parameter.grad = 2.0**16 * torch.randn_like(parameter)  # scaled, as after backward
     module.on_after_backward()
