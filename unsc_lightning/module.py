@@ -436,7 +436,7 @@ class UnlearningModule(_EvaluationMixin):
         if self._relative_steps and self._projections:
             scale = _gradient_scale(self._trainer)
             params = [p for p in self._stepped if p.grad is not None]
-            norms = torch._foreach_norm([cast(Tensor, p.grad) for p in params]) if params else []
+            norms = gradient_norms([cast(Tensor, p.grad) for p in params])
             self._raw_norms = {id(p): norm / scale for p, norm in zip(params, norms)}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -663,6 +663,17 @@ def scale_to_weight_norms_(parameters: Iterable[Tensor]) -> None:
 
 
 @torch.no_grad()
+def gradient_norms(grads: list[Tensor]) -> list[Tensor]:
+    """Each gradient's 2-norm, as 0-dim tensors on its device: one ``_foreach_norm`` for the
+    dense ones (a few kernels on a GPU), a sparse one (``nn.Embedding(sparse=True)``) from its
+    coalesced values (``_foreach_norm`` takes no sparse CUDA tensor)."""
+    dense = [grad for grad in grads if not grad.is_sparse]
+    norms = iter(torch._foreach_norm(dense) if dense else [])
+    return [
+        grad.coalesce().values().norm() if grad.is_sparse else next(norms) for grad in grads
+    ]
+
+
 def relative_step_gradients_(parameters: Iterable[Tensor], raw_norms: Mapping[int, Tensor]) -> None:
     """:func:`drop_null_gradients_` then :func:`scale_to_weight_norms_`, in one pass: each
     gradient's norm taken once and each gradient multiplied once (by 0 where it is dropped)."""
@@ -677,6 +688,8 @@ def _rescale_gradients_(
     groups: dict[tuple[Any, ...], list[Tensor]] = {}
     for parameter in parameters:
         grad = parameter.grad
+        if grad is not None and grad.is_sparse:  # nn.Embedding(sparse=True), not constrained:
+            grad = parameter.grad = grad.to_dense()  # SGD steps dense gradients as well
         if grad is not None:
             key = (grad.device, grad.dtype, parameter.dtype)
             groups.setdefault(key, []).append(parameter)

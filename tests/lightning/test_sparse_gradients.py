@@ -46,3 +46,18 @@ def test_sparse_embedding_gradients_are_projected(options):
     assert float((weight[20:] - module.original.embedding.weight[20:]).abs().max()) > 0
     after = model(retain_tokens).detach()
     assert float((after - before).norm() / before.norm()) < 1e-5
+
+
+def test_gradient_norms_of_sparse_gradients_equal_their_dense_norms():
+    # a sparse embedding gradient repeats an index once per occurrence (uncoalesced): its norm
+    # is that of the summed rows, the norm of the dense gradient
+    from unsc_lightning.module import gradient_norms
+
+    embedding = nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([[1, 1, 4], [4, 7, 1]])).pow(2).sum().backward()
+    sparse = embedding.weight.grad
+    assert sparse is not None and sparse.is_sparse and not sparse.is_coalesced()
+    dense = torch.randn(4, 5)
+    got = gradient_norms([dense, sparse, dense])
+    assert torch.allclose(got[1], sparse.to_dense().norm())
+    assert torch.allclose(got[0], dense.norm()) and torch.equal(got[2], got[0])
