@@ -7,7 +7,7 @@
 # Run from the repository root. The machine's own PyTorch is used; packages it lacks (mnist1d,
 # jsonargparse) are installed from wheels in .whl/ when that folder exists (no network there).
 # Steps (default: the first list below): env cuda_tests suites projection cifar_resnet18 basis
-# wide cifar_allcnn zoo; also retests, plain, profile, kernels, end_to_end (for a next lease:
+# wide cifar_allcnn zoo; also split, retests, plain, profile, kernels, end_to_end (for a next lease:
 # the GPU basis pass is far from its floor, see docs/performance.md).
 # Every step gets at most the time left before DEADLINE seconds (default 540); a step that would
 # start with under 20 s left is skipped and listed. Results: $OUT/log.txt (everything printed) and
@@ -58,8 +58,12 @@ for s in "${STEPS[@]}"; do
     env)
         step env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, lightning, torchmetrics, torchvision; print(torch.__version__, lightning.__version__, torchmetrics.__version__, torchvision.__version__, torch.cuda.get_device_name(0), torch.backends.cuda.matmul.fp32_precision)"' ;;
     cuda_tests)
-        step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/lightning/test_cuda.py \
-            tests/nullspace/test_gram_precision.py --junitxml="$RES/cuda_tests.xml" ;;
+        step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -n 4 \
+            tests/lightning/test_cuda.py tests/nullspace/test_gram_precision.py \
+            tests/nullspace/test_split_tf32.py --junitxml="$RES/cuda_tests.xml" ;;
+    split)  # split TF32 against IEEE float32 products, per layer shape (sets SPLIT_TF32_MIN_MACS)
+        step split 60 $B/bench_split_tf32.py --device cuda --repeats 5 \
+            --json "$RES/split_tf32_cuda.json" ;;
     suites)  # the callback's own tests, every fit on the GPU
         step suites 170 env UNSC_TEST_ACCELERATOR=gpu UNSC_ZOO_RESNET=1 python3 -m pytest -q \
             -p no:cacheprovider -n 8 tests/lightning/test_callback.py \
