@@ -16,9 +16,7 @@ same model and batch (128):
 Timed per configuration:
 
 - ``gradient``: :meth:`NullSpaceEngine.project_gradients_` alone (``mode="gradient"``), and a
-  whole projected step; ``gradient_ieee``: the same with split TF32 products off (on a CUDA GPU
-  with tensor cores, large layers' products run as three TF32 products of split operands,
-  ``unsc_lightning.nullspace.projection``; elsewhere both are IEEE float32);
+  whole projected step;
 - ``update``: what ``mode="update"`` adds to a step: before (``update_old``: copy every weight
   before the step, project the change after it) and now (:meth:`NullSpaceEngine.attach`: one
   copy at fit start, ``W₀ + (W - W₀)(I - UUᵀ)`` written in place after the step); and a whole
@@ -55,7 +53,7 @@ from torch import Tensor, nn
 
 from unsc_lightning.models.paper import ResNet18CIFAR
 from unsc_lightning.module import SECOND_PROJECTION_BELOW
-from unsc_lightning.nullspace import NullSpaceProjector, projection
+from unsc_lightning.nullspace import NullSpaceProjector
 from unsc_lightning.nullspace.engine import NullSpaceEngine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -212,20 +210,12 @@ def measure(
         engine.project_gradients_()
         engine.project_gradients_()
 
-    def ieee_projection() -> None:  # before split TF32 products (only CUDA differs)
-        projection.SPLIT_TF32 = False
-        try:
-            engine.project_gradients_()
-        finally:
-            projection.SPLIT_TF32 = True
-
     around = old_update_extra(engine)
     variants: list[tuple[str, Callable[[], None]]] = [
         ("step_s", plain_step),
         ("gradient_step_s", gradient_step),
         ("update_step_s", update_step),
         ("gradient_projection_s", engine.project_gradients_),
-        ("gradient_projection_ieee_s", ieee_projection),
         ("relative_projection_s", relative_projection),
         ("relative_projection_twice_s", relative_projection_twice),
         ("weight_projection_s", engine.project_weights_),
@@ -241,8 +231,6 @@ def measure(
     step = row["step_s"]
     row.update(
         overhead_gradient=row["gradient_projection_s"] / step,
-        overhead_gradient_ieee=row["gradient_projection_ieee_s"] / step,
-        split_over_ieee=row["gradient_projection_s"] / row["gradient_projection_ieee_s"],
         overhead_update_old=row["update_old_extra_s"] / step,
         overhead_update=row["weight_projection_s"] / step,
         measured_gradient_step_ratio=row["gradient_step_s"] / step,
@@ -379,7 +367,6 @@ def main() -> None:
         "configuration",
         "step_s",
         "overhead_gradient",
-        "overhead_gradient_ieee",
         "overhead_update_old",
         "overhead_update",
         "overhead_relative",

@@ -1,16 +1,25 @@
-"""One layer's gradient projection with split TF32 products against IEEE float32, by shape.
+"""Split TF32 products ("3xTF32") for the gradient projection, against IEEE float32, by shape.
 
-For each ``out x d`` gradient and rank ``r`` (ResNet-18's layer shapes at ``r = d/2`` and at a
-trained model's ranks, and small layers), times ``NullSpaceProjector.project_matrix_`` with
-split TF32 products forced on and forced off, interleaved, fastest of ``--repeats`` (each
-repeat ``--calls`` calls), and measures each result against the float64 reference: the
-relative error and the part left in the remaining subspace, ``‖G' U‖ / ‖G‖``, next to one
-plain TF32 product's. On the CPU both paths are IEEE float32 (the split adds work): the
-figures that matter come from a GPU with TF32 tensor cores, and they set
-``SPLIT_TF32_MIN_MACS`` (the multiply-adds per product from which the split pays).
+A tried and rejected speed-up for CUDA GPUs with TF32 tensor cores (issue 13: "lower precision
+on GPU with the exactness bound tested"). Each float32 operand ``x`` is written exactly as
+``hi + lo``, ``hi`` rounded to TF32's 10 mantissa bits, ``lo = x - hi``; a product ``a b`` as
+``a_hi b_hi + a_hi b_lo + a_lo b_hi``, three TF32 tensor-core products. With exact
+accumulation this keeps float32 accuracy (the dropped ``a_lo b_lo`` is 2⁻²² of the product);
+on an H200 the tensor cores' own float32 accumulation left errors growing with the inner
+dimension (1.1e-5 of ``‖G‖`` at d = 4608, IEEE float32 4e-7), and the three products and the
+splits were slower than one IEEE product except for the largest layer (0.72x at
+512 x 4608, r = 2304; 1.4-4.7x elsewhere). Measured in the 2026-11-27 late session
+(``docs/results/gpu/split_tf32_cuda.json``); the library projects in IEEE float32.
+
+For each ``out x d`` gradient and rank ``r`` (ResNet-18's layer shapes at ``r = d/2``, at lower
+and higher ranks, small layers), times the split projection and the library's
+``NullSpaceProjector.project_matrix_`` (IEEE float32), interleaved, fastest of ``--repeats``
+(each ``--calls`` calls), and measures each result against the float64 reference: relative
+error, and the part left in the remaining subspace ``‖G' U‖ / ‖G‖``, next to one plain TF32
+product's. On the CPU both are IEEE float32 products (the split only adds work).
 
 Example (on a GPU):
-    python benchmarks/bench_split_tf32.py --device cuda --json docs/results/gpu/split_tf32.json
+    python benchmarks/bench_split_tf32.py --device cuda --json docs/results/gpu/split_tf32_cuda.json
 """
 
 from __future__ import annotations
@@ -19,9 +28,10 @@ from typing import Any
 
 import torch
 from _common import best, machine, parser, setup, table, timed, write_json
+from torch import Tensor
 
-from unsc_lightning.nullspace.gram import ieee_float32, tf32_float32
-from unsc_lightning.nullspace.projection import SPLIT_TF32_MIN_MACS, NullSpaceProjector
+from unsc_lightning.nullspace.gram import ieee_float32
+from unsc_lightning.nullspace.projection import NullSpaceProjector
 
 SHAPES = [  # (out, d, r)
     (64, 27, 14),
@@ -39,46 +49,85 @@ SHAPES = [  # (out, d, r)
 ]
 
 
-def measure(out: int, dim: int, rank: int, device: torch.device, repeats: int, calls: int):
+def split_tf32(tensor: Tensor) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)``, ``hi + lo == tensor`` exactly, ``hi`` on TF32's 10 mantissa bits."""
+    bits = tensor.contiguous().view(torch.int32)
+    hi = bits.add(0x1000).bitwise_and_(~0x1FFF).view(torch.float32)
+    return hi, tensor - hi
+
+
+def split_product(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
+    (a_hi, a_lo), (b_hi, b_lo) = a, b
+    out = torch.mm(a_lo, b_hi)
+    out.addmm_(a_hi, b_lo)
+    return out.addmm_(a_hi, b_hi)
+
+
+class TF32:
+    """TF32 float32 products, the flags restored (the legacy setter writes the new flags too)."""
+
+    def __enter__(self) -> None:
+        self.saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_float32_matmul_precision(self.saved)
+
+
+def split_projection(grad: Tensor, factor: tuple[Tensor, Tensor], complement: bool) -> Tensor:
+    """``G - (G U) Uᵀ`` (or ``(G Q) Qᵀ``) from split TF32 products."""
+    with TF32():
+        reduced = split_product(split_tf32(grad), factor)
+        back = split_product(split_tf32(reduced), (factor[0].T, factor[1].T))
+    return back if complement else grad - back
+
+
+def measure(
+    out: int, dim: int, rank: int, device: torch.device, repeats: int, calls: int
+) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(dim, rank, dtype=torch.float64, generator=generator))[0]
     grad = torch.randn(out, dim, generator=generator)
     reference = grad.double() - (grad.double() @ basis) @ basis.T
     norm = float(grad.norm())
-    split, ieee = NullSpaceProjector(basis, device=device), NullSpaceProjector(basis, device=device)
-    split.split, ieee.split = True, False
+    ieee = NullSpaceProjector(basis, device=device)
+    factor = split_tf32(ieee.factor)
     work = grad.to(device)
     row: dict[str, Any] = {
         "out": out,
         "d": dim,
         "r": rank,
-        "form": "complement" if split.use_complement else "direct",
+        "form": "complement" if ieee.use_complement else "direct",
         "macs_per_product": out * dim * min(rank, dim - rank),
     }
-    for name, projector in (("split", split), ("ieee", ieee)):
+
+    def split() -> Tensor:
+        return split_projection(work, factor, ieee.use_complement)
+
+    def plain_ieee() -> Tensor:
         with ieee_float32():
-            got = projector.project_matrix_(work.clone()).double().cpu()
+            return ieee.project_matrix_(work.clone())
+
+    for name, fn in (("split", split), ("ieee", plain_ieee)):
+        got = fn().double().cpu()
         row[f"{name}_error"] = float((got - reference).norm()) / norm
         row[f"{name}_leak"] = float((got @ basis).norm()) / norm
-    factor = basis.float().to(device)
-    with tf32_float32():  # one plain TF32 product: what the split avoids
-        plain = (work - (work @ factor) @ factor.T).double().cpu()
+    dense = basis.float().to(device)
+    with TF32():  # one plain TF32 product: what the split is for
+        plain = (work - (work @ dense) @ dense.T).double().cpu()
     row["plain_tf32_leak"] = float((plain @ basis).norm()) / norm
+
+    def repeat(fn: Any) -> None:
+        for _ in range(calls):
+            fn()
+
+    repeat(split), repeat(plain_ieee)  # warm-up: kernels chosen
     times: dict[str, list[float]] = {"split_s": [], "ieee_s": []}
-    buffer = work.clone()
-
-    def run(projector: NullSpaceProjector) -> None:
-        with ieee_float32():
-            for _ in range(calls):
-                projector.project_matrix_(buffer)
-
-    run(split), run(ieee)  # warm-up: kernels chosen, factor split
     for _ in range(repeats):
-        times["split_s"].append(timed(lambda: run(split), device) / calls)
-        times["ieee_s"].append(timed(lambda: run(ieee), device) / calls)
+        times["split_s"].append(timed(lambda: repeat(split), device) / calls)
+        times["ieee_s"].append(timed(lambda: repeat(plain_ieee), device) / calls)
     row.update({key: best(values) for key, values in times.items()})
     row["split_over_ieee"] = row["split_s"] / row["ieee_s"]
-    row["split_by_default"] = row["macs_per_product"] >= SPLIT_TF32_MIN_MACS
     return row
 
 
@@ -94,15 +143,13 @@ def main() -> None:
         print({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     columns = [
         "out", "d", "r", "form", "macs_per_product", "split_s", "ieee_s", "split_over_ieee",
-        "split_by_default", "split_error", "ieee_error", "split_leak", "ieee_leak",
-        "plain_tf32_leak",
+        "split_error", "ieee_error", "split_leak", "ieee_leak", "plain_tf32_leak",
     ]  # fmt: skip
     print(table(rows, columns))
     write_json(
         options.json,
         {
             "benchmark": "bench_split_tf32",
-            "split_tf32_min_macs": SPLIT_TF32_MIN_MACS,
             "repeats": options.repeats,
             "calls": options.calls,
             "results": rows,

@@ -58,12 +58,8 @@ for s in "${STEPS[@]}"; do
     env)
         step env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, lightning, torchmetrics, torchvision; print(torch.__version__, lightning.__version__, torchmetrics.__version__, torchvision.__version__, torch.cuda.get_device_name(0), torch.backends.cuda.matmul.fp32_precision)"' ;;
     cuda_tests)
-        step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -n 4 \
-            tests/lightning/test_cuda.py tests/nullspace/test_gram_precision.py \
-            tests/nullspace/test_split_tf32.py --junitxml="$RES/cuda_tests.xml" ;;
-    split)  # split TF32 against IEEE float32 products, per layer shape (sets SPLIT_TF32_MIN_MACS)
-        step split 60 $B/bench_split_tf32.py --device cuda --repeats 5 \
-            --json "$RES/split_tf32_cuda.json" ;;
+        step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/lightning/test_cuda.py \
+            tests/nullspace/test_gram_precision.py --junitxml="$RES/cuda_tests.xml" ;;
     suites)  # the callback's own tests, every fit on the GPU
         step suites 170 env UNSC_TEST_ACCELERATOR=gpu UNSC_ZOO_RESNET=1 python3 -m pytest -q \
             -p no:cacheprovider -n 8 tests/lightning/test_callback.py \
@@ -72,6 +68,9 @@ for s in "${STEPS[@]}"; do
             tests/lightning/test_nothing_lost.py tests/lightning/test_resume.py \
             tests/lightning/test_paper_models.py tests/lightning/test_module.py \
             tests/lightning/test_sparse_gradients.py --junitxml="$RES/suites_gpu.xml" ;;
+    split)  # split TF32 products against IEEE float32, per layer shape (a rejected speed-up)
+        step split 60 $B/bench_split_tf32.py --device cuda --repeats 5 \
+            --json "$RES/split_tf32_cuda.json" ;;
     projection)
         step projection 110 $B/bench_projection.py --device cuda --repeats 5 --ranks 0.5 0.7 0.9 \
             --trained mnist1d_conv digits_conv resnet18 --json "$RES/projection_cuda.json" ;;

@@ -35,9 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import NullSpaceCalibration, UnlearningModule
 from unsc_lightning.models import DigitsConvNet
-from unsc_lightning.nullspace import NullSpaceEngine, projection
-from unsc_lightning.nullspace.gram import ieee_float32
-from unsc_lightning.nullspace.projection import NullSpaceProjector
+from unsc_lightning.nullspace import NullSpaceEngine
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)"
@@ -143,15 +141,9 @@ def unlearn(
     ("mode", "optimizer"), [("gradient", "sgd"), ("update", "adam"), ("auto", "adamw")]
 )
 @pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
-@pytest.mark.parametrize("split", [False, True], ids=["default", "split_everywhere"])
-def test_projected_fit_on_cuda_is_exact_with_or_without_tf32(
-    problem, mode, optimizer, tf32, split, monkeypatch
-):
+def test_projected_fit_on_cuda_is_exact_with_or_without_tf32(problem, mode, optimizer, tf32):
     # With TF32 the projection G - (G U) Uᵀ would leave ~1e-3 of every step in the remaining
-    # directions; the engine runs its products in IEEE float32 whatever the user set, or as
-    # split TF32 products (large layers; `split_everywhere`: every layer of this small model)
-    if split:
-        monkeypatch.setattr(projection, "SPLIT_TF32_MIN_MACS", 0)
+    # directions; the engine runs its products in IEEE float32 whatever the user set.
     with users_tf32(tf32):
         retain_change, forget_change = unlearn(problem, mode, optimizer)
         assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
@@ -182,52 +174,3 @@ def test_16_mixed_relative_steps_move_the_weights_on_cuda(problem):
     assert mean_relative_change(forget_before, logits_of(module, problem.forget_x)) >= MOVED
     # float16 activations in the basis pass: the bf16 bound of test_precision.py holds a fortiori
     assert max_relative_change(retain_before, logits_of(module, problem.retain_x)) <= 0.02
-
-
-TENSOR_CORES = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
-    reason="TF32 tensor cores need compute capability 8.0 (Ampere) or later",
-)
-
-
-@TENSOR_CORES
-@pytest.mark.parametrize("rank", [2304, 3600], ids=["direct", "complement"])
-@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
-def test_split_tf32_projection_keeps_float32_accuracy_on_tensor_cores(rank, tf32):
-    # ResNet-18's widest layer (512 x 4608): split TF32 products (three tensor-core products of
-    # hi/lo parts) against the float64 reference, next to the IEEE float32 path and to what one
-    # plain TF32 product would give (~1e-3: what the split must not be)
-    generator = torch.Generator().manual_seed(0)
-    basis = torch.linalg.qr(torch.randn(4608, rank, dtype=torch.float64, generator=generator))[0]
-    matrix = torch.randn(512, 4608, generator=generator)
-    reference = matrix.double() - (matrix.double() @ basis) @ basis.T
-    split = NullSpaceProjector(basis, device="cuda")
-    ieee = NullSpaceProjector(basis, device="cuda")
-    ieee.split = False
-    grad = matrix.cuda()
-    assert split._use_split(grad) and not ieee._use_split(grad)
-    norm = float(matrix.norm())
-
-    def errors(got: Tensor) -> tuple[float, float]:
-        got = got.double().cpu()
-        return float((got - reference).norm()) / norm, float((got @ basis).norm()) / norm
-
-    with users_tf32(tf32):
-        flags = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
-        with ieee_float32():  # as the engine calls it
-            split_error, split_leak = errors(split.project_matrix_(grad.clone()))
-            ieee_error, _ = errors(ieee.project_matrix_(grad.clone()))
-            anchor = grad.clone()
-            unchanged = split.restore_remaining_(anchor.clone(), split.remaining_part(anchor))
-        assert (
-            torch.get_float32_matmul_precision(),
-            torch.backends.cuda.matmul.fp32_precision,
-        ) == flags
-    with users_tf32(True):
-        factor = basis.float().cuda()
-        _, plain_leak = errors(grad - (grad @ factor) @ factor.T)
-    assert split_error <= 1e-6 and split_leak <= 1e-6, (split_error, split_leak, ieee_error)
-    assert split_error <= 4 * ieee_error + 1e-7
-    assert plain_leak >= 1e-5  # one TF32 product: the bound above has teeth
-    if rank <= 2304:  # direct form: an unchanged weight stays bit for bit
-        assert torch.equal(unchanged, anchor)

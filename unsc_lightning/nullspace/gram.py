@@ -210,7 +210,7 @@ class _ExactFlags:
     that changes them inside it (a model whose forward sets its own precision) is not corrected.
     """
 
-    __slots__ = ("_accepted", "_exact", "_flags", "_get", "_kind", "_saved", "_set")
+    __slots__ = ("_exact", "_flags", "_get", "_kind", "_saved", "_set")
 
     def __init__(
         self,
@@ -219,11 +219,9 @@ class _ExactFlags:
         set_: Callable[[Any], None],
         exact: object,
         flags: tuple[tuple[str, str], ...],
-        accepted: tuple[str, ...] = _EXACT,
     ) -> None:
         self._kind = kind
         self._get, self._set, self._exact, self._flags = get, set_, exact, flags
-        self._accepted = accepted  # per-op flag values that need no change
         self._saved: tuple[object | None, dict[tuple[str, str], object | None]] | None = None
 
     def __enter__(self) -> None:
@@ -235,7 +233,7 @@ class _ExactFlags:
             except RuntimeError:
                 legacy = None
             if legacy != self._exact or any(
-                value not in (None, *self._accepted) for value in flags.values()
+                value not in (None, *_EXACT) for value in flags.values()
             ):
                 self._set(self._exact)
                 self._saved = (legacy, flags)
@@ -270,20 +268,6 @@ def ieee_float32() -> _ExactFlags:
         torch.set_float32_matmul_precision,
         "highest",
         _FP32_FLAGS,
-    )
-
-
-def tf32_float32() -> _ExactFlags:
-    """Float32 matrix products in TF32 on CUDA, the user's flags restored exactly: only for
-    products whose operands were split so that TF32 loses nothing (:mod:`.projection`'s split
-    products); never around a Gram product or a plain projection."""
-    return _ExactFlags(
-        "tf32",
-        torch.get_float32_matmul_precision,
-        torch.set_float32_matmul_precision,
-        "high",
-        _FP32_FLAGS,
-        accepted=("tf32",),
     )
 
 
