@@ -13,7 +13,8 @@ epochs unlearning used (it stops by itself at the target) and its wall seconds (
 ``num_classes=10``, trained on digits upsampled to 32x32 for ``--train-epochs`` at
 ``--train-lr``, like the zoo's ResNet-18). Every row also reports the callback's
 ``nullspace_drift/model`` (relative change of the logits on a probe of remaining samples) and the
-share of that probe whose prediction changed.
+share of that probe whose prediction changed, and the change of its accuracy (the callback
+warns when it fell).
 
 ``--unlearn '{"lr": 0.05, "optimizer": "sgd"}'`` and ``--callback '{"rule": "pooled"}'`` pass
 other settings, to compare mechanisms with the same models. Trained originals and retrains are
@@ -66,6 +67,7 @@ COLUMNS = [
     "seconds",
     "drift",
     "changed",
+    "probe_accuracy_change",
 ]
 
 
@@ -121,6 +123,7 @@ def run(entry: ZooEntry, seed: int, options: argparse.Namespace) -> dict[str, An
         row[f"{label}_acc_f"] = accuracy["acc_f"]
     row.update(epochs=epochs, seconds=seconds)
     row.update(drift=callback.model_drift, changed=callback.prediction_change)
+    row["probe_accuracy_change"] = callback.probe_accuracy_change
     if options.probe:  # forgotten-class accuracy of a linear probe on the penultimate features
         x_train, y_train, x_test, y_test = zoo_tensors(entry.data)
         for label, model in (("original", original), ("retrain", retrain), ("unsc", unlearned)):

@@ -74,7 +74,9 @@ class NullSpaceCalibration(Callback):
             ``"update"`` (projects each step's weight change: exact for any optimizer) or
             ``"auto"`` (``"gradient"`` for plain SGD without weight decay, else ``"update"``).
         log_drift: log per-layer drift, the model's logit drift and the share of changed
-            predictions on a remaining probe (warning when predictions changed).
+            predictions on a remaining probe, and its accuracy change when the retain batches
+            have class labels (warning when that accuracy fell, or without labels when
+            predictions changed).
         drift_every_n_steps: also log the per-layer drift every N steps (0 = only at the end).
         covariance_cache: file of per-class covariances serving later class-wise requests
             without reading data (see :mod:`unsc_lightning.covariance_cache`).
@@ -162,6 +164,9 @@ class NullSpaceCalibration(Callback):
         self.drift: dict[str, float] = {}
         self.model_drift: float | None = None
         self.prediction_change: float | None = None
+        #: accuracy on the remaining probe at the fit end minus when the bases were built
+        #: (``None`` when the probe has no class labels)
+        self.probe_accuracy_change: float | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._drift_meter: NullSpaceDrift | None = None
         self._check_shape = False
@@ -278,6 +283,7 @@ class NullSpaceCalibration(Callback):
             evidence = model_evidence(self.engine, pl_module)
             self.model_drift = evidence.get("nullspace_drift/model")
             self.prediction_change = evidence.get("nullspace_drift/model_predictions")
+            self.probe_accuracy_change = evidence.get("nullspace_drift/probe_accuracy_change")
             metrics.update(evidence)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

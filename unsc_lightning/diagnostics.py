@@ -12,7 +12,8 @@ from unsc_lightning.metrics.drift import NullSpaceDrift
 from unsc_lightning.nullspace.engine import NullSpaceEngine
 from unsc_lightning.nullspace.guard import eval_mode
 
-#: Share of a remaining probe whose predicted class changed above which the fit end warns.
+#: The fit end warns when the accuracy on the remaining probe fell by more than this (or, for a
+#: probe without class labels, when this share of its predicted classes changed).
 PREDICTION_CHANGE_WARNING = 0.01
 #: Layers whose weight is ``reshape(out, -1)`` of its rows: the per-layer drift applies.
 _DRIFT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -62,13 +63,35 @@ def start_layer_drift(
 
 
 def model_evidence(engine: NullSpaceEngine, forward: Any) -> dict[str, float]:
-    """``nullspace_drift/model`` (relative logit change on the remaining probe) and
-    ``nullspace_drift/model_predictions`` (share of the probe whose class changed); warns when
-    predictions changed."""
+    """``nullspace_drift/model`` (relative logit change on the remaining probe),
+    ``nullspace_drift/model_predictions`` (share of the probe whose class changed) and, when the
+    probe has class labels, ``nullspace_drift/probe_accuracy_change`` (accuracy now minus when
+    the bases were built).
+
+    Warns when the probe's accuracy fell by more than :data:`PREDICTION_CHANGE_WARNING` (by
+    more than one sample on a small probe); without labels, when that share of its predictions
+    changed. Below ``threshold=1.0`` some predictions change by design (a small share of each
+    class's input energy lies outside every basis); a change that costs no accuracy (wrong to
+    right, or between wrong classes) is logged, not warned about, and the warning says how
+    much accuracy the probe lost."""
     drift, changed = engine.output_drift(forward), engine.prediction_change(forward)
     if drift is None or changed is None:
         return {}
-    if changed > PREDICTION_CHANGE_WARNING:
+    metrics = {"nullspace_drift/model": drift, "nullspace_drift/model_predictions": changed}
+    accuracy = engine.probe_accuracy(forward)
+    if accuracy is not None:
+        then, now = accuracy
+        metrics["nullspace_drift/probe_accuracy_change"] = now - then
+        samples = len(engine.probe_labels) if engine.probe_labels is not None else 0
+        if then - now > max(PREDICTION_CHANGE_WARNING, 1.5 / max(samples, 1)):
+            rank_zero_warn(
+                f"NullSpaceCalibration: the accuracy on a probe of {samples} remaining training "
+                f"samples fell from {then:.1%} to {now:.1%} during unlearning ({changed:.1%} of "
+                f"its predictions changed, logits moved by {drift:.1%}, relative): remaining "
+                "accuracy may have dropped. Check `engine.free_parameters`, a higher "
+                "`threshold`, or `mode='update'` for optimizers with weight decay."
+            )
+    elif changed > PREDICTION_CHANGE_WARNING:
         rank_zero_warn(
             f"NullSpaceCalibration: the model's predictions on remaining data changed for "
             f"{changed:.1%} of a probe of remaining samples during unlearning (logits moved by "
@@ -76,4 +99,4 @@ def model_evidence(engine: NullSpaceEngine, forward: Any) -> dict[str, float]:
             "`engine.free_parameters`, a higher `threshold`, or `mode='update'` for optimizers "
             "with weight decay."
         )
-    return {"nullspace_drift/model": drift, "nullspace_drift/model_predictions": changed}
+    return metrics

@@ -4,6 +4,7 @@ tied weights, batch adapters, parameter accounting and model-level drift."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -286,11 +287,63 @@ def test_model_drift_warns_when_free_parameters_move_remaining_outputs():
         threshold=1.0, retain_dataloader=problem.retain_loader(), freeze_unconstrained=False
     )
     with pytest.warns(
-        UserWarning, match=r"predictions on remaining data changed for .*logits moved by"
+        UserWarning, match=r"accuracy on a probe of \d+ remaining training samples fell from"
     ):
         quiet_trainer(5, [callback]).fit(PlainModule(model, lr=1.0), problem.forget_loader())
     assert callback.model_drift is not None and callback.model_drift > 0.05
     assert callback.prediction_change is not None and callback.prediction_change > 0.01
+
+
+def _changed_probe(labelled: bool) -> tuple[NullSpaceEngine, Tensor, Tensor]:
+    """An engine built on a linear classifier, then the classifier's rows swapped so that the
+    probe's predictions change: ``(engine, predictions before, after)``."""
+    torch.manual_seed(0)
+    inputs = torch.randn(200, 6)
+    model = nn.Linear(6, 4)
+    labels = model(inputs).argmax(-1) if labelled else None
+    batches = [(inputs, labels) if labelled else inputs]
+    engine = NullSpaceEngine(model, threshold=0.97, rule="pooled")
+    engine.build(batches, batch_adapter=None if labelled else (lambda batch: (batch, None)))
+    before = model(inputs).argmax(-1)
+    with torch.no_grad():
+        model.weight[[0, 1]] = model.weight[[1, 0]].clone()  # classes 0 and 1 trade places
+        model.bias[[0, 1]] = model.bias[[1, 0]].clone()
+    return engine, before, model(inputs).argmax(-1)
+
+
+def test_probe_accuracy_drop_warns_and_changed_predictions_alone_do_not():
+    from unsc_lightning.diagnostics import model_evidence
+
+    engine, before, after = _changed_probe(labelled=True)
+    assert engine.probe_labels is not None and torch.equal(engine.probe_labels, before)
+    changed = float((before != after).float().mean())
+    assert changed > 0.2
+    with pytest.warns(UserWarning, match=r"fell from 100\.0% to"):
+        metrics = model_evidence(engine, engine.model)
+    assert metrics["nullspace_drift/model_predictions"] == pytest.approx(changed)
+    assert metrics["nullspace_drift/probe_accuracy_change"] == pytest.approx(-changed)
+    # the same change where it moved wrong predictions to right ones: no warning, and the
+    # accuracy change logged
+    engine.probe_labels = after.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = model_evidence(engine, engine.model)
+    assert metrics["nullspace_drift/probe_accuracy_change"] == pytest.approx(changed)
+    # labels that are no class index of these logits: the changed-predictions rule
+    engine.probe_labels = torch.full_like(after, 7)
+    assert engine.probe_accuracy() is None
+    with pytest.warns(UserWarning, match=r"predictions on remaining data changed for"):
+        metrics = model_evidence(engine, engine.model)
+    assert "nullspace_drift/probe_accuracy_change" not in metrics
+
+
+def test_unlabelled_probe_warns_on_changed_predictions():
+    from unsc_lightning.diagnostics import model_evidence
+
+    engine, _, _ = _changed_probe(labelled=False)
+    assert engine.probe_labels is None and engine.probe_accuracy() is None
+    with pytest.warns(UserWarning, match=r"predictions on remaining data changed for"):
+        model_evidence(engine, engine.model)
 
 
 def test_schedule_reaching_one_warns_with_the_classes():

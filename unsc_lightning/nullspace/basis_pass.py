@@ -152,6 +152,7 @@ class BasisPass:
                     continue
                 if labels is None and not pooled_labels:
                     raise _Unlabelled()
+                known = None if labels is None else labels.reshape(-1)  # the probe's labels
                 if labels is None or pooled_labels:
                     labels = torch.zeros(size, dtype=torch.long)
                 labels = labels.reshape(-1).long().cpu()
@@ -168,6 +169,7 @@ class BasisPass:
                         first = order.sort().values[:_PROBE_SAMPLES]
                         probe = inputs.index_select(0, first.to(inputs.device))
                         engine.probe = probe.to(self.device)
+                        engine.probe_labels = _probe_labels(known, first, size)
                     if skipped or bool((order[1:] < order[:-1]).any()):
                         inputs = inputs.index_select(0, order.to(inputs.device))
                     inputs = inputs.to(self.device)
@@ -177,6 +179,9 @@ class BasisPass:
                     if engine.probe is None:
                         engine.probe = map_tensors(
                             inputs, lambda t: t[:_PROBE_SAMPLES].to(self.device)
+                        )
+                        engine.probe_labels = _probe_labels(
+                            known, torch.arange(min(size, _PROBE_SAMPLES)), size
                         )
                     inputs = map_tensors(inputs, lambda t: t.to(self.device))
                 accumulator.set_labels(slot.to(self.device))
@@ -676,3 +681,11 @@ def _threshold_for(threshold: Threshold, key: str) -> float:
                 return float(value)
         raise KeyError(key)
     return float(threshold)
+
+
+def _probe_labels(labels: Tensor | None, index: Tensor, size: int) -> Tensor | None:
+    """The probe samples' class labels (CPU, long), or ``None`` when the batch has none or they
+    are not one class index per sample."""
+    if labels is None or labels.numel() != size or labels.is_floating_point():
+        return None
+    return labels.detach().reshape(-1).cpu().index_select(0, index.cpu()).long()

@@ -199,6 +199,8 @@ class NullSpaceEngine:
         self._pending = 0  # optimizer steps since the last projection of the weights
         self._stepping = False  # inside an attached optimizer's step (between its hooks)
         self.probe: Any = None
+        #: the probe samples' class labels when the retain batches had them (else ``None``)
+        self.probe_labels: Tensor | None = None
         self._probe_logits: Tensor | None = None
 
     # -- what is constrained --------------------------------------------------------------------
@@ -489,9 +491,7 @@ class NullSpaceEngine:
                 if raw is None:  # no norm before projection: project again, to be safe
                     _project_matrix_(constraint.spec, grad, projector)
                 else:
-                    by_device.setdefault(grad.device, []).append(
-                        (constraint, grad, projector, raw)
-                    )
+                    by_device.setdefault(grad.device, []).append((constraint, grad, projector, raw))
             for entries in by_device.values():
                 norms = torch._foreach_norm([grad for _, grad, _, _ in entries])
                 kept = torch.stack([norm.float() for norm in norms])
@@ -629,6 +629,25 @@ class NullSpaceEngine:
         now = self._logits_on_probe(forward or self.model)
         before = self._probe_logits.to(now.device)
         return float((now.argmax(-1) != before.argmax(-1)).float().mean())
+
+    def probe_accuracy(
+        self, forward: Callable[..., Any] | None = None
+    ) -> tuple[float, float] | None:
+        """``(then, now)``: the accuracy on the remaining probe when the bases were built and
+        now; ``None`` before :meth:`build`, or when the probe has no class labels that fit the
+        logits (one class index per sample, below the number of logits)."""
+        labels = self.probe_labels
+        if self._probe_logits is None or labels is None:
+            return None
+        now = self._logits_on_probe(forward or self.model)
+        before = self._probe_logits.to(now.device)
+        labels = labels.to(now.device)
+        if now.dim() != 2 or labels.shape != now.shape[:1] or labels.min() < 0:
+            return None
+        if int(labels.max()) >= now.shape[1]:
+            return None
+        then = float((before.argmax(-1) == labels).float().mean())
+        return then, float((now.argmax(-1) == labels).float().mean())
 
     def output_drift(self, forward: Callable[..., Any] | None = None) -> float | None:
         """``||f(x) - f₀(x)|| / ||f₀(x)||`` on a fixed probe of remaining inputs (the first
