@@ -166,7 +166,39 @@ def _positional_masks(gen: torch.Generator) -> Call:
     return (tokens, tokens, tokens, padding, True, mask), {}
 
 
+def _recurrent_with_state(gen: torch.Generator) -> Call:
+    # 2 steps of 3 samples: 6 hidden-state rows of dimension 8 leave a null space
+    tokens = low_rank_features(gen, BATCH, 2, 6)
+    return (tokens, torch.randn(4, BATCH, 8, generator=gen, dtype=DTYPE)), {}
+
+
+RECURRENT_CASES = [
+    Case(
+        "gru-2-layers-bidirectional-initial-state",
+        lambda: nn.GRU(6, 8, num_layers=2, bidirectional=True, batch_first=True),
+        _recurrent_with_state,
+        _sample_of({0: 0, 1: 1}),
+    ),
+    Case(
+        "lstm-sequence-first",
+        lambda: nn.LSTM(6, 8),
+        first_input(lambda g: low_rank_features(g, 2, BATCH, 6)),
+        _sample_of({0: 1}),
+    ),
+    Case(
+        "lstm-2-layers-bidirectional",
+        lambda: nn.LSTM(6, 8, num_layers=2, bidirectional=True, batch_first=True),
+        first_input(lambda g: low_rank_features(g, BATCH, 2, 6)),
+    ),
+    Case(
+        "rnn-relu-2-layers",
+        lambda: nn.RNN(6, 8, num_layers=2, nonlinearity="relu", batch_first=True),
+        first_input(lambda g: low_rank_features(g, BATCH, 2, 6)),
+    ),
+]
+
 CASES = [
+    *RECURRENT_CASES,
     Case(
         "linear-2d", lambda: nn.Linear(6, 5), first_input(lambda g: low_rank_features(g, BATCH, 6))
     ),
@@ -441,8 +473,8 @@ def test_rows_reproduce_output_without_bias(case: Case):
         assert block_rows.shape[1] == representation.dim
         assert not block_rows.requires_grad
         matrix = representation.to_matrix(weight_of(layer, representation))
-        if representation.suffix in ("q", "k", "v"):
-            continue  # the projected q/k/v are internal; the null-space test covers them
+        if representation.suffix in ("q", "k", "v") or isinstance(layer, nn.RNNBase):
+            continue  # internal products (q/k/v, gates): the null-space test covers them
         expected = outputs_per_position(layer, output)
         groups = int(getattr(layer, "groups", 1))
         torch.testing.assert_close(
@@ -566,6 +598,50 @@ def test_unbatched_input_gives_the_rows_of_a_batch_of_one(layer: nn.Module, unba
     torch.testing.assert_close(layer_rows(layer, unbatched), layer_rows(layer, unbatched[None]))
 
 
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_unbatched_recurrent_rows_match_a_batch_of_one(cell: type[nn.RNNBase]):
+    layer = cell(4, 5, num_layers=2, bidirectional=True, batch_first=True).to(DTYPE)
+    steps = torch.randn(3, 4, dtype=DTYPE)
+    _, single, _ = capture(layer, ((steps,), {}))
+    _, batched, _ = capture(layer, ((steps[None],), {}))
+    assert len(single) == 8  # 2 layers x 2 directions x (input, hidden)
+    for a, b in zip(single, batched):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_projection_constrains_input_and_hidden_weights_only():
+    # proj_size: h is projected (weight_hr), so weight_hh multiplies the projected states; the
+    # projection's own input (o * tanh(c)) is not observable: weight_hr stays unconstrained
+    torch.manual_seed(0)
+    layer = nn.LSTM(6, 8, num_layers=2, proj_size=4, batch_first=True).to(DTYPE).eval()
+    call = ((low_rank_features(torch.Generator().manual_seed(1), 1, 3, 6),), {})
+    representations, rows, output = capture(layer, call)
+    assert [r.parameter for r in representations] == [
+        "weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1",
+    ]  # fmt: skip
+    assert [r.dim for r in representations] == [6, 4, 4, 4]
+    gen = torch.Generator().manual_seed(2)
+    projected = []
+    for representation, block_rows in zip(representations, rows):
+        matrix = representation.to_matrix(weight_of(layer, representation))
+        update = torch.randn(matrix.shape, generator=gen, dtype=DTYPE)
+        projected.append(null_space_projection(block_rows, update))
+        assert projected[-1].abs().max() > 1e-3
+    unchanged = run(updated_layer(layer, representations, projected), call)
+    assert (unchanged - output).abs().max() <= 1e-10
+
+
+def test_packed_sequences_get_a_clear_error():
+    layer = nn.GRU(3, 4, batch_first=True)
+    packed = nn.utils.rnn.pack_padded_sequence(
+        torch.randn(2, 3, 3), torch.tensor([3, 2]), batch_first=True
+    )
+    representations = representations_of(layer)
+    assert representations is not None
+    with pytest.raises(NotImplementedError, match=r"PackedSequence.*`exclude_layers=`"):
+        representations[0].rows(layer, (packed,), {})
+
+
 def test_unbatched_attention_rows_match_a_batch_of_one():
     layer = nn.MultiheadAttention(4, 2, batch_first=True).to(DTYPE)
     tokens = torch.randn(3, 4, dtype=DTYPE)
@@ -581,7 +657,7 @@ def test_unbatched_attention_rows_match_a_batch_of_one():
 
 
 @pytest.mark.parametrize(
-    "layer", [nn.LayerNorm(4), nn.GRU(3, 4), nn.Bilinear(2, 3, 4), nn.ReLU()], ids=str
+    "layer", [nn.LayerNorm(4), nn.GRUCell(3, 4), nn.Bilinear(2, 3, 4), nn.ReLU()], ids=str
 )
 def test_unsupported_layers_have_no_representation(layer: nn.Module):
     assert representations_of(layer) is None
@@ -627,6 +703,9 @@ def test_table_lists_every_handler():
         "ConvTranspose3d",
         "Embedding",
         "MultiheadAttention",
+        "RNN",
+        "GRU",
+        "LSTM",
     ):
         assert expected in names
 

@@ -30,6 +30,9 @@ sample 1, ...; per-class statistics rely on it):
   ``output_size`` forward argument) and groups (stacked like convolutions) are honoured.
 * ``Embedding``: one-hot vectors of the looked-up indices (``d = num_embeddings``) and
   ``M = W.T``, so the null space is spanned by the tokens never seen in remaining data.
+* ``RNN``, ``GRU``, ``LSTM``: for ``weight_ih`` of each layer and direction every step of that
+  layer's input, for ``weight_hh`` the hidden state each step starts from (see
+  :func:`recurrent_representation`); padded tensors, not ``PackedSequence``.
 * ``MultiheadAttention``: the query, key and value inputs for the three input projections
   (packed ``in_proj_weight`` blocks or separate ``q/k/v_proj_weight``), and for
   ``out_proj.weight`` the attention output *before* the output projection, recomputed in the
@@ -747,6 +750,162 @@ def attention_representation(layer: nn.Module) -> list[WeightRows]:
             "out_proj.weight", "out", attention_output_rows, _same_matrix, _write_same_, embed_dim
         )
     )
+    return representations
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent layers (RNN, GRU, LSTM)
+# --------------------------------------------------------------------------------------------
+
+#: ``RNNBase.mode`` -> the ``torch._VF`` function the layer's own forward calls
+_RECURRENT_KERNELS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
+def _recurrent_call(
+    layer: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+    """The call's input, batch first, and its initial state(s) ``(layers * dirs, B, H)``."""
+    bound = _forward_signature(type(layer)).bind(layer, *args, **kwargs)
+    inputs, hx = bound.arguments["input"], bound.arguments.get("hx")
+    if not isinstance(inputs, Tensor):
+        raise NotImplementedError(
+            f"{type(layer).__name__} was called with a {type(inputs).__name__} (a "
+            "PackedSequence?): null-space rows are built for padded tensors only. Exclude the "
+            "layer with `exclude_layers=` (it is then frozen), or feed it padded sequences."
+        )
+    unbatched = inputs.dim() == 2
+    if unbatched:
+        inputs = inputs.unsqueeze(0)
+    elif not layer.batch_first:
+        inputs = inputs.transpose(0, 1)
+    batch = inputs.shape[0]
+    dirs = 2 if layer.bidirectional else 1
+    out_size = layer.proj_size or layer.hidden_size
+    zeros = inputs.new_zeros(layer.num_layers * dirs, batch, out_size)
+    if hx is None:
+        state: Any = zeros
+        if layer.mode == "LSTM":
+            state = (zeros, inputs.new_zeros(layer.num_layers * dirs, batch, layer.hidden_size))
+    elif unbatched:
+        state = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+    else:
+        state = hx
+    return inputs.detach(), state
+
+
+def _recurrent_layer_input_and_output(
+    layer: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch-first input of recurrent layer ``index`` ``(B, T, in)``, its output ``(B, T, dirs
+    * H)`` and the initial hidden states of its directions ``(dirs, B, H)``, run with the
+    layer's own kernel one layer at a time (eval: no dropout between layers)."""
+    inputs, state = _recurrent_call(layer, args, kwargs)
+    dirs = 2 if layer.bidirectional else 1
+    kernel = getattr(torch._VF, _RECURRENT_KERNELS[layer.mode])
+    names = layer._flat_weights_names
+    with torch.no_grad():
+        for k in range(index + 1):
+            start, stop = k * dirs, (k + 1) * dirs
+            states = (
+                tuple(h[start:stop] for h in state)
+                if isinstance(state, tuple)
+                else (state[start:stop])
+            )
+            first = states[0] if isinstance(states, tuple) else states
+            suffixes = (f"_l{k}", f"_l{k}_reverse")
+            weights = [
+                weight
+                for name, weight in zip(names, layer._flat_weights, strict=True)
+                if name.endswith(suffixes)
+            ]
+            if k == index:
+                output = kernel(
+                    inputs, states, weights, layer.bias, 1, 0.0, False, layer.bidirectional, True
+                )[0]
+                return inputs, output, first
+            inputs = kernel(
+                inputs, states, weights, layer.bias, 1, 0.0, False, layer.bidirectional, True
+            )[0]
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _recurrent_input_rows(index: int) -> RowsFn:
+    """Rows of ``weight_ih_l{index}`` (either direction): every step of the layer's input."""
+
+    def rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        recurrent = cast(nn.RNNBase, layer)
+        if index == 0:
+            inputs, _ = _recurrent_call(recurrent, args, kwargs)
+        else:  # the previous layer's output
+            _, inputs, _ = _recurrent_layer_input_and_output(recurrent, args, kwargs, index - 1)
+        return inputs.reshape(-1, inputs.shape[-1])
+
+    return rows
+
+
+def _recurrent_hidden_rows(index: int, reverse: bool) -> RowsFn:
+    """Rows of ``weight_hh_l{index}`` (``_reverse``): the hidden state each step starts from,
+    ``h₀, h₁ … h_{T-1}`` (the reverse direction: ``h_{T+1}`` = its ``h₀``, then back)."""
+
+    def rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        recurrent = cast(nn.RNNBase, layer)
+        _, output, initial = _recurrent_layer_input_and_output(recurrent, args, kwargs, index)
+        size = recurrent.proj_size or recurrent.hidden_size
+        if reverse:
+            hidden = output[..., size:]
+            start = initial[1].unsqueeze(1)
+            previous = torch.cat([hidden[:, 1:], start], dim=1)
+        else:
+            hidden = output[..., :size]
+            start = initial[0].unsqueeze(1)
+            previous = torch.cat([start, hidden[:, :-1]], dim=1)
+        return previous.reshape(-1, size)
+
+    return rows
+
+
+@register_representation(nn.RNN)
+@register_representation(nn.GRU)
+@register_representation(nn.LSTM)
+def recurrent_representation(layer: nn.Module) -> list[WeightRows]:
+    """Every layer's and direction's input and hidden-to-hidden weights.
+
+    The gates of step ``t`` add ``W_ih x_t`` and ``W_hh h_{t-1}`` (GRU: ``r ⊙ (W_hn h_{t-1} +
+    b_hn)``, still a product with ``h_{t-1}``): a change of ``W_ih`` orthogonal to every input
+    step and of ``W_hh`` orthogonal to every hidden state it starts from leaves every gate, so
+    every state, unchanged by induction over the steps and layers. The rows are rebuilt in the
+    pre-hook by running the layer's own kernel one layer at a time. Biases (and an LSTM's
+    ``weight_hr`` projection, whose input is not observable) stay unconstrained: frozen by
+    default.
+    """
+    recurrent = cast(nn.RNNBase, layer)
+    dirs = 2 if recurrent.bidirectional else 1
+    hidden = recurrent.proj_size or recurrent.hidden_size
+    representations = []
+    for k in range(recurrent.num_layers):
+        in_dim = recurrent.input_size if k == 0 else dirs * hidden
+        for reverse in (False, True)[:dirs]:
+            tag = f"l{k}" + ("_reverse" if reverse else "")
+            representations.append(
+                WeightRows(
+                    f"weight_ih_{tag}",
+                    f"ih_{tag}",
+                    _recurrent_input_rows(k),
+                    _same_matrix,
+                    _write_same_,
+                    in_dim,
+                )
+            )
+            representations.append(
+                WeightRows(
+                    f"weight_hh_{tag}",
+                    f"hh_{tag}",
+                    _recurrent_hidden_rows(k, reverse),
+                    _same_matrix,
+                    _write_same_,
+                    hidden,
+                )
+            )
     return representations
 
 
