@@ -207,7 +207,10 @@ def main() -> None:
     args.add_argument("--setting", choices=["mnist1d", "allcnn"], default="mnist1d")
     args.add_argument("--samples", type=int, default=2000, help="random images (--setting allcnn)")
     args.add_argument(
-        "--num-samples", type=int, default=10_000, help="MNIST-1D samples generated (--setting mnist1d)"
+        "--num-samples",
+        type=int,
+        default=10_000,
+        help="MNIST-1D samples generated (--setting mnist1d)",
     )
     args.add_argument("--first", type=int, nargs="+", default=[3], help="first request's classes")
     args.add_argument("--second", type=int, nargs="+", default=[5], help="second request's classes")

@@ -669,9 +669,7 @@ def gradient_norms(grads: list[Tensor]) -> list[Tensor]:
     coalesced values (``_foreach_norm`` takes no sparse CUDA tensor)."""
     dense = [grad for grad in grads if not grad.is_sparse]
     norms = iter(torch._foreach_norm(dense) if dense else [])
-    return [
-        grad.coalesce().values().norm() if grad.is_sparse else next(norms) for grad in grads
-    ]
+    return [grad.coalesce().values().norm() if grad.is_sparse else next(norms) for grad in grads]
 
 
 def relative_step_gradients_(parameters: Iterable[Tensor], raw_norms: Mapping[int, Tensor]) -> None:
