@@ -144,6 +144,23 @@ class TokenClassifier(nn.Module):
         return self.head(self.mixer(h).mean(dim=1))
 
 
+class SignalLSTM(nn.Module):
+    """An LSTM reading a 1-D signal as a sequence of short windows; a linear head on its last
+    state."""
+
+    def __init__(
+        self, num_classes: int = NUM_CLASSES, length: int = 40, steps: int = 10, hidden: int = 64
+    ) -> None:
+        super().__init__()
+        self.steps = steps
+        self.rnn = nn.LSTM(length // steps, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, signal: Tensor) -> Tensor:
+        output, _ = self.rnn(signal.reshape(signal.shape[0], self.steps, -1))
+        return self.head(output[:, -1])
+
+
 def torchvision_resnet18() -> nn.Module:
     """torchvision's ResNet-18 as shipped (ImageNet stem), 10 classes, 3x32x32 inputs."""
     from torchvision.models import resnet18
@@ -248,6 +265,7 @@ ZOO: dict[str, ZooEntry] = {
             epochs=30,
             lr=1e-2,
         ),
+        ZooEntry("lstm", "mnist1d", SignalLSTM, epochs=25, lr=1e-2),
     )
 }
 
