@@ -67,7 +67,8 @@ for s in "${STEPS[@]}"; do
             tests/lightning/test_amortised_projection.py tests/lightning/test_zoo.py \
             tests/lightning/test_nothing_lost.py tests/lightning/test_resume.py \
             tests/lightning/test_paper_models.py tests/lightning/test_module.py \
-            tests/lightning/test_sparse_gradients.py --junitxml="$RES/suites_gpu.xml" ;;
+            tests/lightning/test_sparse_gradients.py tests/lightning/test_recurrent.py \
+            --junitxml="$RES/suites_gpu.xml" ;;
     split)  # split TF32 products against IEEE float32, per layer shape (a rejected speed-up)
         step split 60 $B/bench_split_tf32.py --device cuda --repeats 5 \
             --json "$RES/split_tf32_cuda.json" ;;
