@@ -112,3 +112,52 @@ def test_unlearning_module_forgets_a_class_with_an_lstm():
 
     assert max_relative_change(before_retain, logits_of(model, retain_x)) < 1e-5
     assert float((logits_of(model, forget_x).argmax(1) == FORGET_CLASS).float().mean()) < 0.2
+
+
+class PackedTextClassifier(nn.Module):
+    """Token ids padded with 0, packed by their lengths before an LSTM (a text classifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16, padding_idx=0)
+        self.rnn = nn.LSTM(16, 12, batch_first=True)
+        self.head = nn.Linear(12, NUM_CLASSES)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        lengths = (tokens != 0).sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(tokens), lengths, batch_first=True, enforce_sorted=False
+        )
+        _, (hidden, _) = self.rnn(packed)
+        return self.head(hidden[-1])
+
+
+def token_sequences(count: int, vocabulary: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocabulary, (count, 6), generator=generator)
+    lengths = torch.randint(2, 7, (count,), generator=generator)
+    return tokens * (torch.arange(6) < lengths[:, None])  # padded with 0 after each length
+
+
+def test_packed_sequences_fit_leaves_remaining_sequences_unchanged():
+    # remaining texts use tokens 1..8, forgotten ones any of 1..19: the LSTM's input weights
+    # have a null space (8 of 16 embedding directions), the unseen tokens' embeddings move
+    retain_x, forget_x = token_sequences(40, 9, seed=0), token_sequences(16, 20, seed=1)
+    retain_y = torch.arange(40) % FORGET_CLASS
+    retain = DataLoader(TensorDataset(retain_x, retain_y), batch_size=16)
+    forget = DataLoader(
+        TensorDataset(forget_x, torch.full((16,), FORGET_CLASS)), batch_size=8, shuffle=True
+    )
+    torch.manual_seed(0)
+    model = PackedTextClassifier()
+    before_retain, before_forget = logits_of(model, retain_x), logits_of(model, forget_x)
+    callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=retain)
+
+    quiet_trainer(20, [callback]).fit(SequenceForgetting(model, lr=0.5), forget)
+
+    assert callback.engine is not None
+    assert {"model.rnn.weight_ih_l0", "model.rnn.weight_hh_l0"} <= set(
+        callback.engine.constrained_parameters
+    )
+    assert max_relative_change(before_retain, logits_of(model, retain_x)) < 1e-5
+    assert mean_relative_change(before_forget, logits_of(model, forget_x)) > 0.1

@@ -631,15 +631,74 @@ def test_lstm_projection_constrains_input_and_hidden_weights_only():
     assert (unchanged - output).abs().max() <= 1e-10
 
 
-def test_packed_sequences_get_a_clear_error():
-    layer = nn.GRU(3, 4, batch_first=True)
+def _packed_call(gen: torch.Generator, cell: type[nn.RNNBase]) -> tuple[nn.Module, Call]:
+    # three samples of 4, 2 and 3 steps, not sorted by length, and initial states; low-rank
+    # inputs and 9 real steps against 12 units leave every weight a null space
+    layer = cell(6, 12, num_layers=2, bidirectional=True).to(DTYPE).eval()
+    lengths = torch.tensor([4, 2, 3])
+    padded = low_rank_features(gen, 3, 4, 6)
     packed = nn.utils.rnn.pack_padded_sequence(
-        torch.randn(2, 3, 3), torch.tensor([3, 2]), batch_first=True
+        padded, lengths, batch_first=True, enforce_sorted=False
     )
+    state = torch.randn(4, 3, 12, generator=gen, dtype=DTYPE)
+    hx: Any = (
+        (state, torch.randn(4, 3, 12, generator=gen, dtype=DTYPE)) if cell is nn.LSTM else state
+    )
+    return layer, ((packed, hx), {})
+
+
+def _sequence_outputs(layer: nn.Module, call: Call) -> Tensor:
+    """Every real step's output and the final states, flattened: all a packed call returns."""
+    args, kwargs = call
+    with torch.no_grad():
+        output, final = layer(*args, **kwargs)
+    padded, lengths = nn.utils.rnn.pad_packed_sequence(output, batch_first=True)
+    real = torch.cat([padded[b, : int(n)] for b, n in enumerate(lengths)])
+    finals = torch.cat([f.flatten() for f in final]) if isinstance(final, tuple) else final
+    return torch.cat([real.flatten(), finals.flatten()])
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_packed_sequences_rows_keep_every_real_step_and_state(cell: type[nn.RNNBase]):
+    torch.manual_seed(0)
+    layer, call = _packed_call(torch.Generator().manual_seed(1), cell)
+    representations, rows, _ = capture(layer, call)
+    # 4 rows per sample (the longest), zero at the padding steps (4 + 2 + 3 real ones)
+    (packed, hx), _ = call
+    padded, lengths = nn.utils.rnn.pad_packed_sequence(packed, batch_first=True)
+    real = (torch.arange(4) < lengths[:, None]).flatten()
+    assert all(block.shape[0] == 12 and not block[~real].any() for block in rows)
+    rows = [block[real] for block in rows]
+    # sample-major and the same rows as each sample run alone (unpacked, its own length)
+    alone = []
+    for b, n in enumerate(lengths):
+        state = tuple(h[:, b : b + 1] for h in hx) if isinstance(hx, tuple) else hx[:, b : b + 1]
+        alone.append(capture(layer, ((padded[b : b + 1, : int(n)].transpose(0, 1), state), {}))[1])
+    for block, block_rows in enumerate(rows):
+        expected = torch.cat([sample[block] for sample in alone])
+        torch.testing.assert_close(block_rows, expected, rtol=1e-10, atol=1e-12)
+    # an update in every weight's null space leaves every real output and final state unchanged
+    before = _sequence_outputs(layer, call)
+    gen = torch.Generator().manual_seed(2)
+    projected, raw = [], []
+    for representation, block_rows in zip(representations, rows):
+        matrix = representation.to_matrix(weight_of(layer, representation))
+        update = torch.randn(matrix.shape, generator=gen, dtype=DTYPE)
+        raw.append(update)
+        projected.append(null_space_projection(block_rows, update))
+        assert projected[-1].abs().max() > 1e-3
+    after = _sequence_outputs(updated_layer(layer, representations, projected), call)
+    assert (after - before).abs().max() <= 1e-10
+    moved = _sequence_outputs(updated_layer(layer, representations, raw), call)
+    assert (moved - before).abs().max() > 1e-3
+
+
+def test_other_recurrent_inputs_get_a_clear_error():
+    layer = nn.GRU(3, 4)
     representations = representations_of(layer)
     assert representations is not None
-    with pytest.raises(NotImplementedError, match=r"PackedSequence.*`exclude_layers=`"):
-        representations[0].rows(layer, (packed,), {})
+    with pytest.raises(NotImplementedError, match=r"called with a list.*`exclude_layers=`"):
+        representations[0].rows(layer, ([torch.randn(2, 3)],), {})
 
 
 def test_unbatched_attention_rows_match_a_batch_of_one():

@@ -32,7 +32,7 @@ sample 1, ...; per-class statistics rely on it):
   ``M = W.T``, so the null space is spanned by the tokens never seen in remaining data.
 * ``RNN``, ``GRU``, ``LSTM``: for ``weight_ih`` of each layer and direction every step of that
   layer's input, for ``weight_hh`` the hidden state each step starts from (see
-  :func:`recurrent_representation`); padded tensors, not ``PackedSequence``.
+  :func:`recurrent_representation`); tensors or ``PackedSequence`` (zero rows at padding).
 * ``MultiheadAttention``: the query, key and value inputs for the three input projections
   (packed ``in_proj_weight`` blocks or separate ``q/k/v_proj_weight``), and for
   ``out_proj.weight`` the attention output *before* the output projection, recomputed in the
@@ -51,6 +51,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 RowsFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Tensor]
 
@@ -761,107 +762,145 @@ def attention_representation(layer: nn.Module) -> list[WeightRows]:
 _RECURRENT_KERNELS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
-def _recurrent_call(
-    layer: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
-    """The call's input, batch first, and its initial state(s) ``(layers * dirs, B, H)``."""
+@dataclass(frozen=True)
+class _Sequences:
+    """A recurrent layer's call: its input batch first in the caller's sample order (padded
+    when it came packed), how many steps of each sample are real, the packed form when it came
+    packed, and the initial state(s) ``(layers * dirs, B, H)`` in the caller's order."""
+
+    inputs: Tensor
+    steps: Tensor  # (B, T) bool: the real steps
+    packed: PackedSequence | None
+    state: Tensor | tuple[Tensor, Tensor]
+
+
+def _recurrent_call(layer: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Sequences:
     bound = _forward_signature(type(layer)).bind(layer, *args, **kwargs)
     inputs, hx = bound.arguments["input"], bound.arguments.get("hx")
-    if not isinstance(inputs, Tensor):
+    packed = inputs if isinstance(inputs, PackedSequence) else None
+    if packed is not None:
+        padded, lengths = pad_packed_sequence(packed, batch_first=True)
+        steps = torch.arange(padded.shape[1]) < lengths[:, None]
+        inputs = padded
+    elif not isinstance(inputs, Tensor):
         raise NotImplementedError(
-            f"{type(layer).__name__} was called with a {type(inputs).__name__} (a "
-            "PackedSequence?): null-space rows are built for padded tensors only. Exclude the "
-            "layer with `exclude_layers=` (it is then frozen), or feed it padded sequences."
+            f"{type(layer).__name__} was called with a {type(inputs).__name__}: null-space rows "
+            "are built for tensors and PackedSequence. Exclude the layer with "
+            "`exclude_layers=` (it is then frozen)."
         )
-    unbatched = inputs.dim() == 2
-    if unbatched:
-        inputs = inputs.unsqueeze(0)
-    elif not layer.batch_first:
-        inputs = inputs.transpose(0, 1)
+    else:
+        unbatched = inputs.dim() == 2
+        if unbatched:
+            inputs = inputs.unsqueeze(0)
+            if hx is not None:
+                hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+        elif not layer.batch_first:
+            inputs = inputs.transpose(0, 1)
+        steps = torch.ones(inputs.shape[:2], dtype=torch.bool)
     batch = inputs.shape[0]
     dirs = 2 if layer.bidirectional else 1
-    out_size = layer.proj_size or layer.hidden_size
-    zeros = inputs.new_zeros(layer.num_layers * dirs, batch, out_size)
+    zeros = inputs.new_zeros(layer.num_layers * dirs, batch, layer.proj_size or layer.hidden_size)
     if hx is None:
-        state: Any = zeros
+        hx = zeros
         if layer.mode == "LSTM":
-            state = (zeros, inputs.new_zeros(layer.num_layers * dirs, batch, layer.hidden_size))
-    elif unbatched:
-        state = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
-    else:
-        state = hx
-    return inputs.detach(), state
+            hx = (zeros, inputs.new_zeros(layer.num_layers * dirs, batch, layer.hidden_size))
+    return _Sequences(inputs.detach(), steps.to(inputs.device), packed, hx)
 
 
-def _recurrent_layer_input_and_output(
-    layer: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], index: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch-first input of recurrent layer ``index`` ``(B, T, in)``, its output ``(B, T, dirs
-    * H)`` and the initial hidden states of its directions ``(dirs, B, H)``, run with the
-    layer's own kernel one layer at a time (eval: no dropout between layers)."""
-    inputs, state = _recurrent_call(layer, args, kwargs)
+def _recurrent_outputs(layer: nn.RNNBase, call: _Sequences, index: int) -> tuple[Tensor, Tensor]:
+    """Batch-first input and output ``(B, T, dirs * H)`` of recurrent layer ``index``, in the
+    caller's sample order, run with the layer's own kernel one layer at a time (eval: no
+    dropout between layers)."""
     dirs = 2 if layer.bidirectional else 1
     kernel = getattr(torch._VF, _RECURRENT_KERNELS[layer.mode])
     names = layer._flat_weights_names
+    packed = call.packed
+    order = None if packed is None else packed.sorted_indices
+    data = call.inputs if packed is None else packed.data
+    inputs = call.inputs
     with torch.no_grad():
         for k in range(index + 1):
-            start, stop = k * dirs, (k + 1) * dirs
-            states = (
-                tuple(h[start:stop] for h in state)
-                if isinstance(state, tuple)
-                else (state[start:stop])
+            states: Any = (
+                tuple(h[k * dirs : (k + 1) * dirs] for h in call.state)
+                if isinstance(call.state, tuple)
+                else call.state[k * dirs : (k + 1) * dirs]
             )
-            first = states[0] if isinstance(states, tuple) else states
             suffixes = (f"_l{k}", f"_l{k}_reverse")
             weights = [
                 weight
                 for name, weight in zip(names, layer._flat_weights, strict=True)
                 if name.endswith(suffixes)
             ]
-            if k == index:
-                output = kernel(
-                    inputs, states, weights, layer.bias, 1, 0.0, False, layer.bidirectional, True
+            options = (layer.bias, 1, 0.0, False, layer.bidirectional)
+            if packed is None:
+                data = kernel(data, states, weights, *options, True)[0]
+                output = data
+            else:
+                if order is not None:  # the kernel takes states in the packed (sorted) order
+                    states = (
+                        tuple(h.index_select(1, order) for h in states)
+                        if isinstance(states, tuple)
+                        else states.index_select(1, order)
+                    )
+                data = kernel(data, packed.batch_sizes, states, weights, *options)[0]
+                step = PackedSequence(
+                    data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+                )
+                output = pad_packed_sequence(
+                    step, batch_first=True, total_length=call.inputs.shape[1]
                 )[0]
-                return inputs, output, first
-            inputs = kernel(
-                inputs, states, weights, layer.bias, 1, 0.0, False, layer.bidirectional, True
-            )[0]
+            if k == index:
+                return inputs, output
+            inputs = output
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _recurrent_input_rows(index: int) -> RowsFn:
-    """Rows of ``weight_ih_l{index}`` (either direction): every step of the layer's input."""
+    """Rows of ``weight_ih_l{index}`` (either direction): every step of the layer's input,
+    sample by sample (zero at padding, see :func:`_real_steps`)."""
 
     def rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         recurrent = cast(nn.RNNBase, layer)
-        if index == 0:
-            inputs, _ = _recurrent_call(recurrent, args, kwargs)
-        else:  # the previous layer's output
-            _, inputs, _ = _recurrent_layer_input_and_output(recurrent, args, kwargs, index - 1)
-        return inputs.reshape(-1, inputs.shape[-1])
+        call = _recurrent_call(recurrent, args, kwargs)
+        inputs = call.inputs if index == 0 else _recurrent_outputs(recurrent, call, index - 1)[1]
+        return _real_steps(inputs, call.steps)
 
     return rows
 
 
 def _recurrent_hidden_rows(index: int, reverse: bool) -> RowsFn:
-    """Rows of ``weight_hh_l{index}`` (``_reverse``): the hidden state each step starts from,
-    ``h₀, h₁ … h_{T-1}`` (the reverse direction: ``h_{T+1}`` = its ``h₀``, then back)."""
+    """Rows of ``weight_hh_l{index}`` (``_reverse``): the hidden state each real step starts
+    from, ``h₀, h₁ … h_{T-1}`` (the reverse direction: its ``h₀`` at the last real step, then
+    back)."""
 
     def rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         recurrent = cast(nn.RNNBase, layer)
-        _, output, initial = _recurrent_layer_input_and_output(recurrent, args, kwargs, index)
+        call = _recurrent_call(recurrent, args, kwargs)
+        _, output = _recurrent_outputs(recurrent, call, index)
         size = recurrent.proj_size or recurrent.hidden_size
+        dirs = 2 if recurrent.bidirectional else 1
+        first = call.state[0] if isinstance(call.state, tuple) else call.state
+        start = first[index * dirs + int(reverse)].unsqueeze(1)  # (B, 1, H)
         if reverse:
             hidden = output[..., size:]
-            start = initial[1].unsqueeze(1)
-            previous = torch.cat([hidden[:, 1:], start], dim=1)
+            previous = torch.cat([hidden[:, 1:], torch.zeros_like(start)], dim=1)
+            last = call.steps.sum(1) - 1  # each sample's last real step starts from h₀
+            rows_at = torch.arange(previous.shape[0], device=previous.device)
+            previous[rows_at, last] = start[:, 0]
         else:
             hidden = output[..., :size]
-            start = initial[0].unsqueeze(1)
             previous = torch.cat([start, hidden[:, :-1]], dim=1)
-        return previous.reshape(-1, size)
+        return _real_steps(previous, call.steps)
 
     return rows
+
+
+def _real_steps(sequences: Tensor, steps: Tensor) -> Tensor:
+    """``(B * T, d)`` rows, sample-major, zero at the padding steps of packed sequences: every
+    sample keeps ``T`` rows (the per-class sums split a batch's rows evenly by sample), and a
+    zero row adds nothing to a covariance."""
+    real = torch.where(steps[..., None], sequences, sequences.new_zeros(()))
+    return real.reshape(-1, sequences.shape[-1])
 
 
 @register_representation(nn.RNN)
