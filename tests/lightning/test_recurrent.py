@@ -161,3 +161,39 @@ def test_packed_sequences_fit_leaves_remaining_sequences_unchanged():
     )
     assert max_relative_change(before_retain, logits_of(model, retain_x)) < 1e-5
     assert mean_relative_change(before_forget, logits_of(model, forget_x)) > 0.1
+
+
+class CellLoopClassifier(nn.Module):
+    """An LSTMCell stepped by hand over the sequence (as decoders are often written)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(20, 12)
+        self.head = nn.Linear(12, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = None
+        for step in x.unbind(1):
+            state = self.cell(step, state)
+        assert state is not None
+        return self.head(state[0])
+
+
+def test_cell_loop_fit_leaves_remaining_sequences_unchanged():
+    problem = make_subspace_problem()
+    retain_x, forget_x = sequences(problem.retain_x), sequences(problem.forget_x)
+    retain = DataLoader(TensorDataset(retain_x, problem.retain_y), batch_size=16)
+    forget = DataLoader(TensorDataset(forget_x, problem.forget_y), batch_size=8, shuffle=True)
+    torch.manual_seed(0)
+    model = CellLoopClassifier()
+    before_retain, before_forget = logits_of(model, retain_x), logits_of(model, forget_x)
+    callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=retain)
+
+    quiet_trainer(20, [callback]).fit(SequenceForgetting(model, lr=0.5), forget)
+
+    assert callback.engine is not None
+    assert {"model.cell.weight_ih", "model.cell.weight_hh"} <= set(
+        callback.engine.constrained_parameters
+    )
+    assert max_relative_change(before_retain, logits_of(model, retain_x)) < 1e-5
+    assert mean_relative_change(before_forget, logits_of(model, forget_x)) > 0.1

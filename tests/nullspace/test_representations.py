@@ -197,6 +197,25 @@ RECURRENT_CASES = [
     ),
 ]
 
+
+def _cell_with_state(gen: torch.Generator) -> Call:
+    return (low_rank_features(gen, BATCH, 6), low_rank_features(gen, BATCH, 8)), {}
+
+
+RECURRENT_CASES += [
+    Case(
+        "gru-cell-with-state", lambda: nn.GRUCell(6, 8), _cell_with_state, _sample_of({0: 0, 1: 0})
+    ),
+    Case(
+        "rnn-cell-with-state", lambda: nn.RNNCell(6, 8), _cell_with_state, _sample_of({0: 0, 1: 0})
+    ),
+    Case(
+        "lstm-cell-without-state",
+        lambda: nn.LSTMCell(6, 8),
+        first_input(lambda g: low_rank_features(g, BATCH, 6)),
+    ),
+]
+
 CASES = [
     *RECURRENT_CASES,
     Case(
@@ -473,7 +492,9 @@ def test_rows_reproduce_output_without_bias(case: Case):
         assert block_rows.shape[1] == representation.dim
         assert not block_rows.requires_grad
         matrix = representation.to_matrix(weight_of(layer, representation))
-        if representation.suffix in ("q", "k", "v") or isinstance(layer, nn.RNNBase):
+        if representation.suffix in ("q", "k", "v") or isinstance(
+            layer, (nn.RNNBase, nn.RNNCellBase)
+        ):
             continue  # internal products (q/k/v, gates): the null-space test covers them
         expected = outputs_per_position(layer, output)
         groups = int(getattr(layer, "groups", 1))
@@ -716,7 +737,7 @@ def test_unbatched_attention_rows_match_a_batch_of_one():
 
 
 @pytest.mark.parametrize(
-    "layer", [nn.LayerNorm(4), nn.GRUCell(3, 4), nn.Bilinear(2, 3, 4), nn.ReLU()], ids=str
+    "layer", [nn.LayerNorm(4), nn.PReLU(4), nn.Bilinear(2, 3, 4), nn.ReLU()], ids=str
 )
 def test_unsupported_layers_have_no_representation(layer: nn.Module):
     assert representations_of(layer) is None
@@ -765,6 +786,9 @@ def test_table_lists_every_handler():
         "RNN",
         "GRU",
         "LSTM",
+        "RNNCell",
+        "GRUCell",
+        "LSTMCell",
     ):
         assert expected in names
 

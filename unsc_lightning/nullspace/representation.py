@@ -33,6 +33,8 @@ sample 1, ...; per-class statistics rely on it):
 * ``RNN``, ``GRU``, ``LSTM``: for ``weight_ih`` of each layer and direction every step of that
   layer's input, for ``weight_hh`` the hidden state each step starts from (see
   :func:`recurrent_representation`); tensors or ``PackedSequence`` (zero rows at padding).
+* ``RNNCell``, ``GRUCell``, ``LSTMCell``: each call's input for ``weight_ih`` and the state it
+  was given for ``weight_hh`` (zeros when none).
 * ``MultiheadAttention``: the query, key and value inputs for the three input projections
   (packed ``in_proj_weight`` blocks or separate ``q/k/v_proj_weight``), and for
   ``out_proj.weight`` the attention output *before* the output projection, recomputed in the
@@ -946,6 +948,43 @@ def recurrent_representation(layer: nn.Module) -> list[WeightRows]:
                 )
             )
     return representations
+
+
+def _cell_rows(hidden: bool) -> RowsFn:
+    """Rows of a recurrent cell's ``weight_ih`` (the step's input) or ``weight_hh`` (the state
+    it starts from: ``hx``, an LSTM cell's ``h`` of ``(h, c)``, zeros when not given)."""
+
+    def rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        cell = cast(nn.RNNCellBase, layer)
+        bound = _forward_signature(type(layer)).bind(layer, *args, **kwargs)
+        inputs, hx = cast(Tensor, bound.arguments["input"]), bound.arguments.get("hx")
+        inputs = inputs.detach().reshape(-1, cell.input_size)
+        if not hidden:
+            return inputs
+        if hx is None:
+            return inputs.new_zeros(inputs.shape[0], cell.hidden_size)
+        state = hx[0] if isinstance(hx, tuple) else hx
+        return cast(Tensor, state).detach().reshape(-1, cell.hidden_size)
+
+    return rows
+
+
+@register_representation(nn.RNNCell)
+@register_representation(nn.GRUCell)
+@register_representation(nn.LSTMCell)
+def recurrent_cell_representation(layer: nn.Module) -> list[WeightRows]:
+    """A cell's ``weight_ih`` and ``weight_hh``, each onto the null space of what it multiplies
+    in every call: a loop of calls over remaining sequences keeps every state, as for
+    :func:`recurrent_representation`. Biases stay unconstrained (frozen by default)."""
+    cell = cast(nn.RNNCellBase, layer)
+    return [
+        WeightRows(
+            "weight_ih", "ih", _cell_rows(False), _same_matrix, _write_same_, cell.input_size
+        ),
+        WeightRows(
+            "weight_hh", "hh", _cell_rows(True), _same_matrix, _write_same_, cell.hidden_size
+        ),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
