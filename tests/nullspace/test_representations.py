@@ -799,3 +799,28 @@ def test_single_weight_helpers():
     assert representation_dim(nn.Conv3d(4, 8, 2, groups=4)) == 8
     with pytest.raises(TypeError, match="several constrained weights"):
         representation_dim(nn.MultiheadAttention(4, 2))
+
+
+def test_recurrent_rows_of_one_call_run_each_layer_once(monkeypatch):
+    # the eight weights of a two-layer bidirectional LSTM share one run of its layers per call
+    # (before: each weight ran the layers below it again), the rows are those of separate
+    # runs, a weight changed in place between two calls on the same input gives new rows, and
+    # nothing of the call stays cached after its last weight
+    from unsc_lightning.nullspace import representation
+
+    torch.manual_seed(0)
+    layer = nn.LSTM(6, 12, num_layers=2, bidirectional=True, batch_first=True).to(DTYPE).eval()
+    call = ((low_rank_features(torch.Generator().manual_seed(1), BATCH, 4, 6),), {})
+    runs = []
+    lstm = torch._VF.lstm
+    monkeypatch.setattr(torch._VF, "lstm", lambda *a: runs.append(1) or lstm(*a))
+    representations, rows, _ = capture(layer, call)
+    assert len(rows) == 8 and len(runs) == 1 + 2  # the call itself (all layers), one per layer
+    assert layer not in representation._RUNS
+    for representation_, block in zip(representations, rows):
+        representation._RUNS.clear()  # no sharing: a run of its own
+        torch.testing.assert_close(representation_.rows(layer, *call), block, rtol=0, atol=0)
+    representation._RUNS.clear()
+    with torch.no_grad():
+        layer.weight_ih_l0.mul_(2.0)  # same objects, new values (_version)
+    assert not torch.equal(capture(layer, call)[1][1], rows[1])  # weight_hh_l0's rows moved

@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -809,52 +810,95 @@ def _recurrent_call(layer: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, 
     return _Sequences(inputs.detach(), steps.to(inputs.device), packed, hx)
 
 
-def _recurrent_outputs(layer: nn.RNNBase, call: _Sequences, index: int) -> tuple[Tensor, Tensor]:
-    """Batch-first input and output ``(B, T, dirs * H)`` of recurrent layer ``index``, in the
-    caller's sample order, run with the layer's own kernel one layer at a time (eval: no
-    dropout between layers)."""
-    dirs = 2 if layer.bidirectional else 1
-    kernel = getattr(torch._VF, _RECURRENT_KERNELS[layer.mode])
-    names = layer._flat_weights_names
-    packed = call.packed
-    order = None if packed is None else packed.sorted_indices
-    data = call.inputs if packed is None else packed.data
-    inputs = call.inputs
-    with torch.no_grad():
-        for k in range(index + 1):
-            states: Any = (
-                tuple(h[k * dirs : (k + 1) * dirs] for h in call.state)
-                if isinstance(call.state, tuple)
-                else call.state[k * dirs : (k + 1) * dirs]
-            )
-            suffixes = (f"_l{k}", f"_l{k}_reverse")
-            weights = [
-                weight
-                for name, weight in zip(names, layer._flat_weights, strict=True)
-                if name.endswith(suffixes)
-            ]
-            options = (layer.bias, 1, 0.0, False, layer.bidirectional)
-            if packed is None:
-                data = kernel(data, states, weights, *options, True)[0]
-                output = data
-            else:
+class _RecurrentRun:
+    """One call of a recurrent layer, run one layer at a time with the layer's own kernel (eval:
+    no dropout between layers), each layer's batch-first output ``(B, T, dirs * H)`` in the
+    caller's sample order kept for the other weights' rows of the same call."""
+
+    def __init__(self, layer: nn.RNNBase, call: _Sequences) -> None:
+        self.layer, self.call = layer, call
+        self.outputs: list[Tensor] = []
+        packed = call.packed
+        self._data = call.inputs if packed is None else packed.data  # the next layer's input
+
+    def output(self, index: int) -> Tensor:
+        layer, call, packed = self.layer, self.call, self.call.packed
+        dirs = 2 if layer.bidirectional else 1
+        kernel = getattr(torch._VF, _RECURRENT_KERNELS[layer.mode])
+        options = (layer.bias, 1, 0.0, False, layer.bidirectional)
+        with torch.no_grad():
+            for k in range(len(self.outputs), index + 1):
+                states: Any = (
+                    tuple(h[k * dirs : (k + 1) * dirs] for h in call.state)
+                    if isinstance(call.state, tuple)
+                    else call.state[k * dirs : (k + 1) * dirs]
+                )
+                suffixes = (f"_l{k}", f"_l{k}_reverse")
+                weights = [
+                    weight
+                    for name, weight in zip(layer._flat_weights_names, layer._flat_weights)
+                    if name.endswith(suffixes)
+                ]
+                if packed is None:
+                    self._data = kernel(self._data, states, weights, *options, True)[0]
+                    self.outputs.append(self._data)
+                    continue
+                order = packed.sorted_indices
                 if order is not None:  # the kernel takes states in the packed (sorted) order
                     states = (
                         tuple(h.index_select(1, order) for h in states)
                         if isinstance(states, tuple)
                         else states.index_select(1, order)
                     )
-                data = kernel(data, packed.batch_sizes, states, weights, *options)[0]
+                self._data = kernel(self._data, packed.batch_sizes, states, weights, *options)[0]
                 step = PackedSequence(
-                    data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+                    self._data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
                 )
-                output = pad_packed_sequence(
-                    step, batch_first=True, total_length=call.inputs.shape[1]
-                )[0]
-            if k == index:
-                return inputs, output
-            inputs = output
-    raise AssertionError("unreachable")  # pragma: no cover
+                length = call.inputs.shape[1]
+                self.outputs.append(
+                    pad_packed_sequence(step, batch_first=True, total_length=length)[0]
+                )
+        return self.outputs[index]
+
+
+#: the last call's run per recurrent layer, shared by the rows of its weights (a two-layer
+#: bidirectional LSTM has eight): without it each weight ran the layers below it again
+_RUNS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], list[Any], _RecurrentRun]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _tensors_of(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):  # PackedSequence is a tuple too
+        return [t for item in value for t in _tensors_of(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors_of(item)]
+    return []
+
+
+def _recurrent_run(
+    layer: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], last: bool = False
+) -> _RecurrentRun:
+    """The run of this call: the cached one when the call's tensors and the layer's weights are
+    the same objects, unchanged (``_version``), else a new one; ``last`` drops it from the
+    cache (the call's last weight)."""
+    tensors = [*_tensors_of((args, kwargs)), *_tensors_of(layer._flat_weights)]
+    key = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+    cached = _RUNS.get(layer)
+    if (
+        cached is not None
+        and cached[0] == key
+        and all(ref() is t for ref, t in zip(cached[1], tensors))
+    ):
+        run = cached[2]
+    else:
+        run = _RecurrentRun(layer, _recurrent_call(layer, args, kwargs))
+        _RUNS[layer] = (key, [weakref.ref(t) for t in tensors], run)
+    if last:
+        _RUNS.pop(layer, None)
+    return run
 
 
 def _recurrent_input_rows(index: int) -> RowsFn:
@@ -862,10 +906,9 @@ def _recurrent_input_rows(index: int) -> RowsFn:
     sample by sample (zero at padding, see :func:`_real_steps`)."""
 
     def rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        recurrent = cast(nn.RNNBase, layer)
-        call = _recurrent_call(recurrent, args, kwargs)
-        inputs = call.inputs if index == 0 else _recurrent_outputs(recurrent, call, index - 1)[1]
-        return _real_steps(inputs, call.steps)
+        run = _recurrent_run(cast(nn.RNNBase, layer), args, kwargs)
+        inputs = run.call.inputs if index == 0 else run.output(index - 1)
+        return _real_steps(inputs, run.call.steps)
 
     return rows
 
@@ -877,18 +920,20 @@ def _recurrent_hidden_rows(index: int, reverse: bool) -> RowsFn:
 
     def rows(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         recurrent = cast(nn.RNNBase, layer)
-        call = _recurrent_call(recurrent, args, kwargs)
-        _, output = _recurrent_outputs(recurrent, call, index)
-        size = recurrent.proj_size or recurrent.hidden_size
         dirs = 2 if recurrent.bidirectional else 1
+        # the call's last weight (representation order): its run leaves the cache
+        final = index == recurrent.num_layers - 1 and reverse == recurrent.bidirectional
+        run = _recurrent_run(recurrent, args, kwargs, final)
+        call, output = run.call, run.output(index)
+        size = recurrent.proj_size or recurrent.hidden_size
         first = call.state[0] if isinstance(call.state, tuple) else call.state
         start = first[index * dirs + int(reverse)].unsqueeze(1)  # (B, 1, H)
         if reverse:
             hidden = output[..., size:]
             previous = torch.cat([hidden[:, 1:], torch.zeros_like(start)], dim=1)
-            last = call.steps.sum(1) - 1  # each sample's last real step starts from h₀
+            ends = call.steps.sum(1) - 1  # each sample's last real step starts from h₀
             rows_at = torch.arange(previous.shape[0], device=previous.device)
-            previous[rows_at, last] = start[:, 0]
+            previous[rows_at, ends] = start[:, 0]
         else:
             hidden = output[..., :size]
             previous = torch.cat([start, hidden[:, :-1]], dim=1)
