@@ -74,11 +74,11 @@ def model_evidence(engine: NullSpaceEngine, forward: Any) -> dict[str, float]:
     class's input energy lies outside every basis); a change that costs no accuracy (wrong to
     right, or between wrong classes) is logged, not warned about, and the warning says how
     much accuracy the probe lost."""
-    drift, changed = engine.output_drift(forward), engine.prediction_change(forward)
-    if drift is None or changed is None:
+    evidence = engine.probe_evidence(forward)
+    if evidence is None:
         return {}
+    drift, changed, accuracy = evidence
     metrics = {"nullspace_drift/model": drift, "nullspace_drift/model_predictions": changed}
-    accuracy = engine.probe_accuracy(forward)
     if accuracy is not None:
         then, now = accuracy
         metrics["nullspace_drift/probe_accuracy_change"] = now - then

@@ -19,7 +19,7 @@ from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.evaluation import EvaluationMixin
 from unsc_lightning.export import ExportedModel, export_model
 from unsc_lightning.metrics import find_feature_layer
-from unsc_lightning.nullspace.engine import default_batch_adapter
+from unsc_lightning.nullspace.engine import default_batch_adapter, dense_grad
 from unsc_lightning.pseudo_labels import PseudoLabelRule, random_pseudo_labels, unsc_pseudo_labels
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -685,9 +685,7 @@ def _rescale_gradients_(
     # one `_foreach_mul_` (a few kernels per step on a GPU instead of about ten per parameter)
     groups: dict[tuple[Any, ...], list[Tensor]] = {}
     for parameter in parameters:
-        grad = parameter.grad
-        if grad is not None and grad.is_sparse:  # nn.Embedding(sparse=True), not constrained:
-            grad = parameter.grad = grad.to_dense()  # SGD steps dense gradients as well
+        grad = dense_grad(parameter)  # a sparse one not constrained: SGD steps it dense too
         if grad is not None:
             key = (grad.device, grad.dtype, parameter.dtype)
             groups.setdefault(key, []).append(parameter)

@@ -152,7 +152,7 @@ class BasisPass:
                     continue
                 if labels is None and not pooled_labels:
                     raise _Unlabelled()
-                known = None if labels is None else labels.reshape(-1)  # the probe's labels
+                known = labels  # the probe's labels, before the pooled rule sets them to zero
                 if labels is None or pooled_labels:
                     labels = torch.zeros(size, dtype=torch.long)
                 labels = labels.reshape(-1).long().cpu()

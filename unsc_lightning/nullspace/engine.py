@@ -457,9 +457,9 @@ class NullSpaceEngine:
 
     def _gradients(self) -> Iterator[tuple[Any, Tensor, NullSpaceProjector]]:
         """``(constraint, gradient, projector)`` of every constrained weight with both (a sparse
-        gradient made dense first, see :func:`_dense_grad`)."""
+        gradient made dense first, see :func:`dense_grad`)."""
         for key, constraint in self.accounting.constraints.items():
-            grad = _dense_grad(constraint.parameter)
+            grad = dense_grad(constraint.parameter)
             projector = self._projectors.get(key)
             if grad is not None and projector is not None:
                 yield constraint, grad, projector
@@ -621,14 +621,20 @@ class NullSpaceEngine:
         with eval_mode(self.model), torch.no_grad(), ieee_forward(self._device()):
             return output_logits(call_model(forward, self.probe)).detach().float().clone()
 
-    def prediction_change(self, forward: Callable[..., Any] | None = None) -> float | None:
-        """Fraction of the remaining probe whose predicted class changed since the bases were
-        built (``None`` before :meth:`build`)."""
+    def _probe_logits_then_and_now(
+        self, forward: Callable[..., Any] | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """The probe's logits when the bases were built and now (one forward), or ``None``."""
         if self._probe_logits is None:
             return None
         now = self._logits_on_probe(forward or self.model)
-        before = self._probe_logits.to(now.device)
-        return float((now.argmax(-1) != before.argmax(-1)).float().mean())
+        return self._probe_logits.to(now.device), now
+
+    def prediction_change(self, forward: Callable[..., Any] | None = None) -> float | None:
+        """Fraction of the remaining probe whose predicted class changed since the bases were
+        built (``None`` before :meth:`build`)."""
+        logits = self._probe_logits_then_and_now(forward)
+        return None if logits is None else _changed_share(*logits)
 
     def probe_accuracy(
         self, forward: Callable[..., Any] | None = None
@@ -636,18 +642,10 @@ class NullSpaceEngine:
         """``(then, now)``: the accuracy on the remaining probe when the bases were built and
         now; ``None`` before :meth:`build`, or when the probe has no class labels that fit the
         logits (one class index per sample, below the number of logits)."""
-        labels = self.probe_labels
-        if self._probe_logits is None or labels is None:
+        if self.probe_labels is None:
             return None
-        now = self._logits_on_probe(forward or self.model)
-        before = self._probe_logits.to(now.device)
-        labels = labels.to(now.device)
-        if now.dim() != 2 or labels.shape != now.shape[:1] or labels.min() < 0:
-            return None
-        if int(labels.max()) >= now.shape[1]:
-            return None
-        then = float((before.argmax(-1) == labels).float().mean())
-        return then, float((now.argmax(-1) == labels).float().mean())
+        logits = self._probe_logits_then_and_now(forward)
+        return None if logits is None else self._accuracies(*logits)
 
     def output_drift(self, forward: Callable[..., Any] | None = None) -> float | None:
         """``||f(x) - f₀(x)|| / ||f₀(x)||`` on a fixed probe of remaining inputs (the first
@@ -655,12 +653,31 @@ class NullSpaceEngine:
 
         Unlike a per-layer drift this sees every parameter, constrained or not.
         """
-        if self._probe_logits is None:
+        logits = self._probe_logits_then_and_now(forward)
+        return None if logits is None else _relative_change(*logits)
+
+    def probe_evidence(
+        self, forward: Callable[..., Any] | None = None
+    ) -> tuple[float, float, tuple[float, float] | None] | None:
+        """:meth:`output_drift`, :meth:`prediction_change` and :meth:`probe_accuracy` from one
+        forward of the probe (``None`` before :meth:`build`)."""
+        logits = self._probe_logits_then_and_now(forward)
+        if logits is None:
             return None
-        now = self._logits_on_probe(forward or self.model)
-        reference = self._probe_logits.to(now.device)
-        norm = float(torch.linalg.vector_norm(reference))
-        return float(torch.linalg.vector_norm(now - reference)) / max(norm, 1e-12)
+        return _relative_change(*logits), _changed_share(*logits), self._accuracies(*logits)
+
+    def _accuracies(self, then: Tensor, now: Tensor) -> tuple[float, float] | None:
+        if self.probe_labels is None:
+            return None
+        labels = self.probe_labels.to(now.device)
+        if now.dim() != 2 or labels.shape != now.shape[:1]:
+            return None
+        if int(labels.min()) < 0 or int(labels.max()) >= now.shape[1]:
+            return None
+        return (
+            float((then.argmax(-1) == labels).float().mean()),
+            float((now.argmax(-1) == labels).float().mean()),
+        )
 
     # -- state ----------------------------------------------------------------------------------
     def fingerprint(self, extra: Mapping[str, Any] | None = None) -> str:
@@ -726,7 +743,16 @@ class NullSpaceEngine:
 _FIRST_MOMENTS = ("momentum_buffer",)
 
 
-def _dense_grad(parameter: Tensor) -> Tensor | None:
+def _changed_share(then: Tensor, now: Tensor) -> float:
+    return float((now.argmax(-1) != then.argmax(-1)).float().mean())
+
+
+def _relative_change(then: Tensor, now: Tensor) -> float:
+    norm = float(torch.linalg.vector_norm(then))
+    return float(torch.linalg.vector_norm(now - then)) / max(norm, 1e-12)
+
+
+def dense_grad(parameter: Tensor) -> Tensor | None:
     """``parameter.grad``, made dense first when it is sparse (``nn.Embedding(sparse=True)``):
     a projected gradient is dense in general. Gradients are projected for SGD (gradient mode,
     relative steps), which takes dense gradients as well; update mode, the choice for every
