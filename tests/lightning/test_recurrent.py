@@ -4,6 +4,9 @@ leaves the outputs on remaining sequences unchanged while forgotten ones move.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,9 @@ from unsc_lightning import NullSpaceCalibration, UnlearningModule
 class SequenceClassifier(nn.Module):
     """A recurrent encoder and a linear head on its last step, as a user writes one."""
 
-    def __init__(self, cell: type[nn.RNNBase], layers: int = 1, bidirectional: bool = False):
+    def __init__(
+        self, cell: Callable[..., nn.RNNBase], layers: int = 1, bidirectional: bool = False
+    ):
         super().__init__()
         self.rnn = cell(20, 12, num_layers=layers, batch_first=True, bidirectional=bidirectional)
         self.head = nn.Linear(12 * (2 if bidirectional else 1), NUM_CLASSES)
@@ -53,6 +58,32 @@ class SequenceForgetting(PlainClassifier):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+def forget_at_threshold_one(
+    model: nn.Module,
+    retain: tuple[Tensor, Tensor],
+    forget: tuple[Tensor, Tensor],
+    **calibration: Any,
+) -> tuple[set[str], float, float]:
+    """Fit :class:`SequenceForgetting` on ``forget`` with a calibration at threshold 1.0 from
+    ``retain``: the constrained parameters, the largest relative change of the remaining
+    logits and the mean relative change of the forgotten ones."""
+    (retain_x, retain_y), (forget_x, forget_y) = retain, forget
+    before_retain, before_forget = logits_of(model, retain_x), logits_of(model, forget_x)
+    callback = NullSpaceCalibration(
+        threshold=1.0,
+        retain_dataloader=DataLoader(TensorDataset(retain_x, retain_y), batch_size=16),
+        **calibration,
+    )
+    loader = DataLoader(TensorDataset(forget_x, forget_y), batch_size=8, shuffle=True)
+    quiet_trainer(20, [callback]).fit(SequenceForgetting(model, lr=0.5), loader)
+    assert callback.engine is not None
+    return (
+        set(callback.engine.constrained_parameters),
+        max_relative_change(before_retain, logits_of(model, retain_x)),
+        mean_relative_change(before_forget, logits_of(model, forget_x)),
+    )
+
+
 @pytest.mark.parametrize(
     ("cell", "layers", "bidirectional"),
     [(nn.LSTM, 1, False), (nn.GRU, 2, True)],
@@ -61,18 +92,14 @@ class SequenceForgetting(PlainClassifier):
 def test_projected_fit_leaves_remaining_sequences_unchanged(cell, layers, bidirectional):
     problem = make_subspace_problem()
     retain_x, forget_x = sequences(problem.retain_x), sequences(problem.forget_x)
-    retain = DataLoader(TensorDataset(retain_x, problem.retain_y), batch_size=16)
-    forget = DataLoader(TensorDataset(forget_x, problem.forget_y), batch_size=8, shuffle=True)
     torch.manual_seed(0)
     model = SequenceClassifier(cell, layers, bidirectional)
-    before_retain, before_forget = logits_of(model, retain_x), logits_of(model, forget_x)
-    callback = NullSpaceCalibration(threshold=1.0, rule="pooled", retain_dataloader=retain)
 
-    quiet_trainer(20, [callback]).fit(SequenceForgetting(model, lr=0.5), forget)
+    constrained, retain_change, forget_change = forget_at_threshold_one(
+        model, (retain_x, problem.retain_y), (forget_x, problem.forget_y), rule="pooled"
+    )
 
-    engine = callback.engine
-    assert engine is not None
-    recurrent = {name for name in engine.constrained_parameters if ".rnn.weight_" in name}
+    recurrent = {name for name in constrained if ".rnn.weight_" in name}
     directions = ("", "_reverse") if bidirectional else ("",)
     assert recurrent == {
         f"model.rnn.weight_{kind}_l{k}{d}"
@@ -80,8 +107,8 @@ def test_projected_fit_leaves_remaining_sequences_unchanged(cell, layers, bidire
         for k in range(layers)
         for d in directions
     }
-    assert max_relative_change(before_retain, logits_of(model, retain_x)) < 1e-5
-    assert mean_relative_change(before_forget, logits_of(model, forget_x)) > 0.1
+    assert retain_change < 1e-5
+    assert forget_change > 0.1
     # the first layer's input weights moved (in the null space of the remaining inputs)
     torch.manual_seed(0)
     original = SequenceClassifier(cell, layers, bidirectional)
@@ -144,23 +171,16 @@ def test_packed_sequences_fit_leaves_remaining_sequences_unchanged():
     # have a null space (8 of 16 embedding directions), the unseen tokens' embeddings move
     retain_x, forget_x = token_sequences(40, 9, seed=0), token_sequences(16, 20, seed=1)
     retain_y = torch.arange(40) % FORGET_CLASS
-    retain = DataLoader(TensorDataset(retain_x, retain_y), batch_size=16)
-    forget = DataLoader(
-        TensorDataset(forget_x, torch.full((16,), FORGET_CLASS)), batch_size=8, shuffle=True
-    )
     torch.manual_seed(0)
     model = PackedTextClassifier()
-    before_retain, before_forget = logits_of(model, retain_x), logits_of(model, forget_x)
-    callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=retain)
 
-    quiet_trainer(20, [callback]).fit(SequenceForgetting(model, lr=0.5), forget)
-
-    assert callback.engine is not None
-    assert {"model.rnn.weight_ih_l0", "model.rnn.weight_hh_l0"} <= set(
-        callback.engine.constrained_parameters
+    constrained, retain_change, forget_change = forget_at_threshold_one(
+        model, (retain_x, retain_y), (forget_x, torch.full((16,), FORGET_CLASS))
     )
-    assert max_relative_change(before_retain, logits_of(model, retain_x)) < 1e-5
-    assert mean_relative_change(before_forget, logits_of(model, forget_x)) > 0.1
+
+    assert {"model.rnn.weight_ih_l0", "model.rnn.weight_hh_l0"} <= constrained
+    assert retain_change < 1e-5
+    assert forget_change > 0.1
 
 
 class CellLoopClassifier(nn.Module):
@@ -182,18 +202,13 @@ class CellLoopClassifier(nn.Module):
 def test_cell_loop_fit_leaves_remaining_sequences_unchanged():
     problem = make_subspace_problem()
     retain_x, forget_x = sequences(problem.retain_x), sequences(problem.forget_x)
-    retain = DataLoader(TensorDataset(retain_x, problem.retain_y), batch_size=16)
-    forget = DataLoader(TensorDataset(forget_x, problem.forget_y), batch_size=8, shuffle=True)
     torch.manual_seed(0)
     model = CellLoopClassifier()
-    before_retain, before_forget = logits_of(model, retain_x), logits_of(model, forget_x)
-    callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=retain)
 
-    quiet_trainer(20, [callback]).fit(SequenceForgetting(model, lr=0.5), forget)
-
-    assert callback.engine is not None
-    assert {"model.cell.weight_ih", "model.cell.weight_hh"} <= set(
-        callback.engine.constrained_parameters
+    constrained, retain_change, forget_change = forget_at_threshold_one(
+        model, (retain_x, problem.retain_y), (forget_x, problem.forget_y)
     )
-    assert max_relative_change(before_retain, logits_of(model, retain_x)) < 1e-5
-    assert mean_relative_change(before_forget, logits_of(model, forget_x)) > 0.1
+
+    assert {"model.cell.weight_ih", "model.cell.weight_hh"} <= constrained
+    assert retain_change < 1e-5
+    assert forget_change > 0.1

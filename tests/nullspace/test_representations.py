@@ -450,6 +450,22 @@ def null_space_projection(rows: Tensor, update: Tensor) -> Tensor:
     return update - (update @ basis) @ basis.T
 
 
+def random_updates(
+    layer: nn.Module, representations: list[WeightRows], rows: list[Tensor], seed: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """A random update of each constrained weight's matrix, and the same projected onto the null
+    space of that weight's rows; the null spaces must be non-trivial, or a test proves nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    raw, projected = [], []
+    for representation, block_rows in zip(representations, rows):
+        matrix = representation.to_matrix(weight_of(layer, representation))
+        update = torch.randn(matrix.shape, generator=gen, dtype=DTYPE)
+        raw.append(update)
+        projected.append(null_space_projection(block_rows, update))
+        assert projected[-1].abs().max() > 1e-3, representation.suffix or representation.parameter
+    return raw, projected
+
+
 def updated_layer(
     layer: nn.Module, representations: list[WeightRows], updates: list[Tensor]
 ) -> nn.Module:
@@ -507,15 +523,7 @@ def test_rows_reproduce_output_without_bias(case: Case):
 def test_projected_update_leaves_output_unchanged(case: Case):
     layer, call = build(case)
     representations, rows, output = capture(layer, call)
-    gen = torch.Generator().manual_seed(7)
-    raw, projected = [], []
-    for representation, block_rows in zip(representations, rows):
-        matrix = representation.to_matrix(weight_of(layer, representation))
-        update = torch.randn(matrix.shape, generator=gen, dtype=DTYPE)
-        raw.append(update)
-        projected.append(null_space_projection(block_rows, update))
-        # the null space must be non-trivial, or the test proves nothing
-        assert projected[-1].abs().max() > 1e-3, representation.suffix or representation.parameter
+    raw, projected = random_updates(layer, representations, rows, seed=7)
 
     unchanged = run(updated_layer(layer, representations, projected), call)
     assert (unchanged - output).abs().max() <= 1e-10 * max(1.0, output.abs().max().item())
@@ -641,13 +649,7 @@ def test_lstm_projection_constrains_input_and_hidden_weights_only():
         "weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1",
     ]  # fmt: skip
     assert [r.dim for r in representations] == [6, 4, 4, 4]
-    gen = torch.Generator().manual_seed(2)
-    projected = []
-    for representation, block_rows in zip(representations, rows):
-        matrix = representation.to_matrix(weight_of(layer, representation))
-        update = torch.randn(matrix.shape, generator=gen, dtype=DTYPE)
-        projected.append(null_space_projection(block_rows, update))
-        assert projected[-1].abs().max() > 1e-3
+    _, projected = random_updates(layer, representations, rows, seed=2)
     unchanged = run(updated_layer(layer, representations, projected), call)
     assert (unchanged - output).abs().max() <= 1e-10
 
@@ -700,14 +702,7 @@ def test_packed_sequences_rows_keep_every_real_step_and_state(cell: type[nn.RNNB
         torch.testing.assert_close(block_rows, expected, rtol=1e-10, atol=1e-12)
     # an update in every weight's null space leaves every real output and final state unchanged
     before = _sequence_outputs(layer, call)
-    gen = torch.Generator().manual_seed(2)
-    projected, raw = [], []
-    for representation, block_rows in zip(representations, rows):
-        matrix = representation.to_matrix(weight_of(layer, representation))
-        update = torch.randn(matrix.shape, generator=gen, dtype=DTYPE)
-        raw.append(update)
-        projected.append(null_space_projection(block_rows, update))
-        assert projected[-1].abs().max() > 1e-3
+    raw, projected = random_updates(layer, representations, rows, seed=2)
     after = _sequence_outputs(updated_layer(layer, representations, projected), call)
     assert (after - before).abs().max() <= 1e-10
     moved = _sequence_outputs(updated_layer(layer, representations, raw), call)
