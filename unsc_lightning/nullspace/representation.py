@@ -796,7 +796,7 @@ def _recurrent_call(layer: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, 
         if unbatched:
             inputs = inputs.unsqueeze(0)
             if hx is not None:
-                hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+                hx = _each(hx, lambda h: h.unsqueeze(1))
         elif not layer.batch_first:
             inputs = inputs.transpose(0, 1)
         steps = torch.ones(inputs.shape[:2], dtype=torch.bool)
@@ -808,6 +808,11 @@ def _recurrent_call(layer: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, 
         if layer.mode == "LSTM":
             hx = (zeros, inputs.new_zeros(layer.num_layers * dirs, batch, layer.hidden_size))
     return _Sequences(inputs.detach(), steps.to(inputs.device), packed, hx)
+
+
+def _each(state: Any, change: Callable[[Tensor], Tensor]) -> Any:
+    """``change`` applied to a recurrent state: a tensor, or an LSTM's ``(h, c)``."""
+    return tuple(change(h) for h in state) if isinstance(state, tuple) else change(state)
 
 
 class _RecurrentRun:
@@ -828,11 +833,7 @@ class _RecurrentRun:
         options = (layer.bias, 1, 0.0, False, layer.bidirectional)
         with torch.no_grad():
             for k in range(len(self.outputs), index + 1):
-                states: Any = (
-                    tuple(h[k * dirs : (k + 1) * dirs] for h in call.state)
-                    if isinstance(call.state, tuple)
-                    else call.state[k * dirs : (k + 1) * dirs]
-                )
+                states = _each(call.state, lambda h: h[k * dirs : (k + 1) * dirs])  # noqa: B023
                 suffixes = (f"_l{k}", f"_l{k}_reverse")
                 weights = [
                     weight
@@ -845,11 +846,7 @@ class _RecurrentRun:
                     continue
                 order = packed.sorted_indices
                 if order is not None:  # the kernel takes states in the packed (sorted) order
-                    states = (
-                        tuple(h.index_select(1, order) for h in states)
-                        if isinstance(states, tuple)
-                        else states.index_select(1, order)
-                    )
+                    states = _each(states, lambda h: h.index_select(1, order))  # noqa: B023
                 self._data = kernel(self._data, packed.batch_sizes, states, weights, *options)[0]
                 step = PackedSequence(
                     self._data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
@@ -885,17 +882,18 @@ def _recurrent_run(
     the same objects, unchanged (``_version``), else a new one; ``last`` drops it from the
     cache (the call's last weight)."""
     tensors = [*_tensors_of((args, kwargs)), *_tensors_of(layer._flat_weights)]
-    key = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+    versions = tuple((t._version, t.data_ptr()) for t in tensors)
     cached = _RUNS.get(layer)
     if (
         cached is not None
-        and cached[0] == key
-        and all(ref() is t for ref, t in zip(cached[1], tensors))
+        and cached[0] == versions
+        and len(cached[1]) == len(tensors)
+        and all(ref() is t for ref, t in zip(cached[1], tensors))  # the same objects
     ):
         run = cached[2]
     else:
         run = _RecurrentRun(layer, _recurrent_call(layer, args, kwargs))
-        _RUNS[layer] = (key, [weakref.ref(t) for t in tensors], run)
+        _RUNS[layer] = (versions, [weakref.ref(t) for t in tensors], run)
     if last:
         _RUNS.pop(layer, None)
     return run
