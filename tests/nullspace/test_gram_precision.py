@@ -152,9 +152,12 @@ def test_pass_equals_the_sums_of_the_layer_rows(gram, monkeypatch):
     model = _conv3x3().eval()
     x, y = zoo_tensors("digits32")[:2]
     x, y = x[:96], y[:96]
-    sums = _class_sums(model, x, y, batch_size=40, gram=gram)
     with monkeypatch.context() as patch:
-        patch.setattr(covariance, "SHIFTED_ROWS", 1)  # the shifted product for every block
+        # one plain product for every block
+        patch.setattr(gram_module, "shifted_gram_pays", lambda *_: False)
+        sums = _class_sums(model, x, y, batch_size=40, gram=gram)
+    with monkeypatch.context() as patch:
+        patch.setattr(gram_module, "SHIFTED_ROWS", 1)  # the shifted product for every block
         shifted = _class_sums(model, x, y, batch_size=40, gram=gram)
     # float32 products: each entry is a float32 dot product over the ~4,000 rows of a class in
     # a batch, typical error sqrt(n)·u ~ 4e-6 relative (observed: 1e-6 on the 2-core CI machine,
@@ -392,7 +395,7 @@ def test_shifted_conv_gram_equals_the_patch_rows_gram(conv, shape, monkeypatch):
     unfold-based one per class (float64, 1e-10 relative), labels unsorted."""
     from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 
-    monkeypatch.setattr(covariance, "SHIFTED_ROWS", 1)  # the shifted product for every block
+    monkeypatch.setattr(gram_module, "SHIFTED_ROWS", 1)  # the shifted product for every block
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64)
     labels = torch.tensor([2, 0, 1, 2, 0, -1, 1])
@@ -583,3 +586,52 @@ def test_ieee_float32_nesting_is_undone_when_switching_the_flags_fails(monkeypat
         with pytest.raises(RuntimeError, match="refused"), gram.ieee_float32():
             pass
     assert getattr(gram._NESTING, "matmul", 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("rows", "dim", "stride", "expected"),
+    [
+        (2048, 96, 2, True),  # many rows: any stride
+        (2047, 96, 2, False),
+        (832, 864, 2, False),  # stride 2: only from SHIFTED_ROWS on
+        (832, 864, 1, True),  # AllCNN's 8 x 8 maps, a class's rows from a batch of 128
+        (256, 256, 1, True),
+        (256, 144, 1, False),  # small and narrow: the plain product is faster
+    ],
+)
+def test_shifted_gram_pays_for_many_rows_or_unit_stride_blocks(rows, dim, stride, expected):
+    assert gram_module.shifted_gram_pays(rows, dim, stride) is expected
+
+
+def test_unit_stride_class_blocks_below_shifted_rows_take_the_shifted_product(monkeypatch):
+    """The pass sends a stride-1 convolution's small class blocks to the shifted Gram (where it
+    pays, :func:`~unsc_lightning.nullspace.gram.shifted_gram_pays`) and its sums still equal
+    the plain product's (float64, 1e-10)."""
+    calls: list[tuple[int, int]] = []
+    original = gram_module.shifted_gram_pays
+
+    def counting(rows: int, dim: int, stride: int) -> bool:
+        pays = original(rows, dim, stride)
+        if pays:
+            calls.append((rows, dim))
+        return pays
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(), nn.Flatten()).eval()
+    x = torch.randn(24, 32, 8, 8, dtype=torch.float64)
+    y = torch.arange(24) % 3
+    model = model.double()
+    with monkeypatch.context() as patch:
+        patch.setattr(gram_module, "shifted_gram_pays", lambda *_: False)
+        plain = _class_sums(model, x, y, batch_size=24, gram=torch.float64)
+    with monkeypatch.context() as patch:
+        patch.setattr(gram_module, "shifted_gram_pays", counting)
+        shifted = _class_sums(model, x, y, batch_size=24, gram=torch.float64)
+    # each class: 8 samples x 64 positions = 512 rows of width 288, under SHIFTED_ROWS
+    assert calls and all(rows < gram_module.SHIFTED_ROWS for rows, _ in calls)
+    for key, per_class in plain.items():
+        for label, expected in per_class.items():
+            got = shifted[key][label]
+            assert torch.allclose(
+                got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max())
+            )

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from unsc_lightning.nullspace import gram as gram_rules
 from unsc_lightning.nullspace.gram import (
-    SHIFTED_ROWS,
     Border,
     Borders,
     add_gram,
@@ -390,7 +390,11 @@ class CovarianceAccumulator:
                 product = self._product(name, cls)
                 # the shifted Gram trades multiply-adds for more, smaller products: a gain on
                 # the CPU only (an H200's AllCNN pass took 1.45 s with it, 1.04 s without)
-                if borders is None or block.shape[0] < SHIFTED_ROWS or block.is_cuda:
+                if (
+                    borders is None
+                    or block.is_cuda
+                    or not gram_rules.shifted_gram_pays(block.shape[0], block.shape[1], borders[3])
+                ):
                     self._accumulate(name, cls, self._rows(name, block), product)
                 else:
                     cut = functools.partial(_sample_range, total=samples, start=sample, count=count)

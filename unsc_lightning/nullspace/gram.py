@@ -4,7 +4,8 @@
   column blocks for wide layers;
 - :func:`add_shifted_gram`: channels-last convolution rows, with the shift relation along the
   first spatial dimension and, for 2-d convolutions, the second (:func:`_shifted_top`), so that
-  only the blocks with a tap below the stride on one side are multiplied;
+  only the blocks with a tap below the stride on one side are multiplied
+  (:func:`shifted_gram_pays`: for which blocks);
 - :func:`buffer_rows`: how many rows a wide layer's small class blocks are gathered into before
   one product (the accumulator's row buffers);
 - :func:`held_rows`: how many rows of one class a wide layer may keep as rows, never forming
@@ -24,6 +25,12 @@ from torch import Tensor
 #: class blocks of fewer rows take the plain product: the shifted Gram's extra small products
 #: cost what it saves (measured on CPU: even at 1,020 rows x 96, 2.4x faster at 13,312 x 144)
 SHIFTED_ROWS = 2048
+#: ... unless the layer's stride is 1 along the shifted dimension and the block holds at least
+#: this many entries (rows x width): the shift relation then skips ``(k - 1) / k`` of the
+#: products per dimension, which pays from small blocks on (measured on CPU, one thread, plain
+#: over shifted: 256 x 288 1.2x, 832 x 864 (AllCNN's 8 x 8 maps) 1.7x, 320 x 384 (1-d) 1.5x;
+#: 256 x 144 0.55x). Stride-2 layers with 3-tap kernels gain at most 3 % at any size
+SHIFTED_ENTRIES_STRIDE_1 = 65_536
 
 #: ``(first, last, kernel size, stride)`` along one spatial dimension of a convolution
 Border = tuple[Tensor, Tensor, int, int]
@@ -71,6 +78,13 @@ def add_shifted_gram(
             gram[here, tap * width :] = block
             gram[(tap + 1) * width :, here] = block[:, width:].T
     target += gram
+
+
+def shifted_gram_pays(rows: int, dim: int, stride: int) -> bool:
+    """Whether :func:`add_shifted_gram` is expected to beat one plain product on the CPU for a
+    class block of ``rows x dim`` convolution rows with ``stride`` along the first spatial
+    dimension (:data:`SHIFTED_ROWS`, :data:`SHIFTED_ENTRIES_STRIDE_1`)."""
+    return rows >= SHIFTED_ROWS or (stride == 1 and rows * dim >= SHIFTED_ENTRIES_STRIDE_1)
 
 
 def _shifted_top(out: Tensor, rows: Tensor, taps: int, kernel: int, inner: Border) -> None:
