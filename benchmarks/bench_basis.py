@@ -14,10 +14,16 @@ Variants (``--variants``):
 - ``float64``: ``gram=torch.float64``, every Gram product in float64 (the exact reference);
 - ``auto``: the default ``gram="auto"``: float32 products summed in float64 (threshold 0.97 is
   below the float32 margin);
-- ``plain``: ``auto`` with every class block's Gram as one product (``SHIFTED_ROWS`` patched
-  out of reach): the shifted Gram saves multiply-adds at the cost of more, smaller products,
-  a trade measured for the CPU (on CUDA the library multiplies so since an H200 run showed
-  it faster: there ``plain`` equals ``auto``);
+- ``plain``: ``auto`` with every class block's Gram as one product (``gram.shifted_gram_pays``
+  patched to refuse): the shifted Gram saves multiply-adds at the cost of more, smaller
+  products, a trade measured for the CPU (on CUDA the library multiplies so since an H200 run
+  showed it faster: there ``plain`` equals ``auto``);
+- ``shift_by_rows``: ``auto`` with the shifted Gram only for class blocks of at least
+  ``SHIFTED_ROWS`` rows whatever the stride, the rule before stride-1 blocks of 65,536 entries
+  took it too (eighth pass);
+- ``unmerged``: ``auto`` with one forward per loader batch (``basis_pass.MERGE_SAMPLES``
+  patched to 1), as before small batches were merged (eighth pass; differs from ``auto`` only
+  when ``--batch`` is below the merged size: 512 samples, or 64 MiB of one layer's rows);
 - ``flags_per_product``: ``auto`` with the float32 flags read and switched around every class
   block's product, as before the nested contexts of ``nullspace.gram.ieee_float32`` became free
   (``gram._NESTING`` patched to forget every enclosing context): what that per-product cost was;
@@ -47,7 +53,7 @@ from torch import Tensor
 
 from unsc_lightning.models import MNIST1DConvNet
 from unsc_lightning.models.paper import AllCNN
-from unsc_lightning.nullspace import NullSpaceEngine, covariance, gram
+from unsc_lightning.nullspace import NullSpaceEngine, basis_pass, gram
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, GramOptions, SiteRecorder
 
 NUM_CLASSES = 10
@@ -68,7 +74,15 @@ MODELS = {
     "mnist1d": (lambda: MNIST1DConvNet(num_classes=NUM_CLASSES), (1, 40), 512),
     "allcnn": (lambda: AllCNN(num_classes=NUM_CLASSES), (3, 32, 32), 128),
 }
-VARIANTS = ("float64", "auto", "subsampled", "plain", "flags_per_product")
+VARIANTS = (
+    "float64",
+    "auto",
+    "subsampled",
+    "plain",
+    "flags_per_product",
+    "shift_by_rows",
+    "unmerged",
+)
 
 
 class SyntheticLoader:
@@ -92,7 +106,7 @@ class SyntheticLoader:
 def gram_of(variant: str, row_fraction: float) -> Any:
     if variant == "float64":
         return torch.float64
-    if variant in ("auto", "plain", "flags_per_product"):
+    if variant in ("auto", "plain", "flags_per_product", "shift_by_rows", "unmerged"):
         return "auto"
     return GramOptions(row_fraction=row_fraction, seed=0)
 
@@ -141,15 +155,21 @@ def measure(
         engine = NullSpaceEngine(
             model, threshold=THRESHOLD, gram=gram_of(variant, row_fraction), memory_budget=1 << 34
         )
-        shifted, nesting = covariance.SHIFTED_ROWS, gram._NESTING
+        shifted, nesting = gram.shifted_gram_pays, gram._NESTING
+        merge = basis_pass.MERGE_SAMPLES
         if variant == "plain":  # every class block's Gram as one product, no shifted Gram
-            covariance.SHIFTED_ROWS = 1 << 62
+            gram.shifted_gram_pays = lambda *_: False
+        if variant == "shift_by_rows":
+            gram.shifted_gram_pays = lambda rows, *_: rows >= gram.SHIFTED_ROWS
+        if variant == "unmerged":
+            basis_pass.MERGE_SAMPLES = 1
         if variant == "flags_per_product":
             gram._NESTING = _NoNesting()  # type: ignore[assignment]
         try:
             engine.build(loader)
         finally:
-            covariance.SHIFTED_ROWS, gram._NESTING = shifted, nesting
+            gram.shifted_gram_pays, gram._NESTING = shifted, nesting
+            basis_pass.MERGE_SAMPLES = merge
         synchronize(device)
         engines[variant] = engine
         return dict(engine.timings)

@@ -12,6 +12,10 @@ data minus a plain forward pass over it), the eigendecompositions, the projectio
 unlearning epochs (UNSC's epochs minus the floor's) and the rest (Lightning set-up and tear-down,
 the callback's bookkeeping).
 
+``unsc_unmerged``: the same UNSC fit with one basis-pass forward per retain batch (the pass
+before small batches were merged, ``basis_pass.MERGE_SAMPLES`` patched to 1), in the same
+process.
+
 Validation: the same UNSC fit with Lightning's default validation (every epoch, all of the data
 module's evaluation loaders, the default two sanity batches) under ``UnlearningModule``'s
 default schedule (the held-out forgotten-class accuracy every epoch, the full report -- remaining
@@ -44,6 +48,7 @@ from unsc_lightning.data import ForgetSpec
 from unsc_lightning.lab.recipes import EMBEDDED, unlearn_recipe
 from unsc_lightning.lab.runs import make_datamodule, run_method, train_classifier
 from unsc_lightning.lab.scoring import evaluate
+from unsc_lightning.nullspace import basis_pass
 
 
 def main() -> None:
@@ -81,6 +86,9 @@ def main() -> None:
             "method": "unsc_no_nullspace",
             "recipe": unlearn_recipe("unsc_no_nullspace", "mnist1d"),
         },
+        # the same UNSC fit with one basis-pass forward per retain batch (before the eighth
+        # pass merged small batches): what merging changed, in the same process
+        "unsc_unmerged": {"merge_samples": 1},
         "unsc_val_default": {"trainer_options": validate},
         "unsc_val_full_every_epoch": {
             "trainer_options": validate,
@@ -93,7 +101,12 @@ def main() -> None:
         for name, config in configs.items():
             config = dict(config)
             method = config.pop("method", "unsc")
-            seconds, timer, run = fit(method, **config)
+            merge = basis_pass.MERGE_SAMPLES
+            basis_pass.MERGE_SAMPLES = config.pop("merge_samples", merge)
+            try:
+                seconds, timer, run = fit(method, **config)
+            finally:
+                basis_pass.MERGE_SAMPLES = merge
             runs.setdefault(name, []).append(seconds)
             timers.setdefault(name, []).append(timer)
             last[name] = run
@@ -153,6 +166,7 @@ def main() -> None:
         for name in ("unsc", "unsc_val_default", "floor_epochs")
     }
     ratio = unsc_s / floor_s
+    unmerged_s, _ = fastest("unsc_unmerged")
     paired_ratio = statistics.median(
         u / (p + f) for u, p, f in zip(runs["unsc"], plain, runs["floor_epochs"])
     )
@@ -170,6 +184,7 @@ def main() -> None:
         )
     )
     print(f"UNSC / floor: {ratio:.3f}, paired median {paired_ratio:.3f} (target <= 1.2)")
+    print(f"UNSC with one forward per retain batch / floor: {unmerged_s / floor_s:.3f}")
     print(
         table(
             val_rows,
@@ -207,6 +222,8 @@ def main() -> None:
             "floor_s": floor_s,
             "unsc_over_floor": ratio,
             "unsc_over_floor_paired_median": paired_ratio,
+            "unsc_unmerged_fit_s": unmerged_s,
+            "unsc_unmerged_over_floor": unmerged_s / floor_s,
             "unsc_phases_s": unsc_phases,
             "floor_fit_phases_s": floor_phases,
             "excess_over_floor": excess,

@@ -182,8 +182,12 @@ def test_ddp_sums_rows_waiting_in_row_buffers_before_the_all_reduce(
     gather them and build from them too. With a limit of 6 rows per class, each rank holds
     fewer (4 or 5 of a class's 8), but together they hold more: both must multiply them into
     the sums and all-reduce those instead (forked ranks inherit the patched limit)."""
-    from unsc_lightning.nullspace import NullSpaceEngine, covariance
+    from unsc_lightning.nullspace import NullSpaceEngine, basis_pass, covariance
 
+    # one forward per retain batch (no merging of small batches), on every rank: the rows must
+    # arrive a few per class and batch; and the single process's float32 products then match
+    # the ranks' block for block (PROJECTOR_ATOL)
+    monkeypatch.setattr(basis_pass, "MERGE_SAMPLES", 1)
     if limit is not None:  # no row buffer either (it would hold 75 rows of this layer)
         monkeypatch.setattr(covariance, "held_rows", lambda dim: limit if dim >= 512 else 0)
         monkeypatch.setattr(covariance, "buffer_rows", lambda dim: 0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unsc_lightning.nullspace import NullSpaceEngine, covariance
+from unsc_lightning.nullspace import NullSpaceEngine, basis_pass, covariance
 from unsc_lightning.nullspace.basis import (
     ClassRows,
     _dense_per_class_basis,
@@ -24,6 +24,13 @@ from unsc_lightning.nullspace.basis import (
 from unsc_lightning.nullspace.basis_pass import _Slots
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator
 from unsc_lightning.nullspace.gram import held_rows
+
+
+@pytest.fixture(autouse=True)
+def _one_forward_per_batch(monkeypatch):
+    # these tests are about how rows arrive batch by batch: no merging of small batches
+    # (``basis_pass.MERGE_SAMPLES``; merging is tested in test_merged_batches.py)
+    monkeypatch.setattr(basis_pass, "MERGE_SAMPLES", 1)
 
 
 def projector_gap(first: Tensor, second: Tensor) -> float:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unsc_lightning.nullspace import NullSpaceEngine, covariance
+from unsc_lightning.nullspace import NullSpaceEngine, basis_pass, covariance
 from unsc_lightning.nullspace.basis_pass import BasisPass, _Slots
 from unsc_lightning.nullspace.batches import default_batch_adapter
 from unsc_lightning.nullspace.covariance import (
@@ -18,6 +18,13 @@ from unsc_lightning.nullspace.covariance import (
     buffer_rows,
     layer_dims,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_forward_per_batch(monkeypatch):
+    # these tests are about how rows arrive batch by batch: no merging of small batches
+    # (``basis_pass.MERGE_SAMPLES``; merging is tested in test_merged_batches.py)
+    monkeypatch.setattr(basis_pass, "MERGE_SAMPLES", 1)
 
 
 def _wide_model() -> nn.Module:

@@ -144,6 +144,20 @@ class BasisPass:
         accumulator.channels_last_(recorder.column_orders)
         # the sums stay channels-last; the bases are permuted to weight order at the end of run
         self.column_orders = dict(recorder.column_orders)
+        merged = _MergedBatches()
+
+        def forward(inputs: Any, slot: Tensor) -> None:
+            accumulator.set_labels(slot.to(self.device))
+            recorder.batch_size = int(slot.numel())
+            call_model(self.forward, inputs)
+            accumulator.check_finite()
+            self._peak(accumulator)
+
+        def flush() -> None:
+            if merged.parts:
+                forward(*merged.take(self.device))
+
+        slots.before_evict = flush  # merged inputs hold slot numbers of the classes now held
         with recorder:
             for batch in batches:
                 inputs, labels = self.adapter(batch)
@@ -172,8 +186,15 @@ class BasisPass:
                         engine.probe_labels = _probe_labels(known, first, size)
                     if skipped or bool((order[1:] < order[:-1]).any()):
                         inputs = inputs.index_select(0, order.to(inputs.device))
-                    inputs = inputs.to(self.device)
+                    # small batches are merged up to a bounded size before the forward
+                    limit = merged.limit(recorder.row_bytes_per_sample)
+                    if not merged.fits(inputs, limit):
+                        flush()
+                    merged.add(inputs, slot)
+                    if merged.count >= limit:
+                        flush()
                 else:
+                    flush()
                     if not bool((slot >= 0).any()):
                         continue
                     if engine.probe is None:
@@ -183,12 +204,9 @@ class BasisPass:
                         engine.probe_labels = _probe_labels(
                             known, torch.arange(min(size, _PROBE_SAMPLES)), size
                         )
-                    inputs = map_tensors(inputs, lambda t: t.to(self.device))
-                accumulator.set_labels(slot.to(self.device))
-                recorder.batch_size = int(slot.numel())
-                call_model(self.forward, inputs)
-                accumulator.check_finite()
-                self._peak(accumulator)
+                    forward(map_tensors(inputs, lambda t: t.to(self.device)), slot)
+            flush()
+            slots.before_evict = None
             self.seen_keys |= recorder.seen
         return accumulator
 
@@ -555,6 +573,8 @@ class _Slots:
         self.classes: list[int] = list(fixed or [])
         self.fixed = fixed is not None
         self.accumulator: CovarianceAccumulator | None = None
+        #: called before a slot changes class (the pass forwards what it holds for the slots)
+        self.before_evict: Callable[[], None] | None = None
 
     def bind(self, accumulator: CovarianceAccumulator) -> None:
         self.accumulator = accumulator
@@ -585,6 +605,8 @@ class _Slots:
                 # the highest is never a class appended in this batch (those are below label)
                 highest = max(self.classes)
                 slot = self.classes.index(highest)
+                if self.before_evict is not None:
+                    self.before_evict()
                 assert self.accumulator is not None
                 self.accumulator.clear_class_(slot)
                 used[highest] = 0
@@ -669,6 +691,63 @@ class _ProductDtypes:
 
 class _Unlabelled(Exception):
     """The data have no labels: the per-class rule falls back to the pooled one."""
+
+
+#: a basis pass merges consecutive small batches of plain tensor inputs into one forward of
+#: at most this many samples ...
+MERGE_SAMPLES = 512
+#: ... and at most this many bytes of one layer's rows (what the merged batch costs beyond the
+#: user's own batches); measured on CPU, MNIST-1D CNN, 6,400 samples: pass 0.70 s from
+#: batches of 32, 0.26 s from 128, 0.15 s from 512 or more
+MERGE_ROW_BYTES = 64 << 20
+
+
+class _MergedBatches:
+    """Consecutive batches' kept inputs (each class-sorted) and slots, forwarded as one batch.
+
+    A user's retain loader often has a training batch size (32, 128): per-batch work (the
+    forward's dispatch, one Gram product per class and layer, adding into the sums) is then
+    paid many times over for few rows. Merging changes only how the rows are blocked: the sums
+    are the same up to float rounding. Only tensors of equal trailing shape, dtype and device
+    are merged; the first batch is forwarded alone, so that its rows' size per sample bounds
+    the merged size (:data:`MERGE_ROW_BYTES`).
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[Tensor, Tensor]] = []
+        self.count = 0
+
+    @staticmethod
+    def limit(row_bytes_per_sample: float) -> int:
+        """Samples a merged batch may hold: 1 (no merging) before any rows were seen."""
+        if row_bytes_per_sample <= 0:
+            return 1
+        return max(1, min(MERGE_SAMPLES, int(MERGE_ROW_BYTES // row_bytes_per_sample)))
+
+    def fits(self, inputs: Tensor, limit: int) -> bool:
+        if not self.parts:
+            return True
+        held = self.parts[0][0]
+        return (
+            self.count + inputs.shape[0] <= limit
+            and inputs.shape[1:] == held.shape[1:]
+            and inputs.dtype == held.dtype
+            and inputs.device == held.device
+        )
+
+    def add(self, inputs: Tensor, slot: Tensor) -> None:
+        self.parts.append((inputs, slot))
+        self.count += inputs.shape[0]
+
+    def take(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The merged inputs on ``device`` and their slots, class blocks contiguous."""
+        parts, self.parts, self.count = self.parts, [], 0
+        if len(parts) == 1:
+            inputs, slot = parts[0]
+            return inputs.to(device), slot
+        inputs = torch.cat([p[0] for p in parts])
+        slot, order = torch.sort(torch.cat([p[1] for p in parts]), stable=True)
+        return inputs.index_select(0, order.to(inputs.device)).to(device), slot
 
 
 def _threshold_for(threshold: Threshold, key: str) -> float:

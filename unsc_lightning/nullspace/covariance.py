@@ -763,6 +763,9 @@ class SiteRecorder(_HookOwner):
         self.row_dtype = row_dtype
         #: samples of the batch being forwarded (set by the caller; ``None`` = unknown)
         self.batch_size: int | None = None
+        #: the most bytes of rows one layer produced per sample of a batch so far (what a
+        #: larger batch would cost in row memory; 0 before a batch with a known size)
+        self.row_bytes_per_sample = 0.0
         self.by_layer: dict[nn.Module, list[tuple[str, WeightRows]]] = {}
         layouts: dict[str, set[ColumnOrder | None]] = {}
         for key, layer, spec in sites:
@@ -811,6 +814,7 @@ class SiteRecorder(_HookOwner):
                     rows = conv_rows_channels_last(
                         module, inputs, fraction, self._generator, padded, rows_workspace
                     )
+                    self._note(rows, shared)
                     if key in self.shifted and not shared:
                         conv = cast(nn.modules.conv._ConvNd, module)
                         first, last = conv_shift_borders(module, inputs, padded)
@@ -823,12 +827,18 @@ class SiteRecorder(_HookOwner):
                         continue
                 else:
                     rows = spec.rows(module, widened, kwargs).detach()
+                    self._note(rows, shared)
                 if shared and self.on_shared_rows is not None:
                     self.on_shared_rows(key, rows)
                 else:
                     self.on_rows(key, rows)
 
         return hook
+
+    def _note(self, rows: Tensor, shared: bool) -> None:
+        if not shared and self.batch_size:
+            size = rows.numel() * rows.element_size() / self.batch_size
+            self.row_bytes_per_sample = max(self.row_bytes_per_sample, size)
 
     def _widened(self, key: str, spec: WeightRows, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if self.row_dtype is None or spec.rows not in _WIDENABLE or not args:
