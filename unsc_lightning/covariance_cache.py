@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from unsc_lightning.diagnostics import log_bases
 from unsc_lightning.errors import UnlearningConfigError
+from unsc_lightning.nullspace.basis_pass import MergedBatches
 from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 from unsc_lightning.nullspace.engine import call_model, map_tensors
@@ -253,6 +254,20 @@ def _accumulate(
         ) as recorder,
     ):
         accumulator.channels_last_(recorder.column_orders)
+        merged = MergedBatches()  # small batches forwarded together, as in the basis pass
+        # bound methods: the accumulator itself is deleted below once the cache holds its sums
+        set_labels, check_finite = accumulator.set_labels, accumulator.check_finite
+
+        def forward(inputs: Any, labels: torch.Tensor) -> None:
+            set_labels(labels.to(device))
+            recorder.batch_size = int(labels.numel())
+            call_model(pl_module, inputs)
+            check_finite()
+
+        def flush() -> None:
+            if merged.parts:
+                forward(*merged.take(device))
+
         for loader in _loaders(callback, trainer):
             for batch in RankShare(loader, trainer, callback.max_retain_batches):
                 inputs, labels = callback.batch_adapter(batch)
@@ -260,15 +275,20 @@ def _accumulate(
                     raise UnlearningConfigError(
                         "`covariance_cache` needs labelled retain batches `(x, y)`."
                     )
-                inputs = map_tensors(inputs, lambda t: t.to(device))
-                labels = labels.reshape(-1).long()
-                if isinstance(inputs, torch.Tensor):
-                    labels, order = torch.sort(labels, stable=True)
-                    inputs = inputs.index_select(0, order.to(device))
-                accumulator.set_labels(labels.to(device))
-                recorder.batch_size = int(labels.numel())
-                call_model(pl_module, inputs)
-                accumulator.check_finite()
+                labels = labels.reshape(-1).long().cpu()
+                if not isinstance(inputs, torch.Tensor):
+                    flush()
+                    forward(map_tensors(inputs, lambda t: t.to(device)), labels)
+                    continue
+                labels, order = torch.sort(labels, stable=True)
+                inputs = inputs.index_select(0, order.to(inputs.device))
+                limit = merged.limit(recorder.row_bytes_per_sample)
+                if not merged.fits(inputs, limit):
+                    flush()
+                merged.add(inputs, labels)
+                if merged.count >= limit:
+                    flush()
+        flush()
         accumulator.weight_order_()  # the cache stores sums in the weights' order
         seen = set(recorder.seen)
     world = trainer.world_size

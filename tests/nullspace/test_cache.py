@@ -867,3 +867,38 @@ def test_the_callback_caches_a_conv_net_s_sums_in_the_weights_order(tmp_path):
     for name, expected in reference.sums.items():
         scale = float(expected.abs().max())
         assert torch.allclose(cache.sums[name], expected, rtol=0, atol=1e-10 * scale), name
+
+
+def test_callback_cache_pass_merges_small_batches_with_the_sums_of_one_forward_each(
+    data, original, tmp_path, monkeypatch
+):
+    """The callback's cache pass forwards small retain batches together (as the basis pass
+    does): fewer forwards, and the cached float64 sums of one forward per batch."""
+    from unsc_lightning.nullspace import basis_pass
+
+    x, y = data
+
+    def cache_of(name: str) -> tuple[ClassCovarianceCache, list[int]]:
+        sizes: list[int] = []
+        model = copy.deepcopy(original)
+        hook = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+        path = tmp_path / name
+        fit_unlearning(
+            model,
+            ClassForgetDataModule(x, y, forget_classes=[4]),
+            epochs=1,
+            covariance_cache=str(path),
+        )
+        hook.remove()
+        return ClassCovarianceCache.load(path), sizes
+
+    merged, merged_sizes = cache_of("merged.pt")
+    with monkeypatch.context() as patch:
+        patch.setattr(basis_pass, "MERGE_SAMPLES", 1)
+        separate, separate_sizes = cache_of("separate.pt")
+    assert len(merged_sizes) < len(separate_sizes)
+    assert merged.sums.keys() == separate.sums.keys()
+    assert torch.equal(merged.samples_per_class, separate.samples_per_class)
+    for name, sums in separate.sums.items():
+        scale = float(sums.abs().max())
+        torch.testing.assert_close(merged.sums[name], sums, atol=1e-12 * scale, rtol=0)

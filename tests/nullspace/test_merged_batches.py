@@ -1,4 +1,4 @@
-"""Small batches merged before the basis pass's forward (``basis_pass._MergedBatches``): the
+"""Small batches merged before the basis pass's forward (``basis_pass.MergedBatches``): the
 sums and bases must be those of one forward per batch, with labels in any order, a per-class
 sample cap, class evictions (a small memory budget), batches whose shapes differ, and the merged
 size bounded by :data:`~unsc_lightning.nullspace.basis_pass.MERGE_SAMPLES` and by the rows'
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from unsc_lightning.nullspace import NullSpaceEngine, basis_pass
-from unsc_lightning.nullspace.basis_pass import BasisPass, _MergedBatches, _Slots
+from unsc_lightning.nullspace.basis_pass import BasisPass, MergedBatches, _Slots
 from unsc_lightning.nullspace.batches import default_batch_adapter
 
 
@@ -153,7 +153,7 @@ def test_merged_build_has_the_bases_of_one_forward_per_batch(monkeypatch, option
 
 
 def test_merged_inputs_keep_class_blocks_contiguous():
-    merged = _MergedBatches()
+    merged = MergedBatches()
     first = torch.arange(4.0).reshape(4, 1)
     merged.add(first, torch.tensor([0, 0, 2, 3]))
     merged.add(first + 10, torch.tensor([0, 1, 1, 3]))
@@ -162,4 +162,4 @@ def test_merged_inputs_keep_class_blocks_contiguous():
     # stable: within a class, the earlier batch's samples first
     assert inputs.flatten().tolist() == [0.0, 1.0, 10.0, 11.0, 12.0, 2.0, 3.0, 13.0]
     assert merged.parts == [] and merged.count == 0
-    assert _MergedBatches.limit(0.0) == 1
+    assert MergedBatches.limit(0.0) == 1

@@ -144,7 +144,7 @@ class BasisPass:
         accumulator.channels_last_(recorder.column_orders)
         # the sums stay channels-last; the bases are permuted to weight order at the end of run
         self.column_orders = dict(recorder.column_orders)
-        merged = _MergedBatches()
+        merged = MergedBatches()
 
         def forward(inputs: Any, slot: Tensor) -> None:
             accumulator.set_labels(slot.to(self.device))
@@ -702,7 +702,7 @@ MERGE_SAMPLES = 512
 MERGE_ROW_BYTES = 64 << 20
 
 
-class _MergedBatches:
+class MergedBatches:
     """Consecutive batches' kept inputs (each class-sorted) and slots, forwarded as one batch.
 
     A user's retain loader often has a training batch size (32, 128): per-batch work (the
