@@ -254,7 +254,6 @@ def _accumulate(
         ) as recorder,
     ):
         accumulator.channels_last_(recorder.column_orders)
-        merged = MergedBatches()  # small batches forwarded together, as in the basis pass
         # bound methods: the accumulator itself is deleted below once the cache holds its sums
         set_labels, check_finite = accumulator.set_labels, accumulator.check_finite
 
@@ -264,9 +263,7 @@ def _accumulate(
             call_model(pl_module, inputs)
             check_finite()
 
-        def flush() -> None:
-            if merged.parts:
-                forward(*merged.take(device))
+        merged = MergedBatches(forward, device)  # small batches together, as in the basis pass
 
         for loader in _loaders(callback, trainer):
             for batch in RankShare(loader, trainer, callback.max_retain_batches):
@@ -277,18 +274,13 @@ def _accumulate(
                     )
                 labels = labels.reshape(-1).long().cpu()
                 if not isinstance(inputs, torch.Tensor):
-                    flush()
+                    merged.flush()
                     forward(map_tensors(inputs, lambda t: t.to(device)), labels)
                     continue
                 labels, order = torch.sort(labels, stable=True)
                 inputs = inputs.index_select(0, order.to(inputs.device))
-                limit = merged.limit(recorder.row_bytes_per_sample)
-                if not merged.fits(inputs, limit):
-                    flush()
-                merged.add(inputs, labels)
-                if merged.count >= limit:
-                    flush()
-        flush()
+                merged.push(inputs, labels, recorder.row_bytes_per_sample)
+        merged.flush()
         accumulator.weight_order_()  # the cache stores sums in the weights' order
         seen = set(recorder.seen)
     world = trainer.world_size

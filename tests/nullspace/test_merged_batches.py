@@ -1,8 +1,9 @@
 """Small batches merged before the basis pass's forward (``basis_pass.MergedBatches``): the
 sums and bases must be those of one forward per batch, with labels in any order, a per-class
 sample cap, class evictions (a small memory budget), batches whose shapes differ, and the merged
-size bounded by :data:`~unsc_lightning.nullspace.basis_pass.MERGE_SAMPLES` and by the rows'
-bytes per sample (:data:`~unsc_lightning.nullspace.basis_pass.MERGE_ROW_BYTES`)."""
+size bounded by :data:`~unsc_lightning.nullspace.basis_pass.MERGE_SAMPLES`, by the rows' bytes
+per sample (:data:`~unsc_lightning.nullspace.basis_pass.MERGE_ROW_BYTES`) and by the inputs'
+(:data:`~unsc_lightning.nullspace.basis_pass.MERGE_INPUT_BYTES`)."""
 
 from __future__ import annotations
 
@@ -153,13 +154,26 @@ def test_merged_build_has_the_bases_of_one_forward_per_batch(monkeypatch, option
 
 
 def test_merged_inputs_keep_class_blocks_contiguous():
-    merged = MergedBatches()
+    forwarded: list[tuple[Tensor, Tensor]] = []
+    merged = MergedBatches(lambda x, s: forwarded.append((x, s)), torch.device("cpu"))
     first = torch.arange(4.0).reshape(4, 1)
-    merged.add(first, torch.tensor([0, 0, 2, 3]))
-    merged.add(first + 10, torch.tensor([0, 1, 1, 3]))
-    inputs, slot = merged.take(torch.device("cpu"))
+    merged.push(first, torch.tensor([0, 0, 2, 3]), row_bytes_per_sample=4.0)
+    merged.push(first + 10, torch.tensor([0, 1, 1, 3]), row_bytes_per_sample=4.0)
+    assert forwarded == [] and merged.count == 8
+    merged.flush()
+    ((inputs, slot),) = forwarded
     assert slot.tolist() == [0, 0, 0, 1, 1, 2, 3, 3]
     # stable: within a class, the earlier batch's samples first
     assert inputs.flatten().tolist() == [0.0, 1.0, 10.0, 11.0, 12.0, 2.0, 3.0, 13.0]
     assert merged.parts == [] and merged.count == 0
-    assert MergedBatches.limit(0.0) == 1
+    merged.flush()  # nothing held: nothing forwarded
+    assert len(forwarded) == 1
+
+
+def test_merge_limit_is_the_least_of_samples_row_bytes_and_input_bytes():
+    assert MergedBatches.limit(0.0, 4.0) == 1  # no rows seen yet: no merging
+    assert MergedBatches.limit(1.0, 1.0) == basis_pass.MERGE_SAMPLES
+    assert MergedBatches.limit(basis_pass.MERGE_ROW_BYTES // 10, 1.0) == 10
+    # 224 x 224 RGB images in float32 (602,112 bytes): 27 samples, however small the rows
+    assert MergedBatches.limit(1.0, 3 * 224 * 224 * 4) == 27
+    assert MergedBatches.limit(float(basis_pass.MERGE_ROW_BYTES) * 2, 1.0) == 1

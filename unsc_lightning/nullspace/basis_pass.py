@@ -144,7 +144,6 @@ class BasisPass:
         accumulator.channels_last_(recorder.column_orders)
         # the sums stay channels-last; the bases are permuted to weight order at the end of run
         self.column_orders = dict(recorder.column_orders)
-        merged = MergedBatches()
 
         def forward(inputs: Any, slot: Tensor) -> None:
             accumulator.set_labels(slot.to(self.device))
@@ -153,11 +152,10 @@ class BasisPass:
             accumulator.check_finite()
             self._peak(accumulator)
 
-        def flush() -> None:
-            if merged.parts:
-                forward(*merged.take(self.device))
-
-        slots.before_evict = flush  # merged inputs hold slot numbers of the classes now held
+        merged = MergedBatches(forward, self.device)
+        # the held inputs carry slot numbers of the classes held now: forward them before a
+        # slot changes class
+        slots.before_evict = merged.flush
         with recorder:
             for batch in batches:
                 inputs, labels = self.adapter(batch)
@@ -187,14 +185,9 @@ class BasisPass:
                     if skipped or bool((order[1:] < order[:-1]).any()):
                         inputs = inputs.index_select(0, order.to(inputs.device))
                     # small batches are merged up to a bounded size before the forward
-                    limit = merged.limit(recorder.row_bytes_per_sample)
-                    if not merged.fits(inputs, limit):
-                        flush()
-                    merged.add(inputs, slot)
-                    if merged.count >= limit:
-                        flush()
+                    merged.push(inputs, slot, recorder.row_bytes_per_sample)
                 else:
-                    flush()
+                    merged.flush()
                     if not bool((slot >= 0).any()):
                         continue
                     if engine.probe is None:
@@ -205,7 +198,7 @@ class BasisPass:
                             known, torch.arange(min(size, _PROBE_SAMPLES)), size
                         )
                     forward(map_tensors(inputs, lambda t: t.to(self.device)), slot)
-            flush()
+            merged.flush()
             slots.before_evict = None
             self.seen_keys |= recorder.seen
         return accumulator
@@ -696,10 +689,14 @@ class _Unlabelled(Exception):
 #: a basis pass merges consecutive small batches of plain tensor inputs into one forward of
 #: at most this many samples ...
 MERGE_SAMPLES = 512
-#: ... and at most this many bytes of one layer's rows (what the merged batch costs beyond the
+#: ... at most this many bytes of one layer's rows (what the merged batch costs beyond the
 #: user's own batches); measured on CPU, MNIST-1D CNN, 6,400 samples: pass 0.70 s from
-#: batches of 32, 0.26 s from 128, 0.15 s from 512 or more
+#: batches of 32, 0.26 s from 128, 0.15 s from 512 or more ...
 MERGE_ROW_BYTES = 64 << 20
+#: ... and at most this many bytes of input: a model whose constrained layers are small (a
+#: Linear head on a large backbone) keeps its activations near the user's batch size. Large
+#: inputs gain nothing from merging (the per-batch work is small beside their forward)
+MERGE_INPUT_BYTES = 16 << 20
 
 
 class MergedBatches:
@@ -710,23 +707,47 @@ class MergedBatches:
     paid many times over for few rows. Merging changes only how the rows are blocked: the sums
     are the same up to float rounding. Only tensors of equal trailing shape, dtype and device
     are merged; the first batch is forwarded alone, so that its rows' size per sample bounds
-    the merged size (:data:`MERGE_ROW_BYTES`).
+    the merged size (:data:`MERGE_ROW_BYTES`, :data:`MERGE_INPUT_BYTES`,
+    :data:`MERGE_SAMPLES`).
+
+    Args:
+        forward: called with the merged inputs (on ``device``) and their slots.
+        device: where the merged inputs go.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, forward: Callable[[Tensor, Tensor], None], device: torch.device) -> None:
+        self.forward = forward
+        self.device = device
         self.parts: list[tuple[Tensor, Tensor]] = []
         self.count = 0
 
     @staticmethod
-    def limit(row_bytes_per_sample: float) -> int:
+    def limit(row_bytes_per_sample: float, input_bytes_per_sample: float) -> int:
         """Samples a merged batch may hold: 1 (no merging) before any rows were seen."""
         if row_bytes_per_sample <= 0:
             return 1
-        return max(1, min(MERGE_SAMPLES, int(MERGE_ROW_BYTES // row_bytes_per_sample)))
+        rows = MERGE_ROW_BYTES // row_bytes_per_sample
+        inputs = MERGE_INPUT_BYTES // max(input_bytes_per_sample, 1.0)
+        return max(1, min(MERGE_SAMPLES, int(rows), int(inputs)))
 
-    def fits(self, inputs: Tensor, limit: int) -> bool:
-        if not self.parts:
-            return True
+    def push(self, inputs: Tensor, slot: Tensor, row_bytes_per_sample: float) -> None:
+        """Hold one batch's kept inputs and slots, forwarding what is held first when they do
+        not fit with it, and everything once the limit is reached."""
+        size = inputs[0].numel() * inputs.element_size() if inputs.shape[0] else 0
+        limit = self.limit(row_bytes_per_sample, size)
+        if self.parts and not self._fits(inputs, limit):
+            self.flush()
+        self.parts.append((inputs, slot))
+        self.count += inputs.shape[0]
+        if self.count >= limit:
+            self.flush()
+
+    def flush(self) -> None:
+        """Forward what is held (nothing when empty)."""
+        if self.parts:
+            self.forward(*self.take())
+
+    def _fits(self, inputs: Tensor, limit: int) -> bool:
         held = self.parts[0][0]
         return (
             self.count + inputs.shape[0] <= limit
@@ -735,19 +756,16 @@ class MergedBatches:
             and inputs.device == held.device
         )
 
-    def add(self, inputs: Tensor, slot: Tensor) -> None:
-        self.parts.append((inputs, slot))
-        self.count += inputs.shape[0]
-
-    def take(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The merged inputs on ``device`` and their slots, class blocks contiguous."""
+    def take(self) -> tuple[Tensor, Tensor]:
+        """The merged inputs on :attr:`device` and their slots, class blocks contiguous (the
+        earlier batch's samples first within a class); nothing is held afterwards."""
         parts, self.parts, self.count = self.parts, [], 0
         if len(parts) == 1:
             inputs, slot = parts[0]
-            return inputs.to(device), slot
+            return inputs.to(self.device), slot
         inputs = torch.cat([p[0] for p in parts])
         slot, order = torch.sort(torch.cat([p[1] for p in parts]), stable=True)
-        return inputs.index_select(0, order.to(inputs.device)).to(device), slot
+        return inputs.index_select(0, order.to(inputs.device)).to(self.device), slot
 
 
 def _threshold_for(threshold: Threshold, key: str) -> float:
