@@ -21,6 +21,11 @@ The sizes are MNIST1DConvNet's (5, 96, 128, 320) and AllCNN-like (27, 432, 864, 
 shares a dominant spectrum and adds a few directions of its own, so the basis grows fast over the
 first classes and little after (as on real features).
 
+On a GPU (``--device cuda``) the rule section also times the same rule on the host's CPU
+(covariances copied over, the basis copied back: ``host_ms``, ``host_over_device``): the seventh
+pass found the MNIST-1D bases' eigendecompositions slower on an H200 than on one CPU thread, and
+this is the measurement a size threshold for decomposing on the host needs.
+
 Example:
     python benchmarks/bench_per_class.py --threads 1 --json bench_per_class.json
     python benchmarks/bench_per_class.py --threads 1 --section rule --repeats 2
@@ -141,15 +146,41 @@ def rule_section(options: Any, device: torch.device) -> list[dict[str, Any]]:
             if former.shape == new.shape
             else float("inf")
         )
+        if device.type != "cpu":
+            row.update(host_rule(covariances, schedule, device, options.repeats, new))
+            row["host_over_device"] = row["host_ms"] / row["new_ms"]
         results.append(row)
         print(row, flush=True)
-    print(
-        table(
-            results,
-            ["d", "classes", "rank", "former_ms", "new_ms", "speedup", "max_projector_difference"],
-        )
-    )
+    columns = ["d", "classes", "rank", "former_ms", "new_ms", "speedup", "max_projector_difference"]
+    if device.type != "cpu":
+        columns += ["host_ms", "host_over_device", "host_projector_difference"]
+    print(table(results, columns))
     return results
+
+
+def host_rule(
+    covariances: dict[int, Tensor], schedule: Any, device: torch.device, repeats: int, basis: Tensor
+) -> dict[str, float]:
+    """The same rule with the covariances moved to the host's CPU and the basis moved back (what
+    decomposing small layers on the CPU would cost a model on ``device``), in the same process:
+    the crossover size below which the host is faster."""
+
+    def on_host() -> Tensor:
+        host = {k: v.to("cpu") for k, v in covariances.items()}
+        return per_class_basis(host, schedule)[0].to(device)
+
+    times, found = [], basis
+    for _ in range(repeats):
+        start = time.perf_counter()
+        found = on_host()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    gap = (
+        float((found @ found.T - basis @ basis.T).abs().max())
+        if found.shape == basis.shape
+        else float("inf")
+    )
+    return {"host_ms": 1e3 * best(times), "host_projector_difference": gap}
 
 
 def main() -> None:

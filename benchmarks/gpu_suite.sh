@@ -7,8 +7,9 @@
 # Run from the repository root. The machine's own PyTorch is used; packages it lacks (mnist1d,
 # jsonargparse) are installed from wheels in .whl/ when that folder exists (no network there).
 # Steps (default: the first list below): env cuda_tests suites projection cifar_resnet18 basis
-# wide cifar_allcnn zoo; also split, retests, plain, profile, kernels, end_to_end (for a next lease:
-# the GPU basis pass is far from its floor, see docs/performance.md).
+# wide cifar_allcnn zoo; also split, retests, plain, profile, kernels, end_to_end (with the floor)
+# and eigh_host (the per-class rule on the host's CPU against the GPU per layer size: what a size
+# threshold for decomposing small layers on the host needs; docs/performance.md).
 # Every step gets at most the time left before DEADLINE seconds (default 540); a step that would
 # start with under 20 s left is skipped and listed. Results: $OUT/log.txt (everything printed) and
 # $OUT/results.tar.gz (the JSON files and the pytest reports), rewritten after every step, so
@@ -109,6 +110,9 @@ for s in "${STEPS[@]}"; do
         step end_to_end 120 $B/bench_end_to_end.py --device cuda --repeats 2 \
             --json "$RES/bench_end_to_end_cuda.json"
         step floor 120 $B/bench_floor.py --device cuda --repeats 3 --json "$RES/bench_floor_cuda.json" ;;
+    eigh_host)  # the per-class rule on the host's CPU against the GPU, per layer size
+        step eigh_host 60 $B/bench_per_class.py --device cuda --section rule --repeats 3 \
+            --rule-dims 5 27 96 128 320 432 864 1728 2304 --json "$RES/eigh_host_cuda.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
     esac
 done
