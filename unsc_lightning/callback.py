@@ -238,6 +238,14 @@ class NullSpaceCalibration(Callback):
             every = self.project_every or 1
             for optimizer in trainer.optimizers:
                 engine.attach(optimizer, every, project_state=every > 1)
+        # Lightning warns about every module in eval mode at the start of training (after the
+        # sanity check): the normalisation layers are ours to keep in eval, so they wait in
+        # train mode until `on_train_start` (no training forward runs before it)
+        engine.lift_norm_eval()
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._engine().keep_norm_eval()
 
     @override
     def on_train_batch_start(

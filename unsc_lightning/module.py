@@ -252,6 +252,13 @@ class UnlearningModule(_EvaluationMixin):
             if self.feature_reference.empty:
                 self._reference_pass()
             self._feature_capture.start(self._layer(self.model))
+        # Lightning warns about every module in eval mode at the start of training: the frozen
+        # original is ours to keep in eval (every use goes through `_original_eval`), so its
+        # flags wait in train mode until `on_train_start`
+        self.original.train()
+
+    def on_train_start(self) -> None:
+        self.original.eval()
 
     def _layer(self, model: nn.Module) -> nn.Module:
         return dict(model.named_modules())[str(self.feature_layer)]

@@ -427,6 +427,14 @@ class NullSpaceEngine:
             if layer.training:
                 layer.eval()
 
+    def lift_norm_eval(self) -> None:
+        """Set the held normalisation layers to train mode until the next :meth:`keep_norm_eval`
+        (their modes to restore are kept). Lightning warns about every module in eval mode at
+        the start of training; these are the engine's to keep in eval, and the callback puts
+        them back before training starts."""
+        for layer in self._modes:
+            layer.train(True)
+
     def release_(self) -> None:
         """Undo :meth:`freeze_` and remove step hooks (idempotent)."""
         self.detach()
