@@ -31,7 +31,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from unsc_lightning.diagnostics import log_bases
 from unsc_lightning.errors import UnlearningConfigError
-from unsc_lightning.nullspace.basis_pass import MergedBatches
+from unsc_lightning.nullspace.basis import BasisInfo
+from unsc_lightning.nullspace.basis_pass import MergedBatches, unused_layers_message
 from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 from unsc_lightning.nullspace.engine import call_model, map_tensors
@@ -92,8 +93,21 @@ def serve(callback: NullSpaceCalibration, trainer: L.Trainer, pl_module: L.Light
                 f"from the covariance cache {plan.path} (`keep_forgotten_statistics=True` keeps "
                 "them)."
             )
+    # a layer no remaining sample reached is kept unchanged, as in the engine's own pass (no
+    # rows counted and no energy: a cache built without row counts still serves its sums)
+    unused = [
+        key
+        for key in engine.keys
+        if cache.rows_seen.get(key, 0) == 0
+        and ((sums := cache.sums.get(key)) is None or not bool(sums.any()))
+    ]
+    for key in unused:
+        dim = engine.dims[key]
+        bases[key] = (torch.eye(dim, dtype=torch.float64), BasisInfo(dim, dim, 1.0))
+    if unused:
+        rank_zero_warn(unused_layers_message(unused))
     samples = int(cache.samples_per_class[plan.remaining].sum())
-    engine.set_bases(bases, samples=samples, classes=plan.remaining)
+    engine.set_bases(bases, samples=samples, classes=plan.remaining, unused_layers=unused)
     del cache  # release the per-class d x d covariances
     if plan.hit:
         rank_zero_info(
@@ -282,25 +296,21 @@ def _accumulate(
                 merged.push(inputs, labels, recorder.row_bytes_per_sample)
         merged.flush()
         accumulator.weight_order_()  # the cache stores sums in the weights' order
-        seen = set(recorder.seen)
     world = trainer.world_size
     if world > 1:
         accumulator.samples_per_class = accumulator.samples_per_class.to(device)
         accumulator.reduce_(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
-        flags = torch.tensor([float(k in seen) for k in engine.dims], device=device)
-        flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        seen = {k for k, f in zip(engine.dims, flags.tolist()) if f > 0}
-        # every rank must bound the ranks alike (the bases must be identical on all ranks)
-        rows = [float(accumulator.rows_per_sample.get(k, 0)) for k in engine.dims]
-        rows_t = trainer.strategy.reduce(torch.tensor(rows, device=device), reduce_op="sum")
-        accumulator.rows_per_sample = dict(zip(engine.dims, map(int, rows_t.tolist())))
-    unseen = [k for k in engine.dims if k not in seen]
-    if unseen:
-        raise RuntimeError(
-            f"Layers {unseen} received no input while running remaining data through "
-            f"`{type(pl_module).__name__}.forward`; exclude them with `exclude_layers=` or make "
-            "`forward` use them."
-        )
+        # every rank must bound the ranks alike and agree on the layers no sample reached (the
+        # bases must be identical on all ranks)
+        names = list(engine.dims)
+        counts = [
+            [float(accumulator.rows_per_sample.get(k, 0)) for k in names],
+            [float(accumulator.rows_seen.get(k, 0)) for k in names],
+        ]
+        reduced = trainer.strategy.reduce(torch.tensor(counts, device=device), reduce_op="sum")
+        per_sample, seen_rows = (list(map(int, r)) for r in reduced.tolist())
+        accumulator.rows_per_sample = dict(zip(names, per_sample))
+        accumulator.rows_seen = dict(zip(names, seen_rows))
     built = ClassCovarianceCache.from_accumulator(accumulator, plan.fingerprint)
     del accumulator
     cache = built if plan.cache is None else plan.cache.update_(built)

@@ -51,10 +51,13 @@ def start_layer_drift(
 ) -> NullSpaceDrift | None:
     """Per-layer drift on the engine's remaining probe (plain Linear/Conv layers only)."""
     probe = engine.probe
+    unused = set() if engine.report is None else set(engine.report.unused_layers)
     layers = {
         key: layer
         for key, layer in engine.accounting.layers.items()
-        if type(layer) in _DRIFT_LAYERS and len(engine.accounting.constraints[key].sites) == 1
+        if type(layer) in _DRIFT_LAYERS
+        and len(engine.accounting.constraints[key].sites) == 1
+        and key not in unused  # the probe's forward does not reach them either
     }
     if not isinstance(probe, Tensor) or not layers:
         return None

@@ -132,12 +132,6 @@ class _NoForward(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class _UnusedLayer(BoringClassifier):
-    def __init__(self) -> None:
-        super().__init__()
-        self.unused = nn.Linear(20, 20)  # trainable, never called by forward
-
-
 def _nan_retain() -> DataLoader:
     x = PROBLEM.retain_x.clone()
     x[3, 2] = float("nan")
@@ -474,12 +468,6 @@ FIT_CASES: list[Case] = [
         lambda: fit(retain_dataloader=_nan_retain()),
         RuntimeError,
         r"Layer `model\.0` received NaN or inf inputs",
-    ),
-    (
-        "layer-without-input",
-        lambda: fit(_UnusedLayer(), retain_dataloader=retain()),
-        RuntimeError,
-        r"Layers \['unused'\] received no input",
     ),
     (
         "remaining-classes-include-module-forget",

@@ -59,6 +59,8 @@ class BuildReport:
             class; :func:`~unsc_lightning.nullspace.gram.held_rows`).
         layers_built: layers whose bases this process computed (all of them in one process;
             with several, each layer's bases are computed by one process and shared).
+        unused_layers: layers no remaining sample reached (their basis is the whole space:
+            they are kept unchanged).
     """
 
     samples: int
@@ -68,6 +70,7 @@ class BuildReport:
     estimate_bytes: int
     held_rows: dict[str, int] = field(default_factory=dict)
     layers_built: int = 0
+    unused_layers: list[str] = field(default_factory=list)
 
 
 class BasisPass:
@@ -295,12 +298,15 @@ class BasisPass:
                 "The remaining (retain) data are empty: no sample was read, so no basis can be "
                 "built. Check the forget specification and the retain dataloader."
             )
+        # a layer no remaining sample reached in this eval-mode forward (a torchvision GoogLeNet's
+        # or Inception's auxiliary heads run in training only; a branch the remaining data never
+        # take) has no remaining rows to constrain it by: it is kept unchanged, with a full
+        # basis (every update projected to zero), and named in a warning
         unseen = [key for key in self.dims if key not in self.seen_keys]
+        for key in unseen:
+            bases[key] = torch.eye(self.dims[key], dtype=torch.float64, device=self.device)
         if unseen:
-            raise RuntimeError(
-                f"Layers {unseen} received no input while running the remaining data through "
-                "the model; exclude them (`exclude_layers=`) or make `forward` use them."
-            )
+            warnings.warn(unused_layers_message(unseen), stacklevel=2)
         for key, order in self.column_orders.items():  # channels-last rows to weight order
             to_weight = channels_last_weight_index(*order).to(bases[key].device)
             bases[key] = bases[key].index_select(0, to_weight)
@@ -327,6 +333,7 @@ class BasisPass:
             estimate_bytes=engine.estimate_bytes(min(group_size, len(classes)) if per_class else 1),
             held_rows=dict(self.held_classes),
             layers_built=len(self.built),
+            unused_layers=unseen,
         )
         return result, report
 
@@ -684,6 +691,17 @@ class _ProductDtypes:
 
 class _Unlabelled(Exception):
     """The data have no labels: the per-class rule falls back to the pooled one."""
+
+
+def unused_layers_message(keys: list[str]) -> str:
+    """The warning naming constrained layers that no remaining sample reached."""
+    return (
+        f"NullSpaceEngine: layers {keys} received no input while the remaining data ran "
+        "through the model in eval mode (e.g. auxiliary heads used only in training, or a branch "
+        "remaining samples never take): they are kept unchanged (a full basis: every update "
+        "projected to zero). Exclude them (`exclude_layers=`) to leave them free: no remaining "
+        "output in eval mode depends on them."
+    )
 
 
 #: a basis pass merges consecutive small batches of plain tensor inputs into one forward of

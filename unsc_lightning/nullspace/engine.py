@@ -330,12 +330,13 @@ class NullSpaceEngine:
                 computing every basis. Every process must pass the same number.
 
         Returns:
-            ``key -> BasisInfo``.
+            ``key -> BasisInfo``. A constrained layer no remaining sample reached gets the
+            whole space as its basis (it is kept unchanged; ``report.unused_layers``, and a
+            warning, name it).
 
         Raises:
-            RuntimeError: when no sample was read, a constrained layer received no input, or a
-                layer's inputs contain NaN/inf; when the processes' ``process`` pairs do not
-                number them ``0 .. world - 1``.
+            RuntimeError: when no sample was read, or a layer's inputs contain NaN/inf; when
+                the processes' ``process`` pairs do not number them ``0 .. world - 1``.
             ValueError: for a ``gather`` or ``process`` without ``reduce``, or a malformed
                 ``process``.
         """
@@ -372,12 +373,16 @@ class NullSpaceEngine:
         bases: Mapping[str, tuple[Tensor, BasisInfo]],
         samples: int = 0,
         classes: list[int] | None = None,
+        unused_layers: list[str] | None = None,
     ) -> None:
-        """Use bases built elsewhere (e.g. from a covariance cache): ``key -> (U, info)``."""
+        """Use bases built elsewhere (e.g. from a covariance cache): ``key -> (U, info)``;
+        ``unused_layers``: keys no remaining sample reached (given the whole space)."""
         unknown = sorted(set(bases) - set(self.keys))
         if unknown:
             raise NullSpaceEngineError(f"Bases for unknown keys {unknown}; expected {self.keys}.")
-        self.report = BuildReport(samples, list(classes or []), 0, 0, 0)
+        self.report = BuildReport(
+            samples, list(classes or []), 0, 0, 0, unused_layers=list(unused_layers or [])
+        )
         self._set_bases(bases)
 
     def make_projectors(self, projectors: Mapping[str, NullSpaceProjector] | None = None) -> None:

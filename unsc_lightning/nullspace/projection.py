@@ -20,6 +20,8 @@ def null_space_complement(basis: Tensor) -> Tensor:
     dim, rank = basis.shape
     if rank == 0:
         return torch.eye(dim, dtype=basis.dtype, device=basis.device)
+    if rank >= dim:  # the whole space (a layer kept unchanged): no QR of a d x d identity
+        return basis.new_zeros(dim, 0)
     full, _ = torch.linalg.qr(basis.to(torch.float64), mode="complete")
     return full[:, rank:].to(basis.dtype).contiguous()
 
