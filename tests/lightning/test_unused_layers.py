@@ -129,3 +129,43 @@ def test_a_layer_forward_never_calls_is_named_and_kept(problem):
     assert callback.engine is not None and callback.engine.report is not None
     assert callback.engine.report.unused_layers == ["unused"]
     assert torch.equal(module.unused.weight, weight)
+
+
+class _FunctionalWeight(nn.Module):
+    """Uses ``proj``'s weight without calling ``proj`` (as torchvision's Swin attention calls
+    ``F.linear(x, qkv.weight)``): its hooks never fire, yet remaining outputs depend on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(IN_FEATURES, 32)
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = F.relu(self.body(x))
+        hidden = F.relu(F.linear(hidden, self.proj.weight, self.proj.bias))
+        return self.head(hidden)
+
+
+def test_weights_used_without_calling_their_layer_are_kept_and_remaining_outputs_hold(problem):
+    torch.manual_seed(0)
+    model = _FunctionalWeight()
+    module = UnlearningModule(model, NUM_CLASSES, [FORGET_CLASS], stop_at_target=False)
+    weight = model.proj.weight.detach().clone()
+    model.eval()
+    with torch.no_grad():
+        retain_before = model(problem.retain_x)
+        forget_before = model(problem.forget_x)
+    callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=problem.retain_loader())
+
+    with pytest.warns(UserWarning, match=r"layers \['model.proj'\] received no input"):
+        quiet_trainer(3, [callback]).fit(module, train_dataloaders=problem.forget_loader())
+
+    assert torch.equal(model.proj.weight, weight)
+    model.eval()
+    with torch.no_grad():
+        retain_after = model(problem.retain_x)
+        forget_after = model(problem.forget_x)
+    # left free, `proj` would move every remaining output; kept, the null space holds
+    assert (retain_after - retain_before).norm() <= 1e-4 * retain_before.norm()
+    assert (forget_after - forget_before).norm() >= 0.05 * forget_before.norm()

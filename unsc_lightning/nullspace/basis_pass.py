@@ -697,10 +697,12 @@ def unused_layers_message(keys: list[str]) -> str:
     """The warning naming constrained layers that no remaining sample reached."""
     return (
         f"NullSpaceEngine: layers {keys} received no input while the remaining data ran "
-        "through the model in eval mode (e.g. auxiliary heads used only in training, or a branch "
-        "remaining samples never take): they are kept unchanged (a full basis: every update "
-        "projected to zero). Exclude them (`exclude_layers=`) to leave them free: no remaining "
-        "output in eval mode depends on them."
+        "through the model in eval mode: auxiliary heads that run only in training, a branch "
+        "remaining samples never take, or weights the model uses without calling the layer "
+        "(e.g. `F.linear(x, layer.weight)`, as torchvision's Swin attention does). With no "
+        "remaining rows to constrain them they are kept unchanged (a full basis: every update "
+        "projected to zero). `exclude_layers=` leaves them free, which is safe only when no "
+        "remaining output depends on their weights (the first two cases)."
     )
 
 
