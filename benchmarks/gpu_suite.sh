@@ -69,6 +69,7 @@ for s in "${STEPS[@]}"; do
             tests/lightning/test_nothing_lost.py tests/lightning/test_resume.py \
             tests/lightning/test_paper_models.py tests/lightning/test_module.py \
             tests/lightning/test_sparse_gradients.py tests/lightning/test_recurrent.py \
+            tests/lightning/test_unused_layers.py tests/lightning/test_eval_modes.py \
             --junitxml="$RES/suites_gpu.xml" ;;
     split)  # split TF32 products against IEEE float32, per layer shape (a rejected speed-up)
         step split 60 $B/bench_split_tf32.py --device cuda --repeats 5 \
