@@ -275,6 +275,7 @@ def _accumulate(
             set_labels(labels.to(device))
             recorder.batch_size = int(labels.numel())
             call_model(pl_module, inputs)
+            recorder.narrow_functional()
             check_finite()
 
         merged = MergedBatches(forward, device)  # small batches together, as in the basis pass

@@ -51,13 +51,16 @@ def start_layer_drift(
 ) -> NullSpaceDrift | None:
     """Per-layer drift on the engine's remaining probe (plain Linear/Conv layers only)."""
     probe = engine.probe
-    unused = set() if engine.report is None else set(engine.report.unused_layers)
+    report = engine.report
+    # neither layers no sample reached nor those used only through `F.linear` on their weight
+    # are seen by the drift probe's module hooks
+    unused = set() if report is None else {*report.unused_layers, *report.functional_layers}
     layers = {
         key: layer
         for key, layer in engine.accounting.layers.items()
         if type(layer) in _DRIFT_LAYERS
         and len(engine.accounting.constraints[key].sites) == 1
-        and key not in unused  # the probe's forward does not reach them either
+        and key not in unused
     }
     if not isinstance(probe, Tensor) or not layers:
         return None

@@ -3,10 +3,13 @@ GoogLeNet's or Inception's auxiliary heads (run in training only), a branch rema
 take, a layer ``forward`` never calls. There are no remaining rows to constrain them by: each is
 kept unchanged (the whole space as its basis), named in one warning and in
 ``engine.report.unused_layers``, and left free with ``exclude_layers``. Before, the fit stopped
-in ``on_fit_start`` ("received no input") at the default settings."""
+in ``on_fit_start`` ("received no input") at the default settings. A Linear weight used through
+``F.linear`` without calling its layer (Swin's attention) has its rows recorded instead
+(``engine.report.functional_layers``) and is constrained like a called layer."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from unsc_lightning import NullSpaceCalibration, UnlearningModule
+from unsc_lightning.nullspace import NullSpaceEngine
 
 WARNING = r"received no input while the remaining data ran through the model in eval mode"
 
@@ -133,23 +137,48 @@ def test_a_layer_forward_never_calls_is_named_and_kept(problem):
 
 class _FunctionalWeight(nn.Module):
     """Uses ``proj``'s weight without calling ``proj`` (as torchvision's Swin attention calls
-    ``F.linear(x, qkv.weight)``): its hooks never fire, yet remaining outputs depend on it."""
+    ``F.linear(x, qkv.weight)``): its hooks never fire, yet remaining outputs depend on it.
+    ``called=True``: the same model calling the layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, called: bool = False, width: int = 32) -> None:
         super().__init__()
-        self.body = nn.Linear(IN_FEATURES, 32)
-        self.proj = nn.Linear(32, 32)
-        self.head = nn.Linear(32, NUM_CLASSES)
+        self.called = called
+        self.body = nn.Linear(IN_FEATURES, width)
+        self.proj = nn.Linear(width, width)
+        self.head = nn.Linear(width, NUM_CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = F.relu(self.body(x))
-        hidden = F.relu(F.linear(hidden, self.proj.weight, self.proj.bias))
+        if self.called:
+            hidden = F.relu(self.proj(hidden))
+        else:
+            hidden = F.relu(F.linear(hidden, self.proj.weight, self.proj.bias))
         return self.head(hidden)
 
 
-def test_weights_used_without_calling_their_layer_are_kept_and_remaining_outputs_hold(problem):
+def test_functional_linear_rows_equal_the_rows_of_calling_the_layer(problem):
+    """The basis pass records ``F.linear(x, proj.weight)`` as ``proj``'s rows: the same bases as
+    the model that calls ``proj`` (and every other layer's rows counted once)."""
+    bases = {}
+    for called in (False, True):
+        torch.manual_seed(0)
+        engine = NullSpaceEngine(_FunctionalWeight(called), threshold=0.97, gram=torch.float64)
+        engine.build(problem.retain_loader())
+        assert engine.report is not None
+        assert engine.report.unused_layers == []
+        assert engine.report.functional_layers == ([] if called else ["proj"])
+        assert engine.report.samples == len(problem.retain_x)
+        bases[called] = dict(engine.bases)
+    for key, basis in bases[True].items():
+        functional = bases[False][key]
+        assert functional.shape == basis.shape, key
+        gap = (functional @ functional.T - basis @ basis.T).abs().max()
+        assert float(gap) < 1e-6, key
+
+
+def test_functional_linear_weight_is_constrained_by_its_rows_and_remaining_outputs_hold(problem):
     torch.manual_seed(0)
-    model = _FunctionalWeight()
+    model = _FunctionalWeight(width=64)  # 32 remaining samples leave `proj` room to move
     module = UnlearningModule(model, NUM_CLASSES, [FORGET_CLASS], stop_at_target=False)
     weight = model.proj.weight.detach().clone()
     model.eval()
@@ -158,14 +187,57 @@ def test_weights_used_without_calling_their_layer_are_kept_and_remaining_outputs
         forget_before = model(problem.forget_x)
     callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=problem.retain_loader())
 
-    with pytest.warns(UserWarning, match=r"layers \['model.proj'\] received no input"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         quiet_trainer(3, [callback]).fit(module, train_dataloaders=problem.forget_loader())
 
-    assert torch.equal(model.proj.weight, weight)
+    assert not [w for w in caught if "received no input" in str(w.message)]
+    report = callback.engine.report if callback.engine is not None else None
+    assert report is not None
+    assert report.functional_layers == ["model.proj"] and report.unused_layers == []
+    # its basis is that of its rows (at most 32 directions of 64): constrained, not frozen
+    assert callback.engine is not None
+    assert 0 < callback.engine.layer_infos["model.proj"].rank <= 32
+    assert not torch.equal(model.proj.weight, weight)
     model.eval()
     with torch.no_grad():
         retain_after = model(problem.retain_x)
         forget_after = model(problem.forget_x)
-    # left free, `proj` would move every remaining output; kept, the null space holds
+    # left free, `proj` moves every remaining output (35 % here with `exclude_layers`); in its
+    # null space the remaining outputs hold
     assert (retain_after - retain_before).norm() <= 1e-4 * retain_before.norm()
     assert (forget_after - forget_before).norm() >= 0.05 * forget_before.norm()
+
+
+class _FunctionalConv(nn.Module):
+    """Uses a convolution's weight through ``F.conv1d`` without calling the layer: not recorded
+    (only ``F.linear`` is), so the layer is kept unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * IN_FEATURES, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = F.relu(F.conv1d(x.unsqueeze(1), self.conv.weight, self.conv.bias, padding=1))
+        return self.head(hidden.flatten(1))
+
+
+def test_other_functional_weights_are_kept_unchanged_and_remaining_outputs_hold(problem):
+    torch.manual_seed(0)
+    model = _FunctionalConv()
+    module = UnlearningModule(model, NUM_CLASSES, [FORGET_CLASS], stop_at_target=False)
+    weight = model.conv.weight.detach().clone()
+    model.eval()
+    with torch.no_grad():
+        retain_before = model(problem.retain_x)
+    callback = NullSpaceCalibration(threshold=1.0, retain_dataloader=problem.retain_loader())
+
+    with pytest.warns(UserWarning, match=r"layers \['model.conv'\] received no input"):
+        quiet_trainer(3, [callback]).fit(module, train_dataloaders=problem.forget_loader())
+
+    assert torch.equal(model.conv.weight, weight)
+    model.eval()
+    with torch.no_grad():
+        retain_after = model(problem.retain_x)
+    assert (retain_after - retain_before).norm() <= 1e-4 * retain_before.norm()

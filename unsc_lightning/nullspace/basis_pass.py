@@ -61,6 +61,8 @@ class BuildReport:
             with several, each layer's bases are computed by one process and shared).
         unused_layers: layers no remaining sample reached (their basis is the whole space:
             they are kept unchanged).
+        functional_layers: layers whose rows came only from ``F.linear`` calls on their weight
+            made without calling the layer (torchvision's Swin attention).
     """
 
     samples: int
@@ -71,6 +73,7 @@ class BuildReport:
     held_rows: dict[str, int] = field(default_factory=dict)
     layers_built: int = 0
     unused_layers: list[str] = field(default_factory=list)
+    functional_layers: list[str] = field(default_factory=list)
 
 
 class BasisPass:
@@ -112,6 +115,7 @@ class BasisPass:
         self.dims = engine.dims
         self.used: dict[int, int] = {}  # samples used per class, across passes (for the cap)
         self.seen_keys: set[str] = set()
+        self.functional_keys: set[str] = set()  # rows only from F.linear calls on the weight
         self.seen_classes: set[int] = set()
         self.class_samples: dict[int, int] = {}
         self.bases: dict[str, Tensor] = {}
@@ -152,6 +156,7 @@ class BasisPass:
             accumulator.set_labels(slot.to(self.device))
             recorder.batch_size = int(slot.numel())
             call_model(self.forward, inputs)
+            recorder.narrow_functional()
             accumulator.check_finite()
             self._peak(accumulator)
 
@@ -204,6 +209,7 @@ class BasisPass:
             merged.flush()
             slots.before_evict = None
             self.seen_keys |= recorder.seen
+            self.functional_keys |= recorder.functional_only
         return accumulator
 
     def _slots(self, labels: Tensor, slots: _Slots) -> Tensor:
@@ -334,6 +340,7 @@ class BasisPass:
             held_rows=dict(self.held_classes),
             layers_built=len(self.built),
             unused_layers=unseen,
+            functional_layers=sorted(self.functional_keys),
         )
         return result, report
 
@@ -699,10 +706,10 @@ def unused_layers_message(keys: list[str]) -> str:
         f"NullSpaceEngine: layers {keys} received no input while the remaining data ran "
         "through the model in eval mode: auxiliary heads that run only in training, a branch "
         "remaining samples never take, or weights the model uses without calling the layer "
-        "(e.g. `F.linear(x, layer.weight)`, as torchvision's Swin attention does). With no "
-        "remaining rows to constrain them they are kept unchanged (a full basis: every update "
-        "projected to zero). `exclude_layers=` leaves them free, which is safe only when no "
-        "remaining output depends on their weights (the first two cases)."
+        "other than through `F.linear` (whose calls are recorded). With no remaining rows to "
+        "constrain them they are kept unchanged (a full basis: every update projected to zero). "
+        "`exclude_layers=` leaves them free, which is safe only when no remaining output "
+        "depends on their weights (the first two cases)."
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from unsc_lightning.nullspace import gram as gram_rules
@@ -792,8 +793,31 @@ class SiteRecorder(_HookOwner):
             }
         self.on_rows = on_rows
         self.seen: set[str] = set()
+        #: keys whose layer's own forward ran (module hooks), and keys whose rows came from
+        #: ``F.linear`` calls on their weight made without calling the layer
+        #: (:class:`_FunctionalLinear`; e.g. torchvision's Swin attention)
+        self.via_module: set[str] = set()
+        self.via_function: set[str] = set()
+        self._functional: _FunctionalLinear | None = None
+
+    @property
+    def functional_only(self) -> set[str]:
+        """Keys recorded only from functional uses of their weight: module hooks (e.g. a
+        per-layer drift probe) never see these layers."""
+        return self.via_function - self.via_module
 
     def _hook(
+        self, specs: list[tuple[str, WeightRows]]
+    ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        record = self._recorder(specs)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.via_module.update(key for key, _ in specs)
+            record(module, args, kwargs)
+
+        return hook
+
+    def _recorder(
         self, specs: list[tuple[str, WeightRows]]
     ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -855,6 +879,85 @@ class SiteRecorder(_HookOwner):
         for layer, specs in self.by_layer.items():
             handle = layer.register_forward_pre_hook(self._hook(specs), with_kwargs=True)
             self._handles.append(handle)
+        # plain Linear weights the model may use without calling their layer
+        watched = {
+            id(layer.weight): (key, layer, self._recorder(specs))
+            for layer, specs in self.by_layer.items()
+            if isinstance(layer, nn.Linear)
+            and len(specs) == 1
+            and (key := specs[0][0]) is not None
+            and specs[0][1].rows is _linear_forward_rows
+        }
+        if watched:
+            self._functional = _FunctionalLinear(self, watched)
+            self._functional.__enter__()
+
+    def narrow_functional(self) -> None:
+        """After a forward: stop watching ``F.linear`` calls on the weights of layers whose own
+        forward ran (their rows come from module hooks), and leave the function mode once
+        none is left. Its dispatch costs every torch call of the pass, the recorder's own
+        products included (15 % of the MNIST-1D CNN's pass): only models that use a weight
+        without calling its layer keep paying it."""
+        functional = self._functional
+        if functional is None:
+            return
+        functional.watched = {
+            ident: found
+            for ident, found in functional.watched.items()
+            if found[0] not in self.via_module
+        }
+        if not functional.watched:
+            self._functional = None
+            functional.__exit__(None, None, None)
+
+    def remove(self) -> None:
+        """Remove every hook this recorder registered, and leave its function mode
+        (idempotent)."""
+        super().remove()
+        functional, self._functional = self._functional, None
+        if functional is not None:
+            functional.__exit__(None, None, None)
+
+
+class _FunctionalLinear(TorchFunctionMode):
+    """Hands a constrained ``nn.Linear``'s rows to the recorder when the model calls
+    ``F.linear(x, layer.weight, ...)`` without calling the layer (torchvision's Swin attention
+    passes ``qkv.weight`` and ``proj.weight`` to its attention function): module hooks never see
+    those inputs, yet the remaining outputs depend on the weight.
+
+    A call inside the layer's own forward is not recorded twice: once the layer's module hook
+    has fired (``via_module``), its weight's functional calls are left to it. Active only while
+    the recorder is (a basis or cache pass), and after the first forward only while some
+    watched layer was not called (:meth:`SiteRecorder.narrow_functional`); other calls pass
+    through unchanged.
+    """
+
+    def __init__(
+        self,
+        recorder: SiteRecorder,
+        watched: Mapping[int, tuple[str, nn.Module, Callable[..., None]]],
+    ) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.watched = dict(watched)
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            found = self.watched.get(id(weight))
+            if found is not None and found[0] not in self.recorder.via_module:
+                key, layer, record = found
+                inputs = args[0] if args else kwargs["input"]
+                self.recorder.via_function.add(key)
+                record(layer, (inputs,), {})
+        return func(*args, **kwargs)
 
 
 #: ``(kernel_size, channels per group)``: how channels-last convolution rows are laid out
