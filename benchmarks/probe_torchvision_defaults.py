@@ -6,7 +6,8 @@ inputs of its ``--sizes`` (64 x 64 by default; Inception-v3 needs 299 for its au
 ``NullSpaceCalibration(retain_dataloader=…)`` at the defaults, one epoch. Each model's row: did
 the fit complete (else the error), wall seconds, how many parameters were constrained and
 frozen, the layers no remaining sample reached (``engine.report.unused_layers``: kept
-unchanged), and the library's warnings. Random data say nothing about forgetting quality
+unchanged), those whose rows came from ``F.linear`` calls on their weight
+(``engine.report.functional_layers``), and the library's warnings. Random data say nothing about forgetting quality
 (``zoo.py`` trains on digits for that).
 
 Example:
@@ -79,6 +80,7 @@ def probe(name: str, size: int, device: torch.device) -> dict[str, Any]:
     row["constrained"] = 0 if engine is None else len(engine.constrained_parameters)
     row["frozen"] = 0 if engine is None else len(engine.frozen_parameters)
     row["unused_layers"] = [] if report is None else list(report.unused_layers)
+    row["functional_layers"] = [] if report is None else list(report.functional_layers)
     row["library_warnings"] = [
         str(w.message)[:200]
         for w in caught
@@ -101,7 +103,18 @@ def main() -> None:
         print({k: v for k, v in row.items() if k != "traceback_tail"}, flush=True)
     for row in rows:
         row["unused"] = len(row["unused_layers"])
-    print(table(rows, ["model", "size", "result", "seconds", "constrained", "frozen", "unused"]))
+        row["functional"] = len(row["functional_layers"])
+    columns = [
+        "model",
+        "size",
+        "result",
+        "seconds",
+        "constrained",
+        "frozen",
+        "unused",
+        "functional",
+    ]
+    print(table(rows, columns))
     write_json(
         options.json,
         {"benchmark": "probe_torchvision_defaults", "rows": rows, "machine": machine(device)},
