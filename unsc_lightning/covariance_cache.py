@@ -31,8 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from unsc_lightning.diagnostics import log_bases
 from unsc_lightning.errors import UnlearningConfigError
-from unsc_lightning.nullspace.basis import BasisInfo
-from unsc_lightning.nullspace.basis_pass import MergedBatches, unused_layers_message
+from unsc_lightning.nullspace.basis_pass import MergedBatches
 from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 from unsc_lightning.nullspace.engine import call_model, map_tensors
@@ -93,19 +92,14 @@ def serve(callback: NullSpaceCalibration, trainer: L.Trainer, pl_module: L.Light
                 f"from the covariance cache {plan.path} (`keep_forgotten_statistics=True` keeps "
                 "them)."
             )
-    # a layer no remaining sample reached is kept unchanged, as in the engine's own pass (no
-    # rows counted and no energy: a cache built without row counts still serves its sums)
+    # a layer no remaining sample reached (no rows counted and no energy: a cache built without
+    # row counts still serves its sums): the engine keeps it unchanged, as after its own pass
     unused = [
         key
         for key in engine.keys
         if cache.rows_seen.get(key, 0) == 0
         and ((sums := cache.sums.get(key)) is None or not bool(sums.any()))
     ]
-    for key in unused:
-        dim = engine.dims[key]
-        bases[key] = (torch.eye(dim, dtype=torch.float64), BasisInfo(dim, dim, 1.0))
-    if unused:
-        rank_zero_warn(unused_layers_message(unused))
     samples = int(cache.samples_per_class[plan.remaining].sum())
     engine.set_bases(bases, samples=samples, classes=plan.remaining, unused_layers=unused)
     del cache  # release the per-class d x d covariances

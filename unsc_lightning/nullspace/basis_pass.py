@@ -306,13 +306,9 @@ class BasisPass:
             )
         # a layer no remaining sample reached in this eval-mode forward (a torchvision GoogLeNet's
         # or Inception's auxiliary heads run in training only; a branch the remaining data never
-        # take) has no remaining rows to constrain it by: it is kept unchanged, with a full
-        # basis (every update projected to zero), and named in a warning
+        # take) has no remaining rows to constrain it by: the report names it, and the engine
+        # keeps it unchanged (NullSpaceEngine._set_bases)
         unseen = [key for key in self.dims if key not in self.seen_keys]
-        for key in unseen:
-            bases[key] = torch.eye(self.dims[key], dtype=torch.float64, device=self.device)
-        if unseen:
-            warnings.warn(unused_layers_message(unseen), stacklevel=2)
         for key, order in self.column_orders.items():  # channels-last rows to weight order
             to_weight = channels_last_weight_index(*order).to(bases[key].device)
             bases[key] = bases[key].index_select(0, to_weight)

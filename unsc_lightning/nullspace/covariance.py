@@ -881,11 +881,10 @@ class SiteRecorder(_HookOwner):
             self._handles.append(handle)
         # plain Linear weights the model may use without calling their layer
         watched = {
-            id(layer.weight): (key, layer, self._recorder(specs))
+            id(layer.weight): (specs[0][0], layer, self._recorder(specs))
             for layer, specs in self.by_layer.items()
             if isinstance(layer, nn.Linear)
             and len(specs) == 1
-            and (key := specs[0][0]) is not None
             and specs[0][1].rows is _linear_forward_rows
         }
         if watched:

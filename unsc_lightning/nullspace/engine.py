@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
@@ -48,6 +49,7 @@ from unsc_lightning.nullspace.basis_pass import (
     Gather,
     Reduce,
     _threshold_for,
+    unused_layers_message,
 )
 from unsc_lightning.nullspace.batches import (
     BatchAdapter,
@@ -353,7 +355,7 @@ class NullSpaceEngine:
             bases, report = runner.run(batches)
         self.timings["total"] = time.perf_counter() - start
         self.report = report
-        self._set_bases(bases)
+        self._set_bases(bases, report.unused_layers)
         self._probe_logits = None
         if self.probe is not None:
             self._probe_logits = self._logits_on_probe(forward)
@@ -363,7 +365,17 @@ class NullSpaceEngine:
         first = next(self.model.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
 
-    def _set_bases(self, bases: Mapping[str, tuple[Tensor, BasisInfo]]) -> None:
+    def _set_bases(
+        self, bases: Mapping[str, tuple[Tensor, BasisInfo]], unused: list[str] | None = None
+    ) -> None:
+        if unused:
+            # no remaining rows constrain these layers: the whole space as their basis keeps
+            # them unchanged (every update projected to zero)
+            bases = dict(bases)
+            for key in unused:
+                dim = self.dims[key]
+                bases[key] = (torch.eye(dim, dtype=torch.float64), BasisInfo(dim, dim, 1.0))
+            warnings.warn(unused_layers_message(unused), stacklevel=3)
         self._bases = {k: u.to(device="cpu", dtype=torch.float32) for k, (u, _) in bases.items()}
         self.layer_infos = {key: info for key, (_, info) in bases.items()}
         self.make_projectors()
@@ -376,14 +388,14 @@ class NullSpaceEngine:
         unused_layers: list[str] | None = None,
     ) -> None:
         """Use bases built elsewhere (e.g. from a covariance cache): ``key -> (U, info)``;
-        ``unused_layers``: keys no remaining sample reached (given the whole space)."""
+        ``unused_layers``: keys no remaining sample reached (given the whole space, and named
+        in a warning)."""
         unknown = sorted(set(bases) - set(self.keys))
         if unknown:
             raise NullSpaceEngineError(f"Bases for unknown keys {unknown}; expected {self.keys}.")
-        self.report = BuildReport(
-            samples, list(classes or []), 0, 0, 0, unused_layers=list(unused_layers or [])
-        )
-        self._set_bases(bases)
+        unused = list(unused_layers or [])
+        self.report = BuildReport(samples, list(classes or []), 0, 0, 0, unused_layers=unused)
+        self._set_bases(bases, unused)
 
     def make_projectors(self, projectors: Mapping[str, NullSpaceProjector] | None = None) -> None:
         """(Re)create the projectors next to each weight (call after moving the model), or use
