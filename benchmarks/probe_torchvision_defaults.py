@@ -95,6 +95,12 @@ def main() -> None:
     args.add_argument("--models", nargs="+", default=MODELS)
     args.add_argument("--size", type=int, default=64, help="input size (Inception-v3: 299)")
     options = args.parse_args()
+    import torchvision
+
+    known = set(torchvision.models.list_models(module=torchvision.models))
+    unknown = [name for name in options.models if name not in known]
+    if unknown:
+        raise SystemExit(f"--models: {unknown} are not torchvision classifiers")
     device = setup(options)
     rows = []
     for name in options.models:
