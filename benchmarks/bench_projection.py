@@ -24,7 +24,7 @@ Timed per configuration:
 - ``relative``: what ``UnlearningModule``'s default step (relative steps, gradient mode)
   projects: the callback's projection, then a second projection of the gradients that the
   direct form ``G - (G U) Uᵀ`` left with under ``SECOND_PROJECTION_BELOW`` of their norm
-  (``reproject_cancelled_``), against ``relative_twice``, every gradient projected twice (the
+  (``project_step_``), against ``relative_twice``, every gradient projected twice (the
   module before 2026-11-27 night); the gradient is that of the batch's cross-entropy, not of
   UNSC's pseudo-labels;
 - ``every_K`` (``--every``): ``project_every=K`` projects the weights once every ``K`` steps:
@@ -52,7 +52,7 @@ from _common import best, machine, parser, setup, table, timed, trainer_options,
 from torch import Tensor, nn
 
 from unsc_lightning.models.paper import ResNet18CIFAR
-from unsc_lightning.module import SECOND_PROJECTION_BELOW
+from unsc_lightning.nullspace import SECOND_PROJECTION_BELOW
 from unsc_lightning.nullspace import NullSpaceProjector
 from unsc_lightning.nullspace.engine import NullSpaceEngine
 
@@ -184,8 +184,7 @@ def measure(
 
     # UnlearningModule's default step (relative steps, gradient mode): the callback's
     # projection, then a second one only where the first left float32 cancellation error that
-    # matters (direct form, under SECOND_PROJECTION_BELOW of the gradient kept); before
-    # 2026-11-27 night every gradient was projected twice
+    # matters (direct form, under SECOND_PROJECTION_BELOW of the gradient kept)
     backward()
     raw = {id(p): p.grad.norm() for p in params if p.grad is not None}
     engine.project_gradients_()
@@ -204,7 +203,7 @@ def measure(
 
     def relative_projection() -> None:
         engine.project_gradients_()
-        engine.reproject_cancelled_(raw, SECOND_PROJECTION_BELOW)
+        engine.project_step_(raw)
 
     def relative_projection_twice() -> None:
         engine.project_gradients_()

@@ -261,7 +261,7 @@ class NullSpaceCalibration(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
         if self.active_mode == "gradient":
-            self._engine().project_gradients_()
+            self._engine().project_step_()
 
     @override
     def on_train_batch_end(

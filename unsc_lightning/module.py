@@ -19,7 +19,12 @@ from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.evaluation import EvaluationMixin
 from unsc_lightning.export import ExportedModel, export_model
 from unsc_lightning.metrics import find_feature_layer
-from unsc_lightning.nullspace.engine import default_batch_adapter, dense_grad
+from unsc_lightning.nullspace.engine import (
+    NullSpaceEngine,
+    default_batch_adapter,
+    dense_grad,
+    guarding_engines,
+)
 from unsc_lightning.pseudo_labels import PseudoLabelRule, random_pseudo_labels, unsc_pseudo_labels
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -183,10 +188,9 @@ class UnlearningModule(_EvaluationMixin):
         self.feature_layer = feature_layer
         self.feature_reference: FeatureReference | None = None
         self._feature_capture = InputCapture()
-        #: ``(engine, projected already)`` of the Trainer's calibrations, found once per fit in
-        #: ``on_fit_start``: in gradient mode the callback projected each gradient before this
-        #: module's ``on_before_optimizer_step`` runs
-        self._projections: list[tuple[Any, bool]] = []
+        #: the null-space engines guarding this module's parameters (a calibration callback's),
+        #: found once per fit in ``on_fit_start``
+        self._engines: list[NullSpaceEngine] = []
         #: the parameters relative steps rescale: those left trainable once the calibration
         #: froze the rest (found once per fit, in ``on_fit_start``)
         self._stepped: list[Tensor] = []
@@ -233,14 +237,11 @@ class UnlearningModule(_EvaluationMixin):
 
     def teardown(self, stage: str) -> None:
         self._stop_feature_capture()
-        self._projections = []
+        self._engines = []
 
     def on_fit_start(self) -> None:
-        # after the callbacks' `on_fit_start`: a calibration has built its engine and mode
-        self._projections = [
-            (callback.engine, callback.active_mode == "gradient")
-            for callback in _calibrations(self._trainer)
-        ]
+        # after the callbacks' `on_fit_start`: a calibration has built its engine
+        self._engines = guarding_engines(self)
         self._stepped = [p for p in self.model.parameters() if p.requires_grad]
         if not bool(self.original_captured):
             # θ_o: a copy of the weights before the first update (kept in checkpoints so a
@@ -440,7 +441,7 @@ class UnlearningModule(_EvaluationMixin):
         # the gradients' norms before any projection (the last backward of an accumulation
         # wins: it sees the accumulated gradient), for on_before_optimizer_step; under a
         # GradScaler (precision="16-mixed" on CUDA) they are still scaled here, and unscaled there
-        if self._relative_steps and self._projections:
+        if self._relative_steps and self._engines:
             scale = _gradient_scale(self._trainer)
             params = [p for p in self._stepped if p.grad is not None]
             norms = gradient_norms([cast(Tensor, p.grad) for p in params])
@@ -448,20 +449,14 @@ class UnlearningModule(_EvaluationMixin):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._relative_steps:
-            # The step is sized on the projected gradient, so project it here. Update mode
-            # projects only after the step: sized on the unprojected gradient, most of its length
-            # would be projected away. Gradient mode projected already, but where a gradient lies
-            # almost wholly in the remaining subspace, `G - (G U) Uᵀ` is mostly float32
-            # cancellation error along that subspace, and the rescaling would blow it up to a
-            # step of `relative_step` of the weight (torchvision ResNet-18 at threshold 1.0: 13 %
-            # logit drift); projecting again removes most of it. Only gradients projected as
-            # `G - (G U) Uᵀ` that kept under SECOND_PROJECTION_BELOW of their norm need it (see
-            # `reproject_cancelled_`). Update mode projects every gradient here for the first time.
-            for engine, projected in self._projections:
-                if projected:
-                    engine.reproject_cancelled_(self._raw_norms, SECOND_PROJECTION_BELOW)
-                else:
-                    engine.project_gradients_()
+            # The step is sized on the projected gradient, so it is projected here (in gradient
+            # mode the callback projected it already; update mode projects only after the step,
+            # and sized on the unprojected gradient most of its length would be projected away).
+            # Given the norms before projection, the engine also repairs the gradients whose
+            # projection was mostly float32 cancellation error, which the rescaling would blow
+            # up to a step of `relative_step` of the weight (see `NullSpaceEngine.project_step_`).
+            for engine in self._engines:
+                engine.project_step_(self._raw_norms)
             relative_step_gradients_(self._stepped, self._raw_norms)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -610,16 +605,6 @@ class FeatureReference:
         return reference, keep.to(like.device)
 
 
-def _calibrations(trainer: Any) -> list[Any]:
-    """The Trainer's active null-space calibrations (callbacks with an engine and a mode)."""
-    return [
-        callback
-        for callback in getattr(trainer, "callbacks", None) or []
-        if getattr(callback, "active_mode", None) in ("gradient", "update")
-        and getattr(callback, "engine", None) is not None
-    ]
-
-
 def _gradient_scale(trainer: Any) -> float:
     """The factor a GradScaler multiplies the gradients by until it unscales them (1.0 without
     one, e.g. in float32 or bf16)."""
@@ -628,13 +613,6 @@ def _gradient_scale(trainer: Any) -> float:
         return 1.0
     return float(scaler.get_scale())
 
-
-#: in gradient mode with relative steps, a gradient that its projection `G - (G U) Uᵀ` left with
-#: less than this fraction of its norm is projected a second time: above it, the float32
-#: cancellation error left along the remaining subspace is at most 4 u / 0.05 ≈ 5e-6 of the step
-#: (u = 2⁻²⁴), a step of 1 % of the weight leaking 5e-8 of it, below the rounding of the update
-#: itself (about u of the weight per step)
-SECOND_PROJECTION_BELOW = 0.05
 
 #: a projected gradient at most this fraction of the gradient before projection is float32
 #: cancellation error (~1e-7 relative), not a direction to step along: relative steps would blow

@@ -456,3 +456,45 @@ def test_make_projectors_again_reuses_each_complement(monkeypatch):
         assert projector.source is engine.bases[key]
         gradient = torch.randn(3, engine.dims[key])
         assert float((projector.project(gradient) @ engine.bases[key]).abs().max()) < 1e-5
+
+
+def test_project_step_projects_each_gradient_once_until_it_changes():
+    problem = make_subspace_problem()
+    torch.manual_seed(0)
+    model = mlp()
+    engine = NullSpaceEngine(model, threshold=0.97)
+    engine.build(problem.retain_loader())
+    F.cross_entropy(model(problem.forget_x), problem.forget_y).backward()
+    weights = [model[int(key)].weight for key in engine.keys]
+    raw = [w.grad.clone() for w in weights]
+
+    engine.project_step_()
+    once = [w.grad.clone() for w in weights]
+    for grad, before, key in zip(once, raw, engine.keys):
+        basis = engine.bases[key].double()
+        assert not torch.equal(grad, before)
+        assert float((grad.double() @ basis).norm()) < 1e-5 * float(before.norm())
+    engine.project_step_()  # projected already: nothing changes, bit for bit
+    assert all(torch.equal(w.grad, g) for w, g in zip(weights, once))
+
+    weights[0].grad.add_(raw[0])  # a new contribution (e.g. another backward): projected again
+    engine.project_step_()
+    basis = engine.bases[engine.keys[0]].double()
+    assert float((weights[0].grad.double() @ basis).norm()) < 1e-5 * float(raw[0].norm())
+    assert all(torch.equal(w.grad, g) for w, g in zip(weights[1:], once[1:]))
+
+
+def test_guarding_engines_finds_the_engine_only_while_its_guard_is_active():
+    from unsc_lightning.nullspace import guarding_engines
+
+    problem = make_subspace_problem()
+    model = mlp()
+    wrapper = nn.Sequential(model)
+    engine = NullSpaceEngine(wrapper, threshold=0.97)
+    engine.build(problem.retain_loader())
+    assert guarding_engines(wrapper) == []
+    with engine.guard():
+        assert guarding_engines(wrapper) == [engine]
+        assert guarding_engines(model) == [engine]  # a submodule holding constrained weights
+        assert guarding_engines(nn.Linear(2, 2)) == []
+    assert guarding_engines(wrapper) == []

@@ -82,7 +82,7 @@ def test_only_the_direct_form_leaves_cancellation_error_along_the_remaining_subs
         assert leak_twice < 1e-5
 
 
-def test_reproject_cancelled_projects_again_only_mostly_cancelled_direct_form_gradients():
+def test_project_step_projects_again_only_mostly_cancelled_direct_form_gradients():
     from torch import nn
 
     from unsc_lightning.nullspace import NullSpaceEngine
@@ -116,7 +116,7 @@ def test_reproject_cancelled_projects_again_only_mostly_cancelled_direct_form_gr
     assert float(once["2"].norm() / raw[id(layers["2"].weight)]) > 0.05
     assert engine._projectors["4"].use_complement
 
-    engine.reproject_cancelled_(raw, 0.05)
+    engine.project_step_(raw)
 
     changed = {
         key for key, layer in layers.items() if not torch.equal(layer.weight.grad, once[key])

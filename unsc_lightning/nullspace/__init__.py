@@ -26,11 +26,13 @@ from unsc_lightning.nullspace.covariance import (
     recording,
 )
 from unsc_lightning.nullspace.engine import (
+    SECOND_PROJECTION_BELOW,
     BuildReport,
     NullSpaceEngine,
     NullSpaceEngineError,
     call_model,
     default_batch_adapter,
+    guarding_engines,
     output_logits,
 )
 from unsc_lightning.nullspace.projection import (
@@ -59,9 +61,11 @@ __all__ = [
     "account_parameters",
     "call_model",
     "default_batch_adapter",
+    "guarding_engines",
     "output_logits",
     "REPRESENTATIONS",
     "RELATIVE_TOLERANCE",
+    "SECOND_PROJECTION_BELOW",
     "ActivationRecorder",
     "ClassCovarianceCache",
     "GramOptions",

@@ -30,6 +30,7 @@ import json
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
@@ -72,6 +73,15 @@ from unsc_lightning.nullspace.settings import (
 BasisRule = Literal["per_class", "pooled"]
 Threshold = float | Mapping[str, float]
 STATE_VERSION = 2
+#: a gradient that its projection ``G - (G U) Uᵀ`` left with less than this fraction of its norm
+#: is projected a second time by :meth:`NullSpaceEngine.project_step_` given the norms before
+#: projection: above it, the float32 cancellation error left along the remaining subspace is at
+#: most ``4 u / 0.05 ≈ 5e-6`` of the step (``u = 2⁻²⁴``), a step of 1 % of the weight leaking
+#: ``5e-8`` of it, below the rounding of the update itself (about ``u`` of the weight per step)
+SECOND_PROJECTION_BELOW = 0.05
+#: the engines whose guard is active (:meth:`NullSpaceEngine.freeze_` to
+#: :meth:`NullSpaceEngine.release_`), for :func:`guarding_engines`
+_GUARDING: weakref.WeakSet[NullSpaceEngine] = weakref.WeakSet()
 
 __all__ = [
     "BasisRule",
@@ -80,13 +90,27 @@ __all__ = [
     "NullSpaceEngine",
     "NullSpaceEngineError",
     "Reduce",
+    "SECOND_PROJECTION_BELOW",
     "available_memory",
     "batch_size_of",
     "call_model",
     "default_batch_adapter",
+    "guarding_engines",
     "map_tensors",
     "output_logits",
 ]
+
+
+def guarding_engines(module: nn.Module) -> list[NullSpaceEngine]:
+    """The engines whose guard is active on ``module``: built on it, or constraining one of its
+    parameters (a LightningModule finds the engine a callback built on it, without the callback)."""
+    owned = {id(parameter) for parameter in module.parameters()}
+    return [
+        engine
+        for engine in list(_GUARDING)
+        if engine.model is module
+        or any(id(c.parameter) in owned for c in engine.accounting.constraints.values())
+    ]
 
 
 def available_memory(device: torch.device) -> int:
@@ -200,6 +224,9 @@ class NullSpaceEngine:
         self._every = 1
         self._pending = 0  # optimizer steps since the last projection of the weights
         self._stepping = False  # inside an attached optimizer's step (between its hooks)
+        #: ``key -> (gradient, its version)`` right after this engine projected it: a gradient
+        #: still the same tensor at the same version is projected already (``project_step_``)
+        self._projected: dict[str, tuple[weakref.ref[Tensor], int]] = {}
         self.probe: Any = None
         #: the probe samples' class labels when the retain batches had them (else ``None``)
         self.probe_labels: Tensor | None = None
@@ -430,6 +457,7 @@ class NullSpaceEngine:
         """
         if self._frozen or self._modes:
             return
+        _GUARDING.add(self)
         params = self.accounting.parameters
         self._frozen = [p for n in self.frozen_parameters if (p := params[n]).requires_grad]
         for parameter in self._frozen:
@@ -454,6 +482,7 @@ class NullSpaceEngine:
 
     def release_(self) -> None:
         """Undo :meth:`freeze_` and remove step hooks (idempotent)."""
+        _GUARDING.discard(self)
         self.detach()
         for parameter in self._frozen:
             parameter.requires_grad_(True)
@@ -477,54 +506,74 @@ class NullSpaceEngine:
         """Project every constrained weight's ``.grad`` onto its null space, in place (IEEE
         float32 products on CUDA, whatever the user's TF32 setting)."""
         with ieee_float32():
-            for constraint, grad, projector in self._gradients():
-                _project_matrix_(constraint.spec, grad, projector)
+            for key, constraint, grad, projector in self._gradients():
+                self._project_grad_(key, constraint, grad, projector)
 
-    def _gradients(self) -> Iterator[tuple[Any, Tensor, NullSpaceProjector]]:
-        """``(constraint, gradient, projector)`` of every constrained weight with both (a sparse
-        gradient made dense first, see :func:`dense_grad`)."""
+    @torch.no_grad()
+    def project_step_(self, raw_norms: Mapping[int, Tensor] | None = None) -> None:
+        """Project this step's gradients once, whoever asks first (the callback in gradient
+        mode, a module that sizes its step on the projected gradient, or both).
+
+        A gradient this engine projected already (the same tensor, not modified since) is left
+        alone, except with ``raw_norms`` (``id(parameter) -> norm before projection``): the form
+        ``G - (G U) Uᵀ`` (rank at most ``d/2``) leaves float32 cancellation error of about
+        ``4 u ‖G‖`` along the remaining subspace (``u = 2⁻²⁴``), so where the first projection
+        kept less than :data:`SECOND_PROJECTION_BELOW` of the norm it is projected once more;
+        a step rescaled to a fixed length would otherwise blow that error up. The test is one
+        comparison of stacked norms per device (one wait for the GPU per step). The complement
+        form ``(G Q) Qᵀ`` (rank above ``d/2``) has no such error.
+        """
+        again: list[tuple[str, Any, Tensor, NullSpaceProjector, Tensor | None]] = []
+        with ieee_float32():
+            for key, constraint, grad, projector in self._gradients():
+                if not self._is_projected(key, grad):
+                    self._project_grad_(key, constraint, grad, projector)
+                elif raw_norms is not None and projector.rank and not projector.use_complement:
+                    again.append(
+                        (key, constraint, grad, projector, raw_norms.get(id(constraint.parameter)))
+                    )
+            self._reproject_cancelled_(again)
+
+    def _is_projected(self, key: str, grad: Tensor) -> bool:
+        found = self._projected.get(key)
+        return found is not None and found[0]() is grad and found[1] == grad._version
+
+    def _project_grad_(
+        self, key: str, constraint: Any, grad: Tensor, projector: NullSpaceProjector
+    ) -> None:
+        _project_matrix_(constraint.spec, grad, projector)
+        self._projected[key] = (weakref.ref(grad), grad._version)
+
+    def _gradients(self) -> Iterator[tuple[str, Any, Tensor, NullSpaceProjector]]:
+        """``(key, constraint, gradient, projector)`` of every constrained weight with both (a
+        sparse gradient made dense first, see :func:`dense_grad`)."""
         for key, constraint in self.accounting.constraints.items():
             grad = dense_grad(constraint.parameter)
             projector = self._projectors.get(key)
             if grad is not None and projector is not None:
-                yield constraint, grad, projector
+                yield key, constraint, grad, projector
 
-    @torch.no_grad()
-    def reproject_cancelled_(self, raw_norms: Mapping[int, Tensor], fraction: float) -> None:
-        """Project again the gradients that :meth:`project_gradients_` mostly cancelled.
-
-        The form ``G - (G U) Uᵀ`` (rank at most ``d/2``) leaves float32 cancellation error of
-        about ``4 u ‖G‖`` along the remaining subspace (``u = 2⁻²⁴``; measured for d = 96 to
-        4608), a second projection about ``4 u ‖G - (G U) Uᵀ‖``. Where the first projection kept
-        at least ``fraction`` of the gradient's norm before projection (``raw_norms``:
-        ``id(parameter) -> norm``), the error is at most ``4 u / fraction`` of what remains,
-        and that gradient is left alone. The test is one comparison of stacked norms per device
-        (one wait for the GPU per step, instead of one per layer or projecting every gradient
-        twice: on an H200 that doubled the projection's share of a ResNet-18 step). The
-        complement form ``(G Q) Qᵀ`` (rank above ``d/2``) has no such error: its result lies in
-        the span of ``Q`` up to ``u ‖(G Q) Qᵀ‖``.
-        """
-        candidates = [
-            (constraint, grad, projector)
-            for constraint, grad, projector in self._gradients()
-            if projector.rank and not projector.use_complement
-        ]
-        by_device: dict[torch.device, list[tuple[Any, Tensor, NullSpaceProjector, Tensor]]] = {}
-        with ieee_float32():
-            for constraint, grad, projector in candidates:
-                raw = raw_norms.get(id(constraint.parameter))
-                if raw is None:  # no norm before projection: project again, to be safe
-                    _project_matrix_(constraint.spec, grad, projector)
-                else:
-                    by_device.setdefault(grad.device, []).append((constraint, grad, projector, raw))
-            for entries in by_device.values():
-                norms = torch._foreach_norm([grad for _, grad, _, _ in entries])
-                kept = torch.stack([norm.float() for norm in norms])
-                raws = torch.stack([raw.to(kept) for _, _, _, raw in entries])
-                again = (kept < fraction * raws).tolist()  # the one wait for this device
-                for (constraint, grad, projector, _), redo in zip(entries, again):
-                    if redo:
-                        _project_matrix_(constraint.spec, grad, projector)
+    def _reproject_cancelled_(
+        self, entries: list[tuple[str, Any, Tensor, NullSpaceProjector, Tensor | None]]
+    ) -> None:
+        # projected gradients without a norm before projection are projected again, to be safe
+        by_device: dict[torch.device, list[tuple[str, Any, Tensor, NullSpaceProjector, Tensor]]]
+        by_device = {}
+        for key, constraint, grad, projector, raw in entries:
+            if raw is None:
+                self._project_grad_(key, constraint, grad, projector)
+            else:
+                by_device.setdefault(grad.device, []).append(
+                    (key, constraint, grad, projector, raw)
+                )
+        for group in by_device.values():
+            norms = torch._foreach_norm([grad for _, _, grad, _, _ in group])
+            kept = torch.stack([norm.float() for norm in norms])
+            raws = torch.stack([raw.to(kept) for *_, raw in group])
+            redo = (kept < SECOND_PROJECTION_BELOW * raws).tolist()  # the one wait per device
+            for (key, constraint, grad, projector, _), again in zip(group, redo):
+                if again:
+                    self._project_grad_(key, constraint, grad, projector)
 
     @torch.no_grad()
     def project_weights_(self, pending_only: bool = False) -> None:
