@@ -25,8 +25,8 @@ Variants (``--variants``):
   patched to 1), as before small batches were merged (eighth pass; differs from ``auto`` only
   when ``--batch`` is below the merged size: 512 samples, or 64 MiB of one layer's rows);
 - ``flags_per_product``: ``auto`` with the float32 flags read and switched around every class
-  block's product, as before the nested contexts of ``nullspace.gram.ieee_float32`` became free
-  (``gram._NESTING`` patched to forget every enclosing context): what that per-product cost was;
+  block's product, as before the nested contexts of ``nullspace.context.ieee_float32`` became free
+  (``context._NESTING`` patched to forget every enclosing context): what that per-product cost was;
 - ``subsampled``: ``gram=GramOptions(row_fraction=F)`` (``--row-fraction``, default 0.25),
   approximate. Its basis error is reported as the fraction of held-out remaining rows' energy
   (fresh random inputs through the same model) that its bases capture, next to the exact bases'
@@ -53,7 +53,7 @@ from torch import Tensor
 
 from unsc_lightning.models import MNIST1DConvNet
 from unsc_lightning.models.paper import AllCNN
-from unsc_lightning.nullspace import NullSpaceEngine, basis_pass, gram
+from unsc_lightning.nullspace import NullSpaceEngine, basis_pass, context, gram
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, GramOptions, SiteRecorder
 
 NUM_CLASSES = 10
@@ -61,7 +61,7 @@ THRESHOLD = 0.97
 
 
 class _NoNesting:
-    """A ``gram._NESTING`` that never records a context: each one switches the flags again."""
+    """A ``context._NESTING`` that never records a context: each one switches the flags again."""
 
     def __getattr__(self, kind: str) -> int:
         return 0
@@ -155,7 +155,7 @@ def measure(
         engine = NullSpaceEngine(
             model, threshold=THRESHOLD, gram=gram_of(variant, row_fraction), memory_budget=1 << 34
         )
-        shifted, nesting = gram.shifted_gram_pays, gram._NESTING
+        shifted, nesting = gram.shifted_gram_pays, context._NESTING
         merge = basis_pass.MERGE_SAMPLES
         if variant == "plain":  # every class block's Gram as one product, no shifted Gram
             gram.shifted_gram_pays = lambda *_: False
@@ -164,11 +164,12 @@ def measure(
         if variant == "unmerged":
             basis_pass.MERGE_SAMPLES = 1
         if variant == "flags_per_product":
-            gram._NESTING = _NoNesting()  # type: ignore[assignment]
+            context._NESTING = _NoNesting()  # type: ignore[assignment]
         try:
             engine.build(loader)
         finally:
-            gram.shifted_gram_pays, gram._NESTING = shifted, nesting
+            gram.shifted_gram_pays = shifted
+            context._NESTING = nesting
             basis_pass.MERGE_SAMPLES = merge
         synchronize(device)
         engines[variant] = engine

@@ -52,8 +52,7 @@ from _common import best, machine, parser, setup, table, timed, trainer_options,
 from torch import Tensor, nn
 
 from unsc_lightning.models.paper import ResNet18CIFAR
-from unsc_lightning.nullspace import SECOND_PROJECTION_BELOW
-from unsc_lightning.nullspace import NullSpaceProjector
+from unsc_lightning.nullspace import SECOND_PROJECTION_BELOW, NullSpaceProjector
 from unsc_lightning.nullspace.engine import NullSpaceEngine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

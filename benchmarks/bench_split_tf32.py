@@ -30,7 +30,7 @@ import torch
 from _common import best, machine, parser, setup, table, timed, write_json
 from torch import Tensor
 
-from unsc_lightning.nullspace.gram import ieee_float32
+from unsc_lightning.nullspace.context import ieee_float32
 from unsc_lightning.nullspace.projection import NullSpaceProjector
 
 SHAPES = [  # (out, d, r)

@@ -33,9 +33,9 @@ from unsc_lightning.diagnostics import log_bases
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.nullspace.basis_pass import MergedBatches
 from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
+from unsc_lightning.nullspace.context import eval_mode
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
 from unsc_lightning.nullspace.engine import call_model, map_tensors
-from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.retain import RankShare, find_retain_loader
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from unsc_lightning.metrics.drift import NullSpaceDrift
+from unsc_lightning.nullspace.context import eval_mode
 from unsc_lightning.nullspace.engine import NullSpaceEngine
-from unsc_lightning.nullspace.guard import eval_mode
 
 #: The fit end warns when the accuracy on the remaining probe fell by more than this (or, for a
 #: probe without class labels, when this share of its predicted classes changed).

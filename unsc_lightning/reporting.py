@@ -26,7 +26,7 @@ from torch import Tensor
 from unsc_lightning.callback import NullSpaceCalibration
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.metrics import mia_features
-from unsc_lightning.nullspace.guard import eval_mode
+from unsc_lightning.nullspace.context import eval_mode
 
 ReportWhen = Literal["fit", "test"]
 #: Splits of the confidence histogram: forgotten training samples, held-out test samples of the

@@ -11,7 +11,7 @@ from scipy.linalg import lapack
 from threadpoolctl import threadpool_info
 
 from unsc_lightning.nullspace import basis as basis_module
-from unsc_lightning.nullspace.blas import torch_threads
+from unsc_lightning.nullspace.context import torch_threads
 
 
 def _scipy_threads() -> list[int]:

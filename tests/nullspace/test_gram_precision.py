@@ -474,7 +474,7 @@ def test_ieee_float32_switches_tf32_off_consistently_and_restores_the_users_sett
     # The flags are process-wide and settable without a GPU; on CUDA they decide whether cuBLAS
     # rounds float32 products to TF32 (and cuBLAS refuses flags that disagree), on the CPU
     # whether oneDNN multiplies float32 in bfloat16 ("medium").
-    from unsc_lightning.nullspace.gram import ieee_float32
+    from unsc_lightning.nullspace.context import ieee_float32
 
     matmul, cpu = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
     saved = _tf32_state()
@@ -517,7 +517,7 @@ def _cudnn_state() -> tuple[bool | None, str, str]:
     "user", ["default", "legacy_off", "new_api_conv_ieee", "new_api_conv_tf32"]
 )
 def test_ieee_forward_switches_cudnn_tf32_off_and_restores_the_users_setting(user):
-    from unsc_lightning.nullspace.gram import ieee_forward
+    from unsc_lightning.nullspace.context import ieee_forward
 
     cudnn = torch.backends.cudnn
     saved = _cudnn_state()
@@ -545,25 +545,25 @@ def test_nested_ieee_float32_leaves_the_flags_to_the_enclosing_context(monkeypat
     # The basis pass holds one context around the forward; the Gram product of every class block
     # enters another inside it, which must neither read nor write the flags (a cost per product)
     # nor restore the user's setting before the enclosing context ends.
-    from unsc_lightning.nullspace import gram
+    from unsc_lightning.nullspace import context
 
     saved = _tf32_state()
     calls = []
     original_get = torch.get_float32_matmul_precision
     try:
         torch.set_float32_matmul_precision("high")
-        with gram.ieee_float32():
+        with context.ieee_float32():
             monkeypatch.setattr(
                 torch, "get_float32_matmul_precision", lambda: calls.append(1) or original_get()
             )
             for _ in range(3):
-                with gram.ieee_float32(), gram.ieee_float32():
+                with context.ieee_float32(), context.ieee_float32():
                     assert original_get() == "highest"
                 assert original_get() == "highest"  # not restored by an inner context
             monkeypatch.setattr(torch, "get_float32_matmul_precision", original_get)
         assert calls == []
         assert original_get() == "high"  # the enclosing context restores the user's setting
-        with gram.ieee_float32():  # and a later context switches again
+        with context.ieee_float32():  # and a later context switches again
             assert original_get() == "highest"
         assert original_get() == "high"
     finally:
@@ -575,7 +575,7 @@ def test_nested_ieee_float32_leaves_the_flags_to_the_enclosing_context(monkeypat
 
 def test_ieee_float32_nesting_is_undone_when_switching_the_flags_fails(monkeypatch):
     # A context whose switch raises is not counted: the next one switches the flags again.
-    from unsc_lightning.nullspace import gram
+    from unsc_lightning.nullspace import context
 
     def refuse(value):
         raise RuntimeError("refused")
@@ -583,9 +583,9 @@ def test_ieee_float32_nesting_is_undone_when_switching_the_flags_fails(monkeypat
     with monkeypatch.context() as patch:
         patch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
         patch.setattr(torch, "set_float32_matmul_precision", refuse)
-        with pytest.raises(RuntimeError, match="refused"), gram.ieee_float32():
+        with pytest.raises(RuntimeError, match="refused"), context.ieee_float32():
             pass
-    assert getattr(gram._NESTING, "matmul", 0) == 0
+    assert getattr(context._NESTING, "matmul", 0) == 0
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from unsc_lightning.arguments import flag, integer, number
 from unsc_lightning.baselines.base import BaselineModule
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.metrics import find_feature_layer
-from unsc_lightning.nullspace.guard import eval_mode
+from unsc_lightning.nullspace.context import eval_mode
 
 #: Variance (before ``alpha``) given to the head rows of forgotten classes when they are reset
 #: (the authors' code: mean 0, variance 1e-4).

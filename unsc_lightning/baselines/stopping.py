@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from unsc_lightning.arguments import integer, number
 from unsc_lightning.errors import UnlearningConfigError
-from unsc_lightning.nullspace.guard import eval_mode
+from unsc_lightning.nullspace.context import eval_mode
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from unsc_lightning.metrics.functional.recovery import (
     select_per_class,
     steps_to_reach,
 )
-from unsc_lightning.nullspace.guard import eval_mode
+from unsc_lightning.nullspace.context import eval_mode
 
 #: the fixed fine-tuning recipe of :func:`relearning_time`
 RELEARN_LR = 0.01

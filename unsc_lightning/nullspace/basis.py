@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from unsc_lightning.nullspace.blas import torch_threads
+from unsc_lightning.nullspace.context import torch_threads
 from unsc_lightning.nullspace.covariance import FLOAT32_GRAM_MAX_THRESHOLD
 
 #: Eigenvalues below ``RELATIVE_TOLERANCE * trace`` are numerically zero: ``threshold=1.0`` keeps

@@ -39,13 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from unsc_lightning.nullspace.basis import BasisInfo, extend_by_class
+from unsc_lightning.nullspace.context import eval_mode, ieee_forward
 from unsc_lightning.nullspace.covariance import (
     CovarianceAccumulator,
     accumulate_covariances,
     layer_dims,
 )
-from unsc_lightning.nullspace.gram import ieee_forward
-from unsc_lightning.nullspace.guard import eval_mode
 from unsc_lightning.nullspace.layers import BasisRule, build_bases, threshold_for
 
 #: Format version of the cache file; a file of another version is rebuilt, never reinterpreted.

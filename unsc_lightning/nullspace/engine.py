@@ -60,9 +60,9 @@ from unsc_lightning.nullspace.batches import (
     map_tensors,
     output_logits,
 )
+from unsc_lightning.nullspace.context import eval_mode, ieee_float32, ieee_forward
 from unsc_lightning.nullspace.covariance import GramDtype, GramOptions
-from unsc_lightning.nullspace.gram import buffer_rows, held_rows, ieee_float32, ieee_forward
-from unsc_lightning.nullspace.guard import eval_mode
+from unsc_lightning.nullspace.gram import buffer_rows, held_rows
 from unsc_lightning.nullspace.projection import NullSpaceProjector
 from unsc_lightning.nullspace.settings import (
     NullSpaceEngineError,
