@@ -1,4 +1,8 @@
-"""Shared helpers of the benchmark scripts: arguments, timing, memory, machine description."""
+"""Shared helpers of the benchmark scripts: arguments, timing, memory, machine description.
+
+Importing it puts the tests' ``helpers`` package (tiny models, data, reference oracles) on the
+path, so benchmarks measure the same models the tests check.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +20,8 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def parser(description: str) -> argparse.ArgumentParser:

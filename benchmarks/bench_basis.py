@@ -54,7 +54,8 @@ from torch import Tensor
 from unsc_lightning.models import MNIST1DConvNet
 from unsc_lightning.models.paper import AllCNN
 from unsc_lightning.nullspace import NullSpaceEngine, basis_pass, context, gram
-from unsc_lightning.nullspace.covariance import CovarianceAccumulator, GramOptions, SiteRecorder
+from unsc_lightning.nullspace.covariance import CovarianceAccumulator, SiteRecorder
+from unsc_lightning.nullspace.gram import GramOptions
 
 NUM_CLASSES = 10
 THRESHOLD = 0.97

@@ -20,7 +20,7 @@ request runs the rule only on the classes above its first forgotten one.
 
 ``--variant`` (default both, in one process): ``new`` (the library: partial eigendecompositions,
 recorded rule states) and ``reference`` (the former code path: a full ``eigh`` of every class's
-d x d residual, ``_dense_per_class_basis``, and no recorded state), so the speedups old -> new
+d x d residual, ``dense_per_class_basis``, and no recorded state), so the speedups old -> new
 are measured side by side on the same machine.
 
 Both rules are timed: ``per_class`` (the paper's Algorithm 1, one eigendecomposition per
@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from _common import best, machine, parser, setup, table, timed, write_json
 from bench_basis import MODELS, NUM_CLASSES, SyntheticLoader
+from helpers.oracles import dense_per_class_basis
 from torch import Tensor, nn
 
 from unsc_lightning.nullspace import (
@@ -58,7 +59,6 @@ from unsc_lightning.nullspace import (
     layer_dims,
 )
 from unsc_lightning.nullspace import layers as layers_module
-from unsc_lightning.nullspace.basis import _dense_per_class_basis
 from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
 from unsc_lightning.nullspace.layers import build_bases, select_layers
 
@@ -70,7 +70,7 @@ def variant_rule(variant: str) -> Iterator[None]:
     """``reference``: :func:`build_bases` runs the former dense per-class rule."""
     original = layers_module.per_class_basis
     if variant == "reference":
-        layers_module.per_class_basis = _dense_per_class_basis
+        layers_module.per_class_basis = dense_per_class_basis
     try:
         yield
     finally:

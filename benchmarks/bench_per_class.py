@@ -15,7 +15,7 @@ The shapes are those of MNIST1DConvNet / AllCNN / ResNet-18 layers.
 
 Section ``rule`` (``--section``): the per-class basis rule itself (``per_class_basis``, the
 paper's Algorithm 1) on ``--classes`` synthetic covariances per layer size, the library's
-implementation against the former one (``_dense_per_class_basis``: a full ``eigh`` of every
+implementation against the former one (``dense_per_class_basis``: a full ``eigh`` of every
 class's d x d residual), in one process, with the largest projector difference between the two.
 The sizes are MNIST1DConvNet's (5, 96, 128, 320) and AllCNN-like (27, 432, 864, 1728). Every class
 shares a dominant spectrum and adds a few directions of its own, so the basis grows fast over the
@@ -39,13 +39,10 @@ from typing import Any
 
 import torch
 from _common import best, machine, parser, setup, synchronize, table, timed, write_json
+from helpers.oracles import dense_per_class_basis
 from torch import Tensor
 
-from unsc_lightning.nullspace.basis import (
-    _dense_per_class_basis,
-    class_threshold_schedule,
-    per_class_basis,
-)
+from unsc_lightning.nullspace.rules import class_threshold_schedule, per_class_basis
 
 SHAPES = [  # (layer, d, rows per sample)
     ("allcnn conv1 (3x3, 48 ch, 32x32)", 432, 1024),
@@ -129,7 +126,7 @@ def rule_section(options: Any, device: torch.device) -> list[dict[str, Any]]:
         covariances = class_covariances(dim, options.classes, device)
         row: dict[str, Any] = {"d": dim, "classes": options.classes}
         bases = {}
-        for name, rule in (("former", _dense_per_class_basis), ("new", per_class_basis)):
+        for name, rule in (("former", dense_per_class_basis), ("new", per_class_basis)):
             call = partial(rule, covariances, schedule)
             times = []
             for _ in range(options.repeats):

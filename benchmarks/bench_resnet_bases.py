@@ -4,8 +4,8 @@ Random inputs make every covariance full rank, the worst case for the eigendecom
 ResNet-18's 2304- and 4608-dimensional layers.
 
 ``--variant`` picks the basis computation: ``partial`` is the library's (on the CPU only the kept
-eigenvectors, see ``unsc_lightning.nullspace.basis._top_vectors``), ``dense`` the former one (a
-full ``eigh`` of every covariance: ``_dense_pooled_basis`` / ``_dense_per_class_basis`` patched
+eigenvectors, see ``unsc_lightning.nullspace.eigen.top_vectors``), ``dense`` the reference (a
+full ``eigh`` of every covariance: ``helpers.oracles`` patched
 into the basis pass), ``both`` runs the two in this process, dense first, and checks that they
 keep the same ranks and subspaces. Section ``matrices`` times ``pooled_basis`` alone on random
 PSD matrices of ResNet-18's sizes, section ``solvers`` with either tridiagonal eigenvector
@@ -28,16 +28,16 @@ from typing import Any
 import torch
 import torchvision
 from _common import machine, parser, setup, table, write_json
+from helpers.oracles import dense_per_class_basis, dense_pooled_basis
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from unsc_lightning.nullspace import NullSpaceEngine, basis_pass
-from unsc_lightning.nullspace import basis as basis_module
+from unsc_lightning.nullspace import NullSpaceEngine, basis_pass, rules
 
 #: variant -> (pooled rule, per-class rule) used by the basis pass
 RULES: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
-    "partial": (basis_module.pooled_basis, basis_module.per_class_basis),
-    "dense": (basis_module._dense_pooled_basis, basis_module._dense_per_class_basis),
+    "partial": (rules.pooled_basis, rules.per_class_basis),
+    "dense": (dense_pooled_basis, dense_per_class_basis),
 }
 
 
@@ -137,8 +137,8 @@ def matrix_rows(options: Any) -> list[dict[str, Any]]:
     for dim in options.dims:
         cov = random_psd(dim)
         for threshold in options.thresholds:
-            dense = functools.partial(basis_module._dense_pooled_basis, cov, threshold)
-            partial = functools.partial(basis_module.pooled_basis, cov, threshold)
+            dense = functools.partial(dense_pooled_basis, cov, threshold)
+            partial = functools.partial(rules.pooled_basis, cov, threshold)
             dense_s, dense_cpu, (reference, reference_info) = fastest(dense, options.repeats)
             partial_s, partial_cpu, (basis, info) = fastest(partial, options.repeats)
             rows.append(
@@ -163,24 +163,24 @@ def matrix_rows(options: Any) -> list[dict[str, Any]]:
 def solver_rows(options: Any) -> list[dict[str, Any]]:
     """``pooled_basis`` with each tridiagonal eigenvector solver forced, on the same matrices:
     ``dstemr`` (MRRR, only the kept vectors) against ``dstevd`` (divide and conquer, all of
-    them); the library picks ``dstevd`` above ``_ALL_VECTORS_ABOVE`` of the vectors kept."""
+    them); the library picks ``dstevd`` above ``rules.ALL_VECTORS_ABOVE`` of the vectors kept."""
     rows = []
-    saved = basis_module._ALL_VECTORS_ABOVE
+    saved = rules.ALL_VECTORS_ABOVE
     try:
         for dim in options.dims:
             cov = random_psd(dim)
             for threshold in options.thresholds:
                 row: dict[str, Any] = {"d": dim, "threshold": threshold}
                 for solver, fraction in (("dstemr", 1.0), ("dstevd", 0.0)):
-                    basis_module._ALL_VECTORS_ABOVE = fraction
-                    partial = functools.partial(basis_module.pooled_basis, cov, threshold)
+                    rules.ALL_VECTORS_ABOVE = fraction
+                    partial = functools.partial(rules.pooled_basis, cov, threshold)
                     _, cpu, (basis, info) = fastest(partial, options.repeats)
                     row["rank"] = info.rank
                     row[f"{solver}_cpu_s"] = round(cpu, 3)
                 row["library_picks"] = "dstevd" if info.rank > saved * dim else "dstemr"
                 rows.append(row)
     finally:
-        basis_module._ALL_VECTORS_ABOVE = saved
+        rules.ALL_VECTORS_ABOVE = saved
     print(table(rows, list(rows[0])), flush=True)
     return rows
 

@@ -2,7 +2,7 @@
 
 ``per_class_basis`` skips classes whose energy the basis already captures and, on the CPU,
 computes only the kept eigenvectors of each residual (tridiagonal reduction, eigenvalues alone,
-then the selected vectors). ``_dense_per_class_basis`` is the former implementation (a full
+then the selected vectors). ``dense_per_class_basis`` is the former implementation (a full
 ``eigh`` of every d x d residual): the reference here.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.oracles import dense_per_class_basis, dense_pooled_basis
 from torch import Tensor
 
-from unsc_lightning.nullspace import basis as basis_module
-from unsc_lightning.nullspace.basis import (
-    _dense_per_class_basis,
+from unsc_lightning.nullspace import eigen, rules
+from unsc_lightning.nullspace.rules import (
     class_threshold_schedule,
     extend_by_class,
     per_class_basis,
@@ -55,7 +55,7 @@ def assert_equal_bases(
     covariances: dict[int, Tensor], threshold: object, **kwargs: object
 ) -> tuple[Tensor, Tensor]:
     basis, info = per_class_basis(covariances, threshold, **kwargs)  # type: ignore[arg-type]
-    reference, reference_info = _dense_per_class_basis(covariances, threshold, **kwargs)  # type: ignore[arg-type]
+    reference, reference_info = dense_per_class_basis(covariances, threshold, **kwargs)  # type: ignore[arg-type]
     assert info.rank == reference_info.rank == basis.shape[1] == reference.shape[1]
     assert info.dim == reference_info.dim
     assert info.energy == pytest.approx(reference_info.energy, abs=1e-12)
@@ -109,8 +109,8 @@ def test_group_by_group_extension_equals_one_call():
         stepped = extend_by_class(stepped, covariances[k], schedule(k))
     assert torch.equal(stepped, whole)
     # and an initial basis in the dense reference spans the same space
-    dense_first, _ = _dense_per_class_basis({k: covariances[k] for k in (0, 1, 2)}, schedule)
-    dense, _ = _dense_per_class_basis(
+    dense_first, _ = dense_per_class_basis({k: covariances[k] for k in (0, 1, 2)}, schedule)
+    dense, _ = dense_per_class_basis(
         {k: covariances[k] for k in (3, 4, 5, 6)}, schedule, dense_first
     )
     torch.testing.assert_close(projector(grouped), projector(dense), atol=SAME, rtol=0)
@@ -118,7 +118,7 @@ def test_group_by_group_extension_equals_one_call():
 
 def test_no_full_eigendecomposition_on_the_cpu(monkeypatch):
     covariances = random_covariances(64, classes=4, rows=80, seed=5, shared=8)
-    expected, _ = _dense_per_class_basis(covariances, 0.97)
+    expected, _ = dense_per_class_basis(covariances, 0.97)
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a dense eigh was computed")
@@ -135,13 +135,13 @@ def test_a_class_the_basis_already_captures_needs_no_decomposition(monkeypatch):
     inside = torch.randn(30, 50, generator=generator, dtype=DTYPE) @ rows  # in the span of rows
     covariances = {0: rows.T @ rows, 1: inside.T @ inside, 2: 2 * rows.T @ rows}
     calls: list[int] = []
-    directions = basis_module._class_directions
+    directions = rules._class_directions
 
     def counting(cov: Tensor, *args: object) -> Tensor:
         calls.append(cov.shape[0])
         return directions(cov, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(basis_module, "_class_directions", counting)
+    monkeypatch.setattr(rules, "_class_directions", counting)
     basis, info = per_class_basis(covariances, 1.0)
     assert calls == [48]  # class 0 only: classes 1 and 2 lie inside its span
     assert basis.shape[1] == 48 and info.energy == pytest.approx(1.0, abs=1e-12)
@@ -151,7 +151,7 @@ def test_a_lapack_failure_falls_back_to_the_dense_decomposition(monkeypatch):
     from scipy.linalg import lapack
 
     covariances = random_covariances(48, classes=3, rows=60, seed=7)
-    expected, _ = _dense_per_class_basis(covariances, 0.97)
+    expected, _ = dense_per_class_basis(covariances, 0.97)
     failures: list[int] = []
 
     def failing_sterf(diagonal: object, off: object) -> tuple[object, int]:
@@ -179,11 +179,11 @@ def test_the_cheaper_residual_equals_the_projected_covariance():
     generator = torch.Generator().manual_seed(9)
     basis = torch.linalg.qr(torch.randn(50, 12, generator=generator, dtype=DTYPE))[0]
     projection = torch.eye(50, dtype=DTYPE) - basis @ basis.T
-    residual = basis_module._residual_symmetric(covariance, basis)
+    residual = eigen._residual_symmetric(covariance, basis)
     expected = projection @ covariance @ projection
     torch.testing.assert_close(residual, expected, atol=1e-10 * float(expected.abs().max()), rtol=0)
     assert torch.equal(residual, residual.T)  # exactly symmetric: LAPACK reads one triangle
-    assert basis_module._residual_symmetric(covariance, basis[:, :0]) is covariance
+    assert eigen._residual_symmetric(covariance, basis[:, :0]) is covariance
 
 
 @pytest.mark.parametrize("complement", [True, False])
@@ -195,7 +195,7 @@ def test_the_complement_and_the_residual_give_the_dense_rule(monkeypatch, comple
         chosen.append(complement)
         return complement
 
-    monkeypatch.setattr(basis_module, "_complement_cheaper", choose)
+    monkeypatch.setattr(eigen, "_complement_cheaper", choose)
     covariances = random_covariances(60, classes=6, rows=90, seed=10, shared=15)
     assert_equal_bases(covariances, class_threshold_schedule(0.97, 0.005))
     assert_equal_bases(covariances, 1.0)
@@ -203,16 +203,15 @@ def test_the_complement_and_the_residual_give_the_dense_rule(monkeypatch, comple
 
 
 def test_the_complement_is_chosen_once_the_basis_holds_much_of_the_space():
-    assert not basis_module._complement_cheaper(320, 20)
-    assert basis_module._complement_cheaper(320, 200)
-    assert basis_module._complement_cheaper(864, 600)
+    assert not eigen._complement_cheaper(320, 20)
+    assert eigen._complement_cheaper(320, 200)
+    assert eigen._complement_cheaper(864, 600)
 
 
 @pytest.mark.parametrize("rule", ["per_class", "pooled"])
 def test_float32_products_of_few_rows_keep_the_low_rank_path(monkeypatch, rule):
     # float32 Gram products leave rounding noise outside the rows' span; where the energy cut
     # decides the rank it must not send a covariance of few rows to a dense d x d eigh
-    from unsc_lightning.nullspace import basis as basis_module
 
     dim, rows = 512, 40
     generator = torch.Generator().manual_seed(0)
@@ -234,21 +233,21 @@ def test_float32_products_of_few_rows_keep_the_low_rank_path(monkeypatch, rule):
 
     monkeypatch.setattr(torch.linalg, "eigh", counting_eigh)
     if rule == "per_class":
-        found, _ = basis_module.per_class_basis(
+        found, _ = rules.per_class_basis(
             covariances, 0.97, rank_bounds=dict.fromkeys(covariances, rows)
         )
     else:
-        found, _ = basis_module.pooled_basis(sum(covariances.values()), 0.97, 3 * rows)
+        found, _ = rules.pooled_basis(sum(covariances.values()), 0.97, 3 * rows)
     assert sizes and max(sizes) < dim  # only the small eigenproblems
     monkeypatch.setattr(torch.linalg, "eigh", eigh)
     if rule == "per_class":
-        dense, _ = basis_module.per_class_basis(covariances, 0.97)
+        dense, _ = rules.per_class_basis(covariances, 0.97)
     else:
-        dense, _ = basis_module.pooled_basis(sum(covariances.values()), 0.97)
+        dense, _ = rules.pooled_basis(sum(covariances.values()), 0.97)
     assert found.shape == dense.shape
     assert float((found @ found.T - dense @ dense.T).abs().max()) < 1e-6
     # at threshold 1.0 the strict tolerance holds: float64 products are required there
-    assert basis_module.range_tolerance(1.0) == basis_module.RELATIVE_TOLERANCE
+    assert rules.range_tolerance(1.0) == eigen.RELATIVE_TOLERANCE
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,8 +256,8 @@ def test_float32_products_of_few_rows_keep_the_low_rank_path(monkeypatch, rule):
 
 
 def assert_equal_pooled(cov: Tensor, threshold: float, **kwargs: object) -> tuple[Tensor, int]:
-    basis, info = basis_module.pooled_basis(cov, threshold, **kwargs)  # type: ignore[arg-type]
-    reference, reference_info = basis_module._dense_pooled_basis(cov, threshold, **kwargs)  # type: ignore[arg-type]
+    basis, info = rules.pooled_basis(cov, threshold, **kwargs)  # type: ignore[arg-type]
+    reference, reference_info = dense_pooled_basis(cov, threshold, **kwargs)  # type: ignore[arg-type]
     assert info.rank == reference_info.rank == basis.shape[1] == reference.shape[1]
     assert info.dim == reference_info.dim == cov.shape[0]
     assert info.energy == pytest.approx(reference_info.energy, abs=1e-12)
@@ -327,13 +326,13 @@ def test_pooled_basis_of_tiny_and_degenerate_matrices():
         cov = random_covariances(dim, classes=1, rows=dim + 2, seed=14)[0]
         for threshold in (0.5, 1.0):
             assert_equal_pooled(cov, threshold)
-    basis, info = basis_module.pooled_basis(torch.zeros(48, 48, dtype=DTYPE), 0.97)
+    basis, info = rules.pooled_basis(torch.zeros(48, 48, dtype=DTYPE), 0.97)
     assert basis.shape == (48, 0) and info.rank == 0 and info.energy == 1.0
     # float32 input, 3 x 3 (the smallest the partial path takes) and a scalar multiple of I
     cov = random_covariances(64, classes=1, rows=80, seed=15)[0]
     assert_equal_pooled(cov.float(), 0.97)
     small = cov[:3, :3].contiguous()
-    found = basis_module._top_vectors(small, 1.0)
+    found = eigen.top_vectors(small, 1.0)
     assert found is not None
     vectors, values = found
     torch.testing.assert_close(values, torch.linalg.eigvalsh(small).flip(0), atol=1e-9, rtol=0)
@@ -344,7 +343,7 @@ def test_pooled_basis_of_tiny_and_degenerate_matrices():
 
 def test_pooled_basis_with_a_small_rank_bound_takes_the_small_eigenproblem(monkeypatch):
     cov = random_covariances(120, classes=1, rows=6, seed=16)[0]
-    partial = count_calls(monkeypatch, basis_module, "_top_vectors")
+    partial = count_calls(monkeypatch, rules, "top_vectors")
     _, rank = assert_equal_pooled(cov, 0.99, rank_bound=6)  # 3 * (6 + 8) < 120
     assert not partial and 0 < rank <= 6
     assert_equal_pooled(cov, 0.99, rank_bound=500)  # loose: the partial path
@@ -353,7 +352,7 @@ def test_pooled_basis_with_a_small_rank_bound_takes_the_small_eigenproblem(monke
 
 def test_pooled_basis_computes_no_dense_eigh_on_the_cpu(monkeypatch):
     cov = random_covariances(64, classes=1, rows=80, seed=17)[0]
-    expected = {t: basis_module._dense_pooled_basis(cov, t) for t in (0.97, 1.0)}
+    expected = {t: dense_pooled_basis(cov, t) for t in (0.97, 1.0)}
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a dense eigh was computed")
@@ -361,7 +360,7 @@ def test_pooled_basis_computes_no_dense_eigh_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", forbidden)
     monkeypatch.setattr(torch.linalg, "svd", forbidden)
     for threshold, (reference, reference_info) in expected.items():
-        basis, info = basis_module.pooled_basis(cov, threshold)
+        basis, info = rules.pooled_basis(cov, threshold)
         assert info.rank == reference_info.rank
         torch.testing.assert_close(projector(basis), projector(reference), atol=SAME, rtol=0)
 
@@ -372,7 +371,7 @@ def test_a_lapack_failure_in_pooled_basis_falls_back_to_the_dense_rule(monkeypat
 
     cov = random_covariances(48, classes=1, rows=60, seed=18)[0]
     threshold = 1.0 if routine == "dstevd" else 0.9  # dstevd: most of the vectors kept
-    expected, expected_info = basis_module._dense_pooled_basis(cov, threshold)
+    expected, expected_info = dense_pooled_basis(cov, threshold)
     original = getattr(lapack, routine)
     failures: list[int] = []
 
@@ -382,7 +381,7 @@ def test_a_lapack_failure_in_pooled_basis_falls_back_to_the_dense_rule(monkeypat
 
     monkeypatch.setattr(lapack, routine, failing)
     eigh = count_calls(monkeypatch, torch.linalg, "eigh")
-    basis, info = basis_module.pooled_basis(cov, threshold)
+    basis, info = rules.pooled_basis(cov, threshold)
     assert failures and eigh  # the partial path was tried, then the dense one
     assert info == expected_info
     assert torch.equal(basis, expected)
@@ -398,11 +397,11 @@ def test_pooled_basis_chooses_the_tridiagonal_solver_by_the_kept_fraction(monkey
     divide = count_calls(monkeypatch, lapack, "dstevd")
     cov = random_covariances(100, classes=1, rows=150, seed=19)[0]
     _, rank = assert_equal_pooled(cov, threshold)
-    many = rank > basis_module._ALL_VECTORS_ABOVE * 100
+    many = rank > rules.ALL_VECTORS_ABOVE * 100
     assert many == (threshold == 1.0)
     assert (len(divide), len(mrrr)) == ((1, 0) if many else (0, 1))
     # the other solver on the same case gives the same basis
-    monkeypatch.setattr(basis_module, "_ALL_VECTORS_ABOVE", 0.0 if not many else 1.0)
+    monkeypatch.setattr(rules, "ALL_VECTORS_ABOVE", 0.0 if not many else 1.0)
     assert_equal_pooled(cov, threshold)
     assert (len(divide), len(mrrr)) == (1, 1)
 
@@ -423,7 +422,7 @@ def test_the_per_class_rule_chooses_the_tridiagonal_solver_by_the_kept_fraction(
         assert divide  # the first class keeps all 50 directions
     else:
         assert mrrr and not divide
-    monkeypatch.setattr(basis_module, "_ALL_VECTORS_ABOVE", 1.0)  # MRRR only: the same bases
+    monkeypatch.setattr(rules, "ALL_VECTORS_ABOVE", 1.0)  # MRRR only: the same bases
     before = len(divide)
     assert_equal_bases(covariances, threshold)
     assert len(divide) == before
@@ -435,14 +434,14 @@ def test_columns_outside_a_basis_are_reorthonormalised_and_inside_ones_dropped()
     full, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
     basis, outside = full[:, :10], full[:, 10:16]
     noisy = outside + 1e-15 * torch.randn(dim, 6, generator=generator, dtype=torch.float64)
-    found = basis_module._outside(noisy, basis)
+    found = eigen._outside(noisy, basis)
     assert found.shape == (dim, 6)
     assert torch.allclose(found.T @ found, torch.eye(6, dtype=torch.float64), atol=1e-12)
     assert float((basis.T @ found).abs().max()) < 1e-12
     assert torch.allclose(found @ found.T, outside @ outside.T, atol=1e-12)
     # a column inside span(U) (up to rounding) is not normalised up into a direction
     mixed = torch.cat([outside[:, :3], basis[:, :1] + 1e-14 * outside[:, 3:4]], dim=1)
-    kept = basis_module._outside(mixed, basis)
+    kept = eigen._outside(mixed, basis)
     assert kept.shape[1] == 3
     assert torch.allclose(kept @ kept.T, outside[:, :3] @ outside[:, :3].T, atol=1e-10)
 
@@ -451,7 +450,7 @@ def test_tiled_symmetrisation_is_bitwise_the_untiled_one(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     cov = torch.randn(300, 300, generator=generator, dtype=torch.float64)
     expected = (cov + cov.T) / 2
-    monkeypatch.setattr(basis_module, "_SYMMETRIC_TILE", 64)  # 300 > 2 x 64: tiles, ragged edge
-    found = basis_module._symmetric(cov)
+    monkeypatch.setattr(eigen, "_SYMMETRIC_TILE", 64)  # 300 > 2 x 64: tiles, ragged edge
+    found = eigen.symmetrize(cov)
     assert torch.equal(found, expected)
     assert torch.equal(found, found.T)

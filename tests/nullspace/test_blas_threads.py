@@ -10,7 +10,7 @@ import torch
 from scipy.linalg import lapack
 from threadpoolctl import threadpool_info
 
-from unsc_lightning.nullspace import basis as basis_module
+from unsc_lightning.nullspace import eigen
 from unsc_lightning.nullspace.context import torch_threads
 
 
@@ -45,5 +45,5 @@ def test_the_partial_eigensolver_runs_on_torch_threads(one_torch_thread, monkeyp
     monkeypatch.setattr(lapack, "dsytrd", recording)
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(200, 40, generator=generator, dtype=torch.float64)
-    found = basis_module._top_vectors(rows.T @ rows, 0.9)
+    found = eigen.top_vectors(rows.T @ rows, 0.9)
     assert found is not None and seen == [[1] * len(seen[0])]

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from unsc_lightning import NullSpaceCalibration
 from unsc_lightning.nullspace import NullSpaceEngine, NullSpaceEngineError
-from unsc_lightning.nullspace.basis import BasisInfo, class_threshold_schedule, per_class_basis
+from unsc_lightning.nullspace.rules import BasisInfo, class_threshold_schedule, per_class_basis
 
 
 def _projector(basis: Tensor) -> Tensor:

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from unsc_lightning.models import DigitsConvNet
 from unsc_lightning.nullspace import NullSpaceEngine, NullSpaceEngineError, covariance
 from unsc_lightning.nullspace import gram as gram_module
-from unsc_lightning.nullspace.basis import eigh_descending, energy_rank
 from unsc_lightning.nullspace.basis_pass import BasisPass, _Slots
 from unsc_lightning.nullspace.batches import default_batch_adapter
-from unsc_lightning.nullspace.covariance import FLOAT32_GRAM_MAX_THRESHOLD, GramOptions
+from unsc_lightning.nullspace.eigen import eigh_descending, energy_rank
+from unsc_lightning.nullspace.gram import FLOAT32_GRAM_MAX_THRESHOLD, GramOptions
 from unsc_lightning.nullspace.representation import (
     channels_last_gram_to_weight_order,
     channels_last_weight_index,

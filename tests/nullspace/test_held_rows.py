@@ -10,20 +10,19 @@ import logging
 
 import pytest
 import torch
+from helpers.oracles import dense_per_class_basis, dense_pooled_basis
 from torch import Tensor, nn
 
 from unsc_lightning.nullspace import NullSpaceEngine, basis_pass, covariance
-from unsc_lightning.nullspace.basis import (
+from unsc_lightning.nullspace.basis_pass import _Slots
+from unsc_lightning.nullspace.covariance import CovarianceAccumulator
+from unsc_lightning.nullspace.gram import held_rows
+from unsc_lightning.nullspace.rules import (
     ClassRows,
-    _dense_per_class_basis,
-    _dense_pooled_basis,
     class_threshold_schedule,
     per_class_basis,
     pooled_rows_basis,
 )
-from unsc_lightning.nullspace.basis_pass import _Slots
-from unsc_lightning.nullspace.covariance import CovarianceAccumulator
-from unsc_lightning.nullspace.gram import held_rows
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +61,7 @@ def test_rule_on_rows_equals_the_rule_on_their_covariances(threshold):
         held = {k: ClassRows(rows) for k, rows in classes.items()}
         dense = {k: rows.T @ rows for k, rows in classes.items()}
         found, info = per_class_basis(held, schedule, basis)
-        expected, expected_info = _dense_per_class_basis(dense, schedule, basis)
+        expected, expected_info = dense_per_class_basis(dense, schedule, basis)
         assert found.shape == expected.shape
         assert 0 < found.shape[1] < dim
         assert projector_gap(found, expected) < 1e-8
@@ -171,7 +170,7 @@ def test_rows_beyond_the_limit_go_to_the_sums(monkeypatch):
 def test_pooled_basis_from_rows_equals_the_one_from_their_covariance(threshold):
     rows = torch.cat([_rows(60, 300, 40, seed=k) for k in range(3)])
     found, info = pooled_rows_basis(ClassRows(rows), threshold)
-    expected, expected_info = _dense_pooled_basis(rows.T @ rows, threshold)
+    expected, expected_info = dense_pooled_basis(rows.T @ rows, threshold)
     assert found.shape == expected.shape and 0 < found.shape[1] < 300
     assert projector_gap(found, expected) < 1e-8
     assert info.energy == pytest.approx(expected_info.energy, abs=1e-12)

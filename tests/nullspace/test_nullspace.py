@@ -903,7 +903,7 @@ def test_projected_sgd_leaves_remaining_logits_unchanged(dtype, tolerance):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_basis", [False, True])
 def test_rank_bounded_eigh_equals_the_full_one_on_low_rank_covariances(with_basis):
-    from unsc_lightning.nullspace.basis import eigh_descending
+    from unsc_lightning.nullspace.eigen import eigh_descending
 
     generator = torch.Generator().manual_seed(3)
     rows = torch.randn(12, 90, generator=generator, dtype=torch.float64) * torch.logspace(

@@ -7,24 +7,15 @@ from unsc_lightning.nullspace.accounting import (
     Constraint,
     account_parameters,
 )
-from unsc_lightning.nullspace.basis import (
-    RELATIVE_TOLERANCE,
-    BasisInfo,
-    class_threshold_schedule,
-    eigh_descending,
-    energy_rank,
-    per_class_basis,
-    pooled_basis,
-)
 from unsc_lightning.nullspace.cache import ClassCovarianceCache, model_fingerprint
 from unsc_lightning.nullspace.covariance import (
     ActivationRecorder,
     CovarianceAccumulator,
-    GramOptions,
     accumulate_covariances,
     layer_dims,
     recording,
 )
+from unsc_lightning.nullspace.eigen import RELATIVE_TOLERANCE, eigh_descending, energy_rank
 from unsc_lightning.nullspace.engine import (
     SECOND_PROJECTION_BELOW,
     BuildReport,
@@ -35,6 +26,7 @@ from unsc_lightning.nullspace.engine import (
     guarding_engines,
     output_logits,
 )
+from unsc_lightning.nullspace.gram import GramOptions
 from unsc_lightning.nullspace.projection import (
     NullSpaceProjector,
     null_space_complement,
@@ -49,6 +41,12 @@ from unsc_lightning.nullspace.representation import (
     linear_rows,
     representation_dim,
     weight_as_matrix,
+)
+from unsc_lightning.nullspace.rules import (
+    BasisInfo,
+    class_threshold_schedule,
+    per_class_basis,
+    pooled_basis,
 )
 
 __all__ = [

@@ -13,14 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from unsc_lightning.nullspace.basis import (
-    BasisInfo,
-    ClassRows,
-    class_threshold_schedule,
-    per_class_basis,
-    pooled_basis,
-    pooled_rows_basis,
-)
 from unsc_lightning.nullspace.batches import (
     BatchAdapter,
     batch_size_of,
@@ -29,6 +21,14 @@ from unsc_lightning.nullspace.batches import (
 )
 from unsc_lightning.nullspace.covariance import ColumnOrder, CovarianceAccumulator, SiteRecorder
 from unsc_lightning.nullspace.representation import channels_last_weight_index
+from unsc_lightning.nullspace.rules import (
+    BasisInfo,
+    ClassRows,
+    class_threshold_schedule,
+    per_class_basis,
+    pooled_basis,
+    pooled_rows_basis,
+)
 from unsc_lightning.nullspace.settings import NullSpaceEngineError
 
 if TYPE_CHECKING:

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unsc_lightning.nullspace.basis import BasisInfo, extend_by_class
 from unsc_lightning.nullspace.context import eval_mode, ieee_forward
 from unsc_lightning.nullspace.covariance import (
     CovarianceAccumulator,
@@ -46,6 +45,7 @@ from unsc_lightning.nullspace.covariance import (
     layer_dims,
 )
 from unsc_lightning.nullspace.layers import BasisRule, build_bases, threshold_for
+from unsc_lightning.nullspace.rules import BasisInfo, extend_by_class
 
 #: Format version of the cache file; a file of another version is rebuilt, never reinterpreted.
 CACHE_VERSION = 1

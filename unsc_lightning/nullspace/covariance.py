@@ -11,8 +11,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +22,7 @@ from unsc_lightning.nullspace import gram as gram_rules
 from unsc_lightning.nullspace.gram import (
     Border,
     Borders,
+    GramOptions,
     add_gram,
     add_shifted_gram,
     buffer_rows,
@@ -42,57 +42,6 @@ from unsc_lightning.nullspace.representation import (
 )
 
 RowsCallback = Callable[[str, Tensor], None]
-
-#: ``gram="auto"`` forms a batch's Gram products in float32 only for bases whose energy
-#: threshold is at most this. Float32 products leave rounding noise of order ``1e-7 * trace``
-#: spread over every direction, truly null ones included; a threshold of ``1 - 1e-3`` or less
-#: leaves at least ``1e-3 * trace`` of energy outside the basis, four orders above that noise,
-#: so the energy cut, not the ``RELATIVE_TOLERANCE`` of the eigenvalues, decides the rank.
-#: Measured on the embedded nets (MNIST-1D conv net trained and random, the digits CNN, a 3x3
-#: conv net on 32x32 digits): identical per-class ranks at every threshold up to 0.99999 (ten
-#: times closer to 1 than this margin) and eigenvalues above the 0.999 cut within ``1.5e-7`` of
-#: the largest; at ``threshold=1.0`` the ranks differ (99 against 113 of 144 directions in one
-#: layer), hence the float64 fallback. ``tests/nullspace/test_gram_precision.py`` guards it.
-FLOAT32_GRAM_MAX_THRESHOLD = 0.999
-
-GramDtype = Literal["auto"] | torch.dtype
-
-
-@dataclass(frozen=True)
-class GramOptions:
-    """How a basis pass forms the Gram products ``Σ x xᵀ`` of each batch.
-
-    Whatever the choice, the sums are accumulated in float64 across batches.
-
-    Attributes:
-        dtype: ``"auto"`` (default): float32 products for a basis (per class, for the per-class
-            rule) whose energy threshold is at most :data:`FLOAT32_GRAM_MAX_THRESHOLD`, float64
-            otherwise (``threshold=1.0``, embeddings, a per-class schedule reaching near 1.0),
-            so a threshold that keeps every non-zero direction never counts float32 noise.
-            ``torch.float64``: every product in float64 (the reference; 2-3x slower on CPU).
-            ``torch.float32``: every product in float32, even at ``threshold=1.0`` (then
-            rounding noise near ``1e-7 * trace`` can be kept as directions). Rows in float64
-            (a float64 model) always multiply in float64; float16/bfloat16 rows are widened
-            first. On CUDA, TF32 is switched off for the products.
-        row_fraction: opt-in subsampling, no longer exact (the basis then spans the remaining
-            data's rows only approximately): a convolution keeps every
-            ``round(1 / row_fraction)``-th row of output positions along its first spatial
-            dimension, from a random offset drawn per batch (only those patches are copied);
-            every other layer keeps a random ``ceil(row_fraction * n)`` of the ``n`` rows of
-            each class and batch (for a Linear fed one vector per sample: of the samples).
-            ``None`` = all rows.
-        seed: seed of the subsampling (the same data in the same order give the same rows).
-    """
-
-    dtype: GramDtype = "auto"
-    row_fraction: float | None = None
-    seed: int = 0
-
-    def dtype_for(self, threshold: float) -> torch.dtype:
-        """The product dtype for a basis kept at energy ``threshold``."""
-        if self.dtype == "auto":
-            return torch.float32 if threshold <= FLOAT32_GRAM_MAX_THRESHOLD else torch.float64
-        return self.dtype
 
 
 class _HookOwner:

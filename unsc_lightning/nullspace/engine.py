@@ -41,9 +41,6 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from unsc_lightning.nullspace.accounting import Accounting, Constraint, account_parameters
-from unsc_lightning.nullspace.basis import (
-    BasisInfo,
-)
 from unsc_lightning.nullspace.basis_pass import (
     BasisPass,
     BuildReport,
@@ -61,9 +58,9 @@ from unsc_lightning.nullspace.batches import (
     output_logits,
 )
 from unsc_lightning.nullspace.context import eval_mode, ieee_float32, ieee_forward
-from unsc_lightning.nullspace.covariance import GramDtype, GramOptions
-from unsc_lightning.nullspace.gram import buffer_rows, held_rows
+from unsc_lightning.nullspace.gram import GramDtype, GramOptions, buffer_rows, held_rows
 from unsc_lightning.nullspace.projection import NullSpaceProjector
+from unsc_lightning.nullspace.rules import BasisInfo
 from unsc_lightning.nullspace.settings import (
     NullSpaceEngineError,
     check_engine_settings,

@@ -15,11 +15,63 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from unsc_lightning.nullspace.context import ieee_float32
+from unsc_lightning.nullspace.eigen import LOW_RANK_OVERSAMPLE
+
+#: ``gram="auto"`` forms a batch's Gram products in float32 only for bases whose energy
+#: threshold is at most this. Float32 products leave rounding noise of order ``1e-7 * trace``
+#: spread over every direction, truly null ones included; a threshold of ``1 - 1e-3`` or less
+#: leaves at least ``1e-3 * trace`` of energy outside the basis, four orders above that noise,
+#: so the energy cut, not the ``RELATIVE_TOLERANCE`` of the eigenvalues, decides the rank. At
+#: ``threshold=1.0`` every non-zero direction counts and float32 noise would add directions,
+#: hence the float64 products there. ``tests/nullspace/test_gram.py`` bounds the difference.
+FLOAT32_GRAM_MAX_THRESHOLD = 0.999
+
+GramDtype = Literal["auto"] | torch.dtype
+
+
+@dataclass(frozen=True)
+class GramOptions:
+    """How a basis pass forms the Gram products ``Σ x xᵀ`` of each batch.
+
+    Whatever the choice, the sums are accumulated in float64 across batches.
+
+    Attributes:
+        dtype: ``"auto"`` (default): float32 products for a basis (per class, for the per-class
+            rule) whose energy threshold is at most :data:`FLOAT32_GRAM_MAX_THRESHOLD`, float64
+            otherwise (``threshold=1.0``, embeddings, a per-class schedule reaching near 1.0),
+            so a threshold that keeps every non-zero direction never counts float32 noise.
+            ``torch.float64``: every product in float64 (the reference; 2-3x slower on CPU).
+            ``torch.float32``: every product in float32, even at ``threshold=1.0`` (then
+            rounding noise near ``1e-7 * trace`` can be kept as directions). Rows in float64
+            (a float64 model) always multiply in float64; float16/bfloat16 rows are widened
+            first. On CUDA, TF32 is switched off for the products.
+        row_fraction: opt-in subsampling, no longer exact (the basis then spans the remaining
+            data's rows only approximately): a convolution keeps every
+            ``round(1 / row_fraction)``-th row of output positions along its first spatial
+            dimension, from a random offset drawn per batch (only those patches are copied);
+            every other layer keeps a random ``ceil(row_fraction * n)`` of the ``n`` rows of
+            each class and batch (for a Linear fed one vector per sample: of the samples).
+            ``None`` = all rows.
+        seed: seed of the subsampling (the same data in the same order give the same rows).
+    """
+
+    dtype: GramDtype = "auto"
+    row_fraction: float | None = None
+    seed: int = 0
+
+    def dtype_for(self, threshold: float) -> torch.dtype:
+        """The product dtype for a basis kept at energy ``threshold``."""
+        if self.dtype == "auto":
+            return torch.float32 if threshold <= FLOAT32_GRAM_MAX_THRESHOLD else torch.float64
+        return self.dtype
+
 
 #: class blocks of fewer rows take the plain product: the shifted Gram's extra small products
 #: cost what it saves (measured on CPU: even at 1,020 rows x 96, 2.4x faster at 13,312 x 144)
@@ -152,11 +204,12 @@ def held_rows(dim: int) -> int:
     rows ``R`` (``n x d``), the per-class rule needs no ``d x d`` product at all: the energy
     ``U`` captures is ``‖R U‖²``, and the residual's eigenpairs are the singular pairs of
     ``R - (R U) Uᵀ``, ``O(n d (n + r))`` instead of the ``O(d² n)`` of the sums' low-rank path
-    (:func:`~unsc_lightning.nullspace.basis.eigh_descending` with a rank bound, which applies
+    (:func:`~unsc_lightning.nullspace.eigen.eigh_descending` with a rank bound, which applies
     below the same size: ``3 (n + 8) <= d``). Late layers of image models are wide and see few
     rows per sample: ResNet-18 at 32x32 gives one row per sample to its d = 4608 layers.
     """
-    return dim // 3 - 8 if dim >= 512 else 0
+    # the largest n with 3 (n + LOW_RANK_OVERSAMPLE) <= d: where the low-rank path would apply
+    return dim // 3 - LOW_RANK_OVERSAMPLE if dim >= 512 else 0
 
 
 def add_gram(target: Tensor, rows: Tensor) -> None:

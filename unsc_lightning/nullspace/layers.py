@@ -10,14 +10,14 @@ from typing import Literal
 from torch import Tensor, nn
 
 from unsc_lightning.nullspace.accounting import NORM_LAYERS
-from unsc_lightning.nullspace.basis import (
+from unsc_lightning.nullspace.covariance import CovarianceAccumulator
+from unsc_lightning.nullspace.representation import is_supported
+from unsc_lightning.nullspace.rules import (
     BasisInfo,
     class_threshold_schedule,
     per_class_basis,
     pooled_basis,
 )
-from unsc_lightning.nullspace.covariance import CovarianceAccumulator
-from unsc_lightning.nullspace.representation import is_supported
 
 BasisRule = Literal["per_class", "pooled"]
 

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import torch
 
-from unsc_lightning.nullspace.covariance import GramDtype, GramOptions
+from unsc_lightning.nullspace.gram import GramDtype, GramOptions
 
 
 class NullSpaceEngineError(ValueError):
