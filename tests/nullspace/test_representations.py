@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unsc_lightning.nullspace.representation import (
+from unsc_lightning.nullspace.representations import (
     REPRESENTATIONS,
     WeightRows,
     conv_transpose_rows,
@@ -801,7 +801,7 @@ def test_recurrent_rows_of_one_call_run_each_layer_once(monkeypatch):
     # (before: each weight ran the layers below it again), the rows are those of separate
     # runs, a weight changed in place between two calls on the same input gives new rows, and
     # nothing of the call stays cached after its last weight
-    from unsc_lightning.nullspace import representation
+    from unsc_lightning.nullspace.representations import recurrent
 
     torch.manual_seed(0)
     layer = nn.LSTM(6, 12, num_layers=2, bidirectional=True, batch_first=True).to(DTYPE).eval()
@@ -811,11 +811,11 @@ def test_recurrent_rows_of_one_call_run_each_layer_once(monkeypatch):
     monkeypatch.setattr(torch._VF, "lstm", lambda *a: runs.append(1) or lstm(*a))
     representations, rows, _ = capture(layer, call)
     assert len(rows) == 8 and len(runs) == 1 + 2  # the call itself (all layers), one per layer
-    assert layer not in representation._RUNS
+    assert layer not in recurrent.RECURRENT_RUNS
     for representation_, block in zip(representations, rows):
-        representation._RUNS.clear()  # no sharing: a run of its own
+        recurrent.RECURRENT_RUNS.clear()  # no sharing: a run of its own
         torch.testing.assert_close(representation_.rows(layer, *call), block, rtol=0, atol=0)
-    representation._RUNS.clear()
+    recurrent.RECURRENT_RUNS.clear()
     with torch.no_grad():
         layer.weight_ih_l0.mul_(2.0)  # same objects, new values (_version)
     assert not torch.equal(capture(layer, call)[1][1], rows[1])  # weight_hh_l0's rows moved

@@ -28,7 +28,7 @@ from unsc_lightning.nullspace.batches import (
     map_tensors,
 )
 from unsc_lightning.nullspace.covariance import ColumnOrder, CovarianceAccumulator, SiteRecorder
-from unsc_lightning.nullspace.representation import channels_last_weight_index
+from unsc_lightning.nullspace.representations import channels_last_weight_index
 from unsc_lightning.nullspace.settings import NullSpaceEngineError
 
 if TYPE_CHECKING:

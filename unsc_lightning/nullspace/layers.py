@@ -17,7 +17,7 @@ from unsc_lightning.nullspace.basis import (
     pooled_basis,
 )
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator
-from unsc_lightning.nullspace.representation import is_supported
+from unsc_lightning.nullspace.representations import is_supported
 
 BasisRule = Literal["per_class", "pooled"]
 
