@@ -19,7 +19,8 @@ import torch
 from _common import best, machine, parser, setup, table, timed, write_json
 from torch import Tensor, nn
 
-from unsc_lightning.nullspace import NullSpaceEngine, representation
+from unsc_lightning.nullspace import NullSpaceEngine
+from unsc_lightning.nullspace.representations import recurrent
 
 
 class SequenceModel(nn.Module):
@@ -35,13 +36,13 @@ class SequenceModel(nn.Module):
 
 def separate_runs() -> Any:
     """Patch the run cache so that every weight's rows run the layers again (the former way)."""
-    original = representation._recurrent_run
+    original = recurrent.recurrent_run
 
     def run(layer: Any, args: Any, kwargs: Any, last: bool = False) -> Any:
-        representation._RUNS.clear()
+        recurrent.RECURRENT_RUNS.clear()
         return original(layer, args, kwargs, last)
 
-    representation._recurrent_run = run
+    recurrent.recurrent_run = run
     return original
 
 
@@ -65,7 +66,7 @@ def measure(layers: int, bidirectional: bool, options: Any, device: torch.device
         try:
             build()
         finally:
-            representation._recurrent_run = original
+            recurrent.recurrent_run = original
 
     times: dict[str, list[float]] = {"forward_s": [], "shared_s": [], "separate_s": []}
     for _ in range(options.repeats):

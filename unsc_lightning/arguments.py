@@ -13,7 +13,7 @@ from torch import nn
 
 from unsc_lightning.errors import UnlearningConfigError
 from unsc_lightning.nullspace.accounting import Accounting
-from unsc_lightning.nullspace.representation import supported_layer_types
+from unsc_lightning.nullspace.representations import supported_layer_types
 from unsc_lightning.nullspace.settings import (
     NullSpaceEngineError,
     check_bool,

@@ -33,7 +33,7 @@ from unsc_lightning.nullspace.cache import (
     model_fingerprint,
 )
 from unsc_lightning.nullspace.layers import build_bases
-from unsc_lightning.nullspace.representation import layer_rows
+from unsc_lightning.nullspace.representations import layer_rows
 
 PER_CLASS = 8  # 32 remaining samples < 64 hidden units: every layer keeps a null space
 CLASS_DIM = 3  # each class spans its own 3 of the 20 input dimensions

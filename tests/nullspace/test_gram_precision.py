@@ -19,7 +19,7 @@ from unsc_lightning.nullspace.basis_pass import BasisPass, _Slots
 from unsc_lightning.nullspace.batches import default_batch_adapter
 from unsc_lightning.nullspace.eigen import eigh_descending, energy_rank
 from unsc_lightning.nullspace.gram import FLOAT32_GRAM_MAX_THRESHOLD, GramOptions
-from unsc_lightning.nullspace.representation import (
+from unsc_lightning.nullspace.representations import (
     channels_last_gram_to_weight_order,
     channels_last_weight_index,
     conv_representation,

@@ -137,7 +137,7 @@ def test_convolutions_of_one_forward_share_one_rows_buffer_and_keep_exact_sums()
     # overwrites (a forward holds one rows buffer, sized for the largest layer, not one per
     # layer): each layer's sums must still be those of its own rows, per class.
     from unsc_lightning.nullspace.covariance import SiteRecorder
-    from unsc_lightning.nullspace.representation import conv_representation, conv_rows
+    from unsc_lightning.nullspace.representations import conv_representation, conv_rows
 
     torch.manual_seed(0)
     model = nn.Sequential(

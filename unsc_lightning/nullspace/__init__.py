@@ -32,7 +32,7 @@ from unsc_lightning.nullspace.projection import (
     null_space_complement,
     project_to_null_space,
 )
-from unsc_lightning.nullspace.representation import (
+from unsc_lightning.nullspace.representations import (
     REPRESENTATIONS,
     conv1d_rows,
     conv2d_rows,

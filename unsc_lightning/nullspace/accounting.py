@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from unsc_lightning.nullspace.covariance import Site
-from unsc_lightning.nullspace.representation import WeightRows, representations_of
+from unsc_lightning.nullspace.representations import WeightRows, representations_of
 
 #: Normalisation layers: their affine parameters are frozen and their running statistics kept.
 NORM_LAYERS: tuple[type[nn.Module], ...] = (

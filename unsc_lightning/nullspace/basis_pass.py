@@ -20,7 +20,7 @@ from unsc_lightning.nullspace.batches import (
     map_tensors,
 )
 from unsc_lightning.nullspace.covariance import ColumnOrder, CovarianceAccumulator, SiteRecorder
-from unsc_lightning.nullspace.representation import channels_last_weight_index
+from unsc_lightning.nullspace.representations import channels_last_weight_index
 from unsc_lightning.nullspace.rules import (
     BasisInfo,
     ClassRows,

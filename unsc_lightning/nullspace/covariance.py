@@ -29,15 +29,15 @@ from unsc_lightning.nullspace.gram import (
     held_rows,
     map_borders,
 )
-from unsc_lightning.nullspace.representation import (
+from unsc_lightning.nullspace.representations import (
     WeightRows,
-    _conv_forward_rows,
-    _linear_forward_rows,
     channels_last_gram_to_weight_order,
     channels_last_padded,
+    conv_forward_rows,
     conv_rows_channels_last,
     conv_shift_borders,
     layer_rows,
+    linear_forward_rows,
     representation_dim,
 )
 
@@ -680,7 +680,7 @@ class SiteRecorder(_HookOwner):
             are formed (exact), so a convolution's patches are copied once, straight in that
             dtype, instead of formed and cast afterwards. Never narrows. ``None``: as they come.
         channels_last: hand a convolution's rows in ``(*kernel, channel)`` column order
-            (:func:`~unsc_lightning.nullspace.representation.conv_rows_channels_last`, several
+            (:func:`~unsc_lightning.nullspace.representations.conv_rows_channels_last`, several
             times faster to form) for the keys listed in :attr:`column_orders`; the consumer
             must permute their sums back
             (:meth:`CovarianceAccumulator.weight_order_`, given ``column_orders``).
@@ -834,7 +834,7 @@ class SiteRecorder(_HookOwner):
             for layer, specs in self.by_layer.items()
             if isinstance(layer, nn.Linear)
             and len(specs) == 1
-            and specs[0][1].rows is _linear_forward_rows
+            and specs[0][1].rows is linear_forward_rows
         }
         if watched:
             self._functional = _FunctionalLinear(self, watched)
@@ -913,7 +913,7 @@ ColumnOrder = tuple[tuple[int, ...], int]
 
 
 def _column_order(layer: nn.Module, spec: WeightRows) -> ColumnOrder | None:
-    if spec.rows is not _conv_forward_rows or not isinstance(layer, nn.modules.conv._ConvNd):
+    if spec.rows is not conv_forward_rows or not isinstance(layer, nn.modules.conv._ConvNd):
         return None
     return tuple(layer.kernel_size), int(layer.in_channels // layer.groups)
 
@@ -939,7 +939,7 @@ def _inner_shiftable(conv: nn.modules.conv._ConvNd) -> bool:
 
 #: rows that are a reshaping or windowing of the first input alone: widening that input first
 #: gives the same rows, copied once
-_WIDENABLE = (_linear_forward_rows, _conv_forward_rows)
+_WIDENABLE = (linear_forward_rows, conv_forward_rows)
 
 
 def _without_batch(args: tuple[Any, ...], kwargs: dict[str, Any], batch_size: int | None) -> bool:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from unsc_lightning.nullspace.accounting import NORM_LAYERS
 from unsc_lightning.nullspace.covariance import CovarianceAccumulator
-from unsc_lightning.nullspace.representation import is_supported
+from unsc_lightning.nullspace.representations import is_supported
 from unsc_lightning.nullspace.rules import (
     BasisInfo,
     class_threshold_schedule,
